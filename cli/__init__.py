@@ -1,0 +1,1 @@
+"""The `dpseg` command line: thin Typer wrappers over `pipeline` and `bank`."""

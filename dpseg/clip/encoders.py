@@ -1,0 +1,124 @@
+"""Encoder registry and weight loading.
+
+An encoder name (`convnext-b`, `convnext-l`, `tiny`) fixes the open_clip architecture, the
+default pretrained tag and the input sizes. Weights come from the hub tag by default, or
+from a local file or directory, or are random when asked (`weights=None`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+from dpseg.clip.image import ImageTower
+from dpseg.clip.text import TextTower
+from dpseg.errors import UserError
+from dpseg.registry import Registry
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    open_clip_model: str
+    pretrained_tag: str | None
+    image_size: int  # segmentation input (SED: 768)
+    prompt_size: int  # visual-prompt images (the tower's native CLIP resolution)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ENCODERS: Registry[EncoderSpec] = Registry("encoder")
+ENCODERS.register("convnext-b", EncoderSpec("convnext-b", "convnext_base_w_320", "laion_aesthetic_s13b_b82k", 768, 320))
+ENCODERS.register("convnext-l", EncoderSpec("convnext-l", "convnext_large_d_320", "laion2b_s29b_b131k_ft_soup", 768, 320))
+# Random ConvNeXt-atto CLIP built from a config shipped in this package: tests and the demo.
+ENCODERS.register("tiny", EncoderSpec("tiny", "dpseg-tiny-convnext", None, 128, 64))
+
+DEFAULT_WEIGHTS = "default"
+WEIGHT_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors")
+
+
+class WeightsError(UserError):
+    """Weights that cannot be found or loaded; the message says what to pass instead."""
+
+
+@dataclass
+class ClipTowers:
+    """The three towers DPSeg uses. `image` is the one that is fine-tuned; `prompt` is a frozen
+    copy of it (encodes generated images and pass-II crops); `text` is frozen."""
+
+    spec: EncoderSpec
+    weights: str  # what the weights were resolved from: a tag, a file, or "random"
+    image: ImageTower
+    prompt: ImageTower
+    text: TextTower
+
+
+def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> str | None:
+    """Returns the `pretrained=` value for open_clip: a tag, a file path, or None (random)."""
+    if weights is None or str(weights).lower() in ("none", "random"):
+        return None
+    if str(weights) == DEFAULT_WEIGHTS:
+        if spec.pretrained_tag is None:
+            return None
+        return spec.pretrained_tag
+    path = Path(weights)
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        for name in WEIGHT_FILE_NAMES:
+            if (path / name).is_file():
+                return str(path / name)
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return str(found[0])
+        raise WeightsError(
+            f"no weights file in {path}: expected one of {', '.join(WEIGHT_FILE_NAMES)} "
+            f"(safetensors; pickled checkpoints are not loaded)"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(spec.open_clip_model)
+    if str(weights) in tags:
+        return str(weights)
+    raise WeightsError(
+        f"weights {str(weights)!r} for encoder {spec.name!r} are neither a file, a directory, "
+        f"nor an open_clip tag ({', '.join(tags) or 'none'}); pass a path, a tag, or 'none' for random init"
+    )
+
+
+def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFAULT_WEIGHTS) -> tuple[torch.nn.Module, str]:
+    """Builds the open_clip model and loads its weights; returns (model, weights id)."""
+    pretrained = resolve_weights(spec, weights)
+
+    try:
+        model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, weights_only=True)
+    except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
+        if pretrained is None:
+            raise
+        hint = (
+            f"pass --weights /path/to/open_clip_model.safetensors (or its folder), "
+            f"or --weights none for random init"
+        )
+        raise WeightsError(f"could not load weights {pretrained!r} for encoder {spec.name!r}: {err}; {hint}") from None
+    return model, "random" if pretrained is None else pretrained
+
+
+def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> ClipTowers:
+    """Builds the image, prompt and text towers of encoder `name`."""
+    spec = ENCODERS.get(name)
+    model, weights_id = create_open_clip(spec, weights)
+    model = model.to(device)
+    visual = model.visual
+    prompt_visual = copy.deepcopy(visual)
+    del model.visual  # the text tower keeps the rest of the CLIP model
+    image = ImageTower(visual, image_size=spec.image_size)
+    prompt = ImageTower(prompt_visual, image_size=spec.prompt_size).freeze()
+    text = TextTower(model, open_clip.get_tokenizer(spec.open_clip_model)).freeze()
+    return ClipTowers(spec=spec, weights=weights_id, image=image, prompt=prompt, text=text)

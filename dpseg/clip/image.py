@@ -1,0 +1,103 @@
+"""The ConvNeXt CLIP image tower as a multi-scale encoder.
+
+Exposes what the decoder sizes itself from (timm's feature info: channels and strides), the
+dense stride-32 embedding (the tower's head applied at every location) and the pooled
+embedding, which is exactly open_clip's `encode_image`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+PROMPT_STRIDES = (4, 8, 16)  # levels whose pooled features are visual prompts (paper §4.2)
+
+
+@dataclass
+class ImageFeatures:
+    """What the image tower gives the decoder: per-stage maps and the dense embedding.
+    Pass II of evaluation reuses these instead of re-running the tower."""
+
+    levels: dict[int, torch.Tensor]  # stride -> (B, C_l, H/l, W/l)
+    dense: torch.Tensor  # (B, D, H/32, W/32)
+
+    def detach(self) -> "ImageFeatures":
+        return ImageFeatures({s: f.detach() for s, f in self.levels.items()}, self.dense.detach())
+
+
+@dataclass
+class PromptFeatures:
+    """Visual-prompt features of a batch of prompt images."""
+
+    embedding: torch.Tensor  # (B, D), equal to open_clip encode_image
+    pooled: dict[int, torch.Tensor]  # stride -> (B, C_l), spatial mean of that stage
+
+
+class ImageTower(nn.Module):
+    def __init__(self, visual: nn.Module, image_size: int):
+        super().__init__()
+        if not hasattr(visual, "trunk") or not hasattr(visual.trunk, "feature_info"):
+            raise TypeError("ImageTower needs an open_clip timm tower (a ConvNeXt CLIP)")
+        self.visual = visual
+        self.image_size = image_size
+        info = visual.trunk.feature_info
+        self.strides: list[int] = [int(f["reduction"]) for f in info]
+        self.channels: list[int] = [int(f["num_chs"]) for f in info]
+        self.embed_dim: int = int(self._embed_dim(visual))
+        self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def _embed_dim(visual: nn.Module) -> int:
+        last = [m for m in visual.head.modules() if isinstance(m, nn.Linear)][-1]
+        return last.out_features
+
+    def channels_at(self, stride: int) -> int:
+        return self.channels[self.strides.index(stride)]
+
+    def freeze(self) -> "ImageTower":
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "ImageTower":
+        # a frozen tower stays in eval mode whatever its parent does (no drop-path noise)
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(mode and not frozen)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> CLIP-normalised input."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def resize(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        size = size or self.image_size
+        if images.shape[-2:] == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        """Normalised images (B, 3, H, W), H and W multiples of 32 -> ImageFeatures."""
+        maps = self.visual.trunk.forward_intermediates(images, intermediates_only=True)
+        levels = dict(zip(self.strides, maps))
+        return ImageFeatures(levels=levels, dense=self.dense_embedding(levels[self.strides[-1]]))
+
+    def dense_embedding(self, last_stage: torch.Tensor) -> torch.Tensor:
+        """The head (norm + projection) at every stride-32 location -> (B, D, h, w)."""
+        x = self.visual.trunk.head.norm(last_stage)
+        x = self.visual.head(x.permute(0, 2, 3, 1))
+        return x.permute(0, 3, 1, 2)
+
+    def pooled_embedding(self, last_stage: torch.Tensor) -> torch.Tensor:
+        """Global embedding (B, D): the trunk's own pooling head, then the CLIP projection."""
+        return self.visual.head(self.visual.trunk.forward_head(last_stage))
+
+    def encode_prompts(self, images: torch.Tensor, strides: tuple[int, ...] = PROMPT_STRIDES) -> PromptFeatures:
+        """Normalised prompt images -> global embedding and spatially averaged stage features."""
+        maps = self.visual.trunk.forward_intermediates(images, intermediates_only=True)
+        levels = dict(zip(self.strides, maps))
+        pooled = {s: levels[s].float().mean(dim=(2, 3)).to(levels[s].dtype) for s in strides}
+        return PromptFeatures(embedding=self.pooled_embedding(levels[self.strides[-1]]), pooled=pooled)

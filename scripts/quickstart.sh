@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv (torch pinned first, then dpseg),
+# then runs `demo` (the offline default job) or `test` (the test suite).
+#   bash scripts/quickstart.sh demo
+#   bash scripts/quickstart.sh test [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
+VENV=${DPSEG_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+stamp="$VENV/.dpseg-installed"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first, pinned: a later resolver step must never swap it (constraints.txt)
+  "$VENV/bin/python" -m pip install -q -c constraints.txt torch torchvision
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+  touch "$stamp"
+fi
+
+what=${1:-demo}
+shift || true
+case "$what" in
+  demo) exec "$VENV/bin/dpseg" demo "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  *) echo "usage: bash scripts/quickstart.sh demo|test" >&2; exit 2 ;;
+esac
