@@ -1,18 +1,19 @@
-"""User errors become one `Error: ...` line and exit code 1, never a traceback."""
+"""User errors become one `Error: ...` line on stderr and exit code 1, never a traceback."""
 
 from __future__ import annotations
 
-import click
+import typer
 from typer.core import TyperGroup
 
 from dpseg.errors import UserError
 
 
 class UserErrorGroup(TyperGroup):
-    """Root command group: translates `UserError` (raised anywhere below) for Click."""
+    """Root command group: reports `UserError` (raised anywhere below) as one line."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            raise click.ClickException(str(err)) from None
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(1) from None

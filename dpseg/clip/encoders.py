@@ -7,7 +7,9 @@ from a local file or directory, or are random when asked (`weights=None`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +46,17 @@ ENCODERS.register("tiny", EncoderSpec("tiny", "dpseg-tiny-convnext", None, 128, 
 
 DEFAULT_WEIGHTS = "default"
 WEIGHT_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors")
+
+
+@contextlib.contextmanager
+def _quiet_logging(enabled: bool):
+    if enabled:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.disable(logging.NOTSET)
 
 
 class WeightsError(UserError):
@@ -93,12 +106,14 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> str
     )
 
 
-def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFAULT_WEIGHTS) -> tuple[torch.nn.Module, str]:
+def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFAULT_WEIGHTS,
+                     device: str | torch.device = "cpu") -> tuple[torch.nn.Module, str]:
     """Builds the open_clip model and loads its weights; returns (model, weights id)."""
     pretrained = resolve_weights(spec, weights)
 
     try:
-        model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, weights_only=True)
+        with _quiet_logging(pretrained is None):  # "initialized randomly" is what we asked for
+            model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, device=device, weights_only=True)
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
         if pretrained is None:
             raise
@@ -113,8 +128,7 @@ def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFA
 def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> ClipTowers:
     """Builds the image, prompt and text towers of encoder `name`."""
     spec = ENCODERS.get(name)
-    model, weights_id = create_open_clip(spec, weights)
-    model = model.to(device)
+    model, weights_id = create_open_clip(spec, weights, device)
     visual = model.visual
     prompt_visual = copy.deepcopy(visual)
     del model.visual  # the text tower keeps the rest of the CLIP model

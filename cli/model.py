@@ -1,0 +1,39 @@
+"""`dpseg model ...`: inspect the network."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from dpseg.model import DPSegConfig
+from pipeline.model_summary import model_summary
+
+app = typer.Typer(help="Inspect the DPSeg network.", no_args_is_help=True)
+
+
+@app.command()
+def summary(
+    encoder: str = typer.Option("convnext-b", help="Registered encoder: convnext-b, convnext-l, tiny."),
+    classes: int = typer.Option(171, min=1, help="Number of categories."),
+    size: int = typer.Option(768, min=32, help="Input size (multiple of 32)."),
+    templates: int = typer.Option(80, min=1, max=80, help="Prompt templates (cost-volume channels)."),
+    prompt_mode: str = typer.Option("dual", help="text | visual | dual"),
+    fusion: str = typer.Option("avg-embeddings", help="avg-embeddings | concat-costs | avg-costs"),
+    visual_guidance: str = typer.Option("prompt", help="prompt | upsampled-cost"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Build the network (random init, no download) and show its structure and shapes."""
+    cfg = DPSegConfig(encoder=encoder, templates=templates, prompt_mode=prompt_mode, fusion=fusion,
+                      visual_guidance=visual_guidance)
+    info = model_summary(cfg, classes, size)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"DPSeg  encoder={info['encoder']} ({info['open_clip_model']})  classes={classes}  size={size}")
+    for key in ("embed_dim", "stage_channels", "strides", "templates", "cost_volume_shape", "decoder_dims",
+                "skip_channels", "params_trainable", "params_frozen", "params_decoder"):
+        typer.echo(f"  {key:<18} {info[key]}")
+    typer.echo("  shapes:")
+    for name, shape in info["shapes"].items():
+        typer.echo(f"    {name:<18} {shape}")

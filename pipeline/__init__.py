@@ -1,0 +1,1 @@
+"""The stages as functions (bank, train, evaluate), benchmarks and reports."""

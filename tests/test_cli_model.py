@@ -1,0 +1,69 @@
+"""`dpseg model summary`, `dpseg bench model` and error reporting through the Typer app."""
+
+import json
+
+import pytest
+
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+
+
+def test_summary_json_reports_the_paper_facts_for_convnext_b():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "convnext-b", "--classes", "171", "--size", "768", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["embed_dim"] == 640
+    assert info["stage_channels"] == [128, 256, 512, 1024]
+    assert info["templates"] == 80
+    assert info["cost_volume_shape"] == [1, 80, 171, 24, 24]
+    assert info["decoder_dims"] == [64, 32, 16]
+    assert info["params_trainable"] > 0 and info["params_frozen"] > 0
+    assert info["shapes"]["stage2.out"] == [1, 171, 16, 192, 192]
+
+
+def test_summary_json_for_convnext_l():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "convnext-l", "--json"])
+    info = json.loads(result.stdout)
+    assert info["embed_dim"] == 768 and info["stage_channels"] == [192, 384, 768, 1536]
+
+
+def test_summary_table_is_readable():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64"])
+    assert result.exit_code == 0
+    assert "cost_volume_shape  [1, 80, 3, 2, 2]" in result.stdout
+    assert "stage2.out" in result.stdout
+
+
+def test_concat_costs_doubles_the_cost_channels():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64",
+                                 "--fusion", "concat-costs", "--json"])
+    assert json.loads(result.stdout)["cost_volume_shape"] == [1, 160, 3, 2, 2]
+
+
+def test_unknown_encoder_is_one_error_line_not_a_traceback():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "vit-h"])
+    assert result.exit_code == 1
+    assert "Error: unknown encoder 'vit-h'; known: convnext-b, convnext-l, tiny" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_ablation_is_one_error_line():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--prompt-mode", "text"])
+    assert result.exit_code == 1
+    assert "set visual_guidance 'upsampled-cost'" in result.output
+
+
+def test_bench_model_writes_json_with_the_decoder_share(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "model", "--encoder", "tiny", "--size", "64", "--classes", "3,6",
+                                 "--batch", "1", "--warmup", "0", "--repeats", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["classes"] for r in data["results"]] == [3, 6]
+    for r in data["results"]:
+        assert r["model_ms"] > 0 and r["trunk_ms"] > 0
+        assert r["decoder_share"] == pytest.approx(1 - r["trunk_ms"] / r["model_ms"], abs=1e-3)
+    assert data["config"]["encoder"] == "tiny"

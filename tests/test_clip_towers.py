@@ -1,0 +1,151 @@
+"""The CLIP towers: registry, multi-scale features, dense/pooled embeddings, text prompts, weights."""
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from dpseg.clip import ENCODERS, NUM_TEMPLATES, TEMPLATES, ImageTower, WeightsError, load_clip
+from dpseg.clip.encoders import create_open_clip
+from dpseg.clip.templates import primary_name, split_synonyms, templates
+from dpseg.registry import UnknownNameError
+
+
+def test_registered_encoders_name_their_open_clip_architecture():
+    assert ENCODERS.get("convnext-b").open_clip_model == "convnext_base_w_320"
+    assert ENCODERS.get("convnext-b").pretrained_tag == "laion_aesthetic_s13b_b82k"
+    assert ENCODERS.get("convnext-l").open_clip_model == "convnext_large_d_320"
+    assert ENCODERS.get("convnext-l").pretrained_tag == "laion2b_s29b_b131k_ft_soup"
+    assert "tiny" in ENCODERS
+
+
+def test_unknown_encoder_lists_the_known_ones():
+    with pytest.raises(UnknownNameError, match="unknown encoder 'convnext-xl'; known: convnext-b, convnext-l, tiny"):
+        load_clip("convnext-xl", weights=None)
+
+
+def test_templates_are_the_80_clip_imagenet_ones():
+    assert NUM_TEMPLATES == 80 and len(set(TEMPLATES)) == 80
+    assert TEMPLATES[0] == "a bad photo of a {}."
+    assert all(t.count("{}") == 1 for t in TEMPLATES)
+    assert templates(10) == TEMPLATES[:10]
+    with pytest.raises(ValueError, match="between 1 and 80"):
+        templates(81)
+
+
+def test_synonyms_split_on_commas():
+    assert split_synonyms("building, edifice") == ["building", "edifice"]
+    assert primary_name("building, edifice") == "building"
+    with pytest.raises(ValueError):
+        split_synonyms(" , ")
+
+
+def test_image_tower_reads_channels_and_strides_from_timm(tiny_towers):
+    tower = tiny_towers.image
+    assert tower.strides == [4, 8, 16, 32]
+    assert tower.channels == [40, 80, 160, 320]  # convnext_atto
+    assert tower.embed_dim == 64
+    features = tower(torch.randn(2, 3, 96, 128))
+    for stride, channels in zip(tower.strides, tower.channels):
+        assert features.levels[stride].shape == (2, channels, 96 // stride, 128 // stride)
+    assert features.dense.shape == (2, 64, 3, 4)
+
+
+def test_dense_embedding_is_the_head_at_every_location(tiny_towers):
+    tower = tiny_towers.image.eval()
+    with torch.no_grad():
+        features = tower(torch.randn(1, 3, 64, 64))
+        last = features.levels[32]
+        visual = tower.visual
+        for i in range(last.shape[2]):
+            for j in range(last.shape[3]):
+                column = last[:, :, i : i + 1, j : j + 1]  # a 1x1 map: pooling is the identity
+                expected = visual.head(visual.trunk.forward_head(column))
+                assert torch.allclose(features.dense[:, :, i, j], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("proj", ["linear", "mlp"])  # convnext-b has a linear head, convnext-l an MLP
+def test_pooled_embedding_equals_open_clip_encode_image(proj):
+    torch.manual_seed(1)
+    clip = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={"timm_model_name": "convnext_atto", "timm_pool": "", "timm_proj": proj, "image_size": 64},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    ).eval()
+    tower = ImageTower(clip.visual, image_size=64)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ours = tower.encode_prompts(images)
+        expected = clip.encode_image(images)
+        assert torch.allclose(ours.embedding, expected, atol=1e-5)
+        levels = tower(images).levels
+        for stride in (4, 8, 16):
+            assert torch.allclose(ours.pooled[stride], levels[stride].mean(dim=(2, 3)), atol=1e-6)
+
+
+def test_prompt_and_text_towers_are_frozen_and_image_tower_is_not(tiny_towers):
+    assert all(p.requires_grad for p in tiny_towers.image.parameters())
+    assert not any(p.requires_grad for p in tiny_towers.prompt.parameters())
+    assert not any(p.requires_grad for p in tiny_towers.text.parameters())
+    tiny_towers.prompt.train()
+    assert not tiny_towers.prompt.training  # a frozen tower stays in eval mode
+
+
+def test_prompt_tower_starts_as_an_exact_copy_of_the_image_tower(tiny_towers):
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = tiny_towers.image.eval().encode_prompts(images).embedding
+        b = tiny_towers.prompt.encode_prompts(images).embedding
+    assert torch.equal(a, b)
+    assert tiny_towers.image.visual.trunk.stem[0].weight.data_ptr() != tiny_towers.prompt.visual.trunk.stem[0].weight.data_ptr()
+
+
+def test_text_prompts_average_synonyms_per_template(tiny_towers):
+    text = tiny_towers.text
+    out = text.encode_classes(["building, edifice", "cat"], templates(4))
+    assert out.shape == (2, 4, 64)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(2, 4), atol=1e-5)
+    building = text.encode_texts([t.format("building") for t in templates(4)])
+    edifice = text.encode_texts([t.format("edifice") for t in templates(4)])
+    expected = F.normalize((building + edifice) / 2, dim=-1)
+    assert torch.allclose(out[0], expected, atol=1e-5)
+    cat = text.encode_texts([t.format("cat") for t in templates(4)])
+    assert torch.allclose(out[1], cat, atol=1e-5)
+
+
+def test_text_prompts_keep_templates_apart_and_use_all_80_by_default(tiny_towers):
+    out = tiny_towers.text.encode_classes(["dog"])
+    assert out.shape == (1, 80, 64)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+
+
+def test_weights_round_trip_through_a_local_file_and_folder(tmp_path):
+    torch.manual_seed(3)
+    model, _ = create_open_clip(ENCODERS.get("tiny"), None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    images = torch.randn(1, 3, 64, 64)
+    expected = model.eval().encode_image(images)
+    for weights in (tmp_path, tmp_path / "open_clip_model.safetensors"):
+        towers = load_clip("tiny", weights=weights)
+        assert towers.weights == str(tmp_path / "open_clip_model.safetensors")
+        with torch.no_grad():
+            got = towers.prompt.encode_prompts(images).embedding
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_bad_weights_give_one_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="no weights file in"):
+        load_clip("tiny", weights=tmp_path)
+    with pytest.raises(WeightsError, match="neither a file, a directory, nor an open_clip tag"):
+        load_clip("tiny", weights=tmp_path / "missing.safetensors")
+    corrupt = tmp_path / "open_clip_model.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match="could not load weights"):
+        load_clip("tiny", weights=corrupt)
+
+
+def test_default_hub_weights_fail_fast_offline_with_the_fix():
+    # HF_HUB_OFFLINE=1 (conftest): the hub tag is not cached here, so loading must say what to pass
+    with pytest.raises(WeightsError, match="--weights"):
+        load_clip("convnext-b")
