@@ -24,6 +24,23 @@ app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 
 
+@app.command()
+def demo(size: int = typer.Option(128, help="Input size (multiple of 32).")):
+    """The offline default job: tiny network summary and one forward pass (no download)."""
+    from pipeline.demo import run_demo
+
+    result = run_demo(size=size)
+    s = result["summary"]
+    typer.echo(f"encoder {s['encoder']}: embed_dim={s['embed_dim']} stage_channels={s['stage_channels']} "
+               f"strides={s['strides']} templates={s['templates']}")
+    typer.echo(f"cost volume {s['cost_volume_shape']}  decoder dims {s['decoder_dims']}  "
+               f"params trainable={s['params_trainable']:,} frozen={s['params_frozen']:,}")
+    for name, shape in s["shapes"].items():
+        typer.echo(f"  {name:<18} {shape}")
+    typer.echo(f"forward: logits {result['logits_shape']} in {result['forward_ms']} ms; "
+               f"pixels per class {dict(zip(result['classes'], result['predicted_class_histogram']))}")
+
+
 def main() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "initialized randomly" etc.
