@@ -67,3 +67,10 @@ def test_bench_model_writes_json_with_the_decoder_share(tmp_path):
         assert r["model_ms"] > 0 and r["trunk_ms"] > 0
         assert r["decoder_share"] == pytest.approx(1 - r["trunk_ms"] / r["model_ms"], abs=1e-3)
     assert data["config"]["encoder"] == "tiny"
+
+
+def test_demo_runs_offline_and_reports_a_forward_pass():
+    result = runner.invoke(app, ["demo", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "cost volume [1, 80, 4, 2, 2]" in result.stdout
+    assert "forward: logits [1, 4, 16, 16]" in result.stdout
