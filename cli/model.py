@@ -6,9 +6,6 @@ import json
 
 import typer
 
-from dpseg.model import DPSegConfig
-from pipeline.model_summary import model_summary
-
 app = typer.Typer(help="Inspect the DPSeg network.", no_args_is_help=True)
 
 
@@ -24,6 +21,9 @@ def summary(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Build the network (random init, no download) and show its structure and shapes."""
+    from dpseg.model import DPSegConfig
+    from pipeline.model_summary import model_summary
+
     cfg = DPSegConfig(encoder=encoder, templates=templates, prompt_mode=prompt_mode, fusion=fusion,
                       visual_guidance=visual_guidance)
     info = model_summary(cfg, classes, size)

@@ -1,0 +1,2 @@
+"""Datasets: vocabularies, preparation of the public benchmarks, readers, transforms and the
+synthetic `shapes` benchmark. Import submodules directly (readers pull in torch)."""

@@ -1,0 +1,129 @@
+"""Vocabularies: the class names of a dataset, in label order, synonyms joined by ", ".
+
+The six public lists are stored as JSON in `vocabularies/` exactly as SED/CAT-Seg publish
+them (including their odd spacing, e.g. "bed "), because text embeddings and reported
+numbers must match the anchor code; `dpseg.clip.templates.primary_name` strips names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from dpseg.errors import UserError
+from dpseg.registry import Registry, UnknownNameError
+
+
+class VocabularyError(UserError):
+    """A vocabulary file that is missing or not a list of class names."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    name: str
+    description: str
+    loader: Callable[[], list[str]]
+
+    def load(self) -> list[str]:
+        return list(self.loader())
+
+
+VOCABULARIES: Registry[Vocabulary] = Registry("vocabulary")
+
+# name -> (json file in vocabularies/, description, expected count)
+_PUBLIC = {
+    "coco-stuff": ("COCO-Stuff 164k (171 things + stuff; training set)", 171),
+    "ade-150": ("ADE20K SceneParsing (A-150)", 150),
+    "ade-847": ("ADE20K full (A-847)", 847),
+    "pc-59": ("PASCAL Context 59 (PC-59)", 59),
+    "pc-459": ("PASCAL Context full (PC-459)", 459),
+    "voc-20": ("PASCAL VOC 2012, background ignored (PAS-20)", 20),
+}
+
+
+def _packaged_list(name: str, count: int) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        text = resources.files("dpseg.data").joinpath("vocabularies", f"{name}.json").read_text("utf-8")
+        names = _validate(json.loads(text), f"packaged vocabulary {name!r}")
+        if len(names) != count:  # a damaged install must not silently shift labels
+            raise VocabularyError(f"packaged vocabulary {name!r} has {len(names)} names, expected {count}; reinstall dpseg")
+        return names
+
+    return load
+
+
+def _shapes() -> list[str]:
+    from dpseg.data.shapes import SHAPES_CATEGORIES
+
+    return list(SHAPES_CATEGORIES)
+
+
+for _name, (_description, _count) in _PUBLIC.items():
+    VOCABULARIES.register(_name, Vocabulary(_name, _description, _packaged_list(_name, _count)))
+VOCABULARIES.register(
+    "shapes", Vocabulary("shapes", "synthetic colour x texture x shape benchmark (offline default)", _shapes)
+)
+
+
+def vocab_names() -> list[str]:
+    return VOCABULARIES.names()
+
+
+def load_vocab(name_or_path: str) -> list[str]:
+    """A registered vocabulary name, or a `.txt` file (one class per line) or `.json` list."""
+    if name_or_path in VOCABULARIES:
+        return VOCABULARIES.get(name_or_path).load()
+    if _looks_like_path(name_or_path):
+        return load_vocab_file(name_or_path)
+    known = ", ".join(vocab_names())
+    # the registry's own error type, so callers catch one class for "unknown name"
+    raise UnknownNameError(
+        f"unknown vocabulary {name_or_path!r}; known: {known} (or pass a .txt/.json file of class names)"
+    )
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.endswith((".txt", ".json")) or "/" in text or "\\" in text or Path(text).exists()
+
+
+def load_vocab_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise VocabularyError(f"vocabulary file {str(path)!r} does not exist; pass a registered name ({', '.join(vocab_names())}) or an existing .txt/.json file")
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise VocabularyError(f"cannot read vocabulary file {str(path)!r}: {err}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise VocabularyError(f"vocabulary file {str(path)!r} is not valid JSON ({err}); expected a list of class names") from None
+        return _validate(data, f"vocabulary file {str(path)!r}")
+    # text: one class per line; blank lines and '#' comments are skipped
+    lines = [line.strip() for line in text.splitlines()]
+    return _validate([line for line in lines if line and not line.startswith("#")], f"vocabulary file {str(path)!r}")
+
+
+def _validate(data: object, what: str) -> list[str]:
+    if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+        raise VocabularyError(f"{what} must be a list of class-name strings")
+    if not data:
+        raise VocabularyError(f"{what} holds no class names")
+    empty = [i for i, n in enumerate(data) if not n.replace(",", "").strip()]
+    if empty:
+        raise VocabularyError(f"{what}: entry {empty[0]} is an empty class name")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(data):
+        if n in seen:
+            raise VocabularyError(f"{what}: class {n!r} appears twice (entries {seen[n]} and {i})")
+        seen[n] = i
+    return list(data)
+
+
+def vocab_counts() -> dict[str, int]:
+    """Registered name -> number of classes (what `dpseg data vocab list` prints)."""
+    return {name: len(load_vocab(name)) for name in vocab_names()}
