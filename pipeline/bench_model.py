@@ -70,7 +70,6 @@ def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[in
             "decoder_share": round(1 - trunk_ms / model_ms, 4),
             "peak_mem_mib_model": round(model_peak, 1), "peak_mem_mib_trunk": round(trunk_peak, 1),
         })
-        del images, text, visual
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return {

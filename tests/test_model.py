@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dpseg.errors import UserError
-from dpseg.model import DPSegConfig, VisualPrompts, build_dpseg, segmentation_bce
+from dpseg.model import DPSegConfig, build_dpseg, segmentation_bce
 from dpseg.model.blocks import ClassAttention, CostGuidance, StageFusion
 from dpseg.model.cost_volume import cosine_cost, dual_prompt_embeddings, initial_cost
 from pipeline.model_summary import model_summary, random_prompts

@@ -118,7 +118,7 @@ def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFA
         if pretrained is None:
             raise
         hint = (
-            f"pass --weights /path/to/open_clip_model.safetensors (or its folder), "
+            "pass --weights /path/to/open_clip_model.safetensors (or its folder), "
             f"or --weights none for random init"
         )
         raise WeightsError(f"could not load weights {pretrained!r} for encoder {spec.name!r}: {err}; {hint}") from None

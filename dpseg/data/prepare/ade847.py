@@ -15,12 +15,11 @@ Raw layout (ADE20K_2021_17_01.zip):
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, read_label_image
+from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, read_label_image, id_lookup
 
 NUM_CLASSES = 847
 IGNORE = 65535
@@ -29,15 +28,7 @@ SPLIT_DIRS = {"train": "training", "val": "validation"}
 HINT = "expected ADE20K_2021_17_01/images/ADE/{training,validation}/ with per-image .json, .jpg and _seg.png files"
 
 
-def _lut() -> np.ndarray:
-    raw_ids = json.loads(resources.files("dpseg.data.prepare").joinpath("ids", "ade-847.json").read_text())
-    assert len(raw_ids) == NUM_CLASSES
-    lut = np.full(26 * 256, IGNORE, dtype=np.uint16)  # R // 10 <= 25
-    lut[raw_ids] = np.arange(NUM_CLASSES)
-    return lut
-
-
-LUT = _lut()
+LUT = id_lookup("ade-847.json", NUM_CLASSES, 26 * 256, IGNORE, np.uint16)  # R // 10 <= 25
 
 
 def decode_class_mask(rgb: np.ndarray) -> np.ndarray:

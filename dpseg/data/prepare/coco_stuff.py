@@ -9,28 +9,18 @@ Raw layout (COCO 2017 images + stuffthingmaps_trainval2017.zip):
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from dpseg.data.prepare.common import Item, RawLayoutError, find_root, image_for, indexed_label
+from dpseg.data.prepare.common import Item, RawLayoutError, find_root, image_for, indexed_label, id_lookup
 
 NUM_CLASSES = 171
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
 HINT = "expected coco-stuff/ with images/{train2017,val2017} and annotations/{train2017,val2017} (stuffthingmaps_trainval2017.zip)"
 
 
-def _lut() -> np.ndarray:
-    raw_ids = json.loads(resources.files("dpseg.data.prepare").joinpath("ids", "coco-stuff.json").read_text())
-    assert len(raw_ids) == NUM_CLASSES
-    lut = np.full(256, 255, dtype=np.uint8)
-    lut[raw_ids] = np.arange(NUM_CLASSES)
-    return lut
-
-
-LUT = _lut()
+LUT = id_lookup("coco-stuff.json", NUM_CLASSES, 256, 255)
 
 
 def to_train_ids(annotation: np.ndarray) -> np.ndarray:

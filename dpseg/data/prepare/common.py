@@ -20,6 +20,19 @@ from dpseg.errors import UserError
 ON_ERROR = ("stop", "skip")
 
 
+def id_lookup(ids_file: str, num_classes: int, size: int, ignore: int, dtype=np.uint8) -> np.ndarray:
+    """Raw id -> train id table from `prepare/ids/<ids_file>` (raw ids in train-id order)."""
+    import json
+    from importlib import resources
+
+    raw_ids = json.loads(resources.files("dpseg.data.prepare").joinpath("ids", ids_file).read_text())
+    if len(raw_ids) != num_classes:
+        raise RuntimeError(f"ids/{ids_file} lists {len(raw_ids)} ids, expected {num_classes}")
+    lut = np.full(size, ignore, dtype=dtype)
+    lut[raw_ids] = np.arange(num_classes)
+    return lut
+
+
 class BadFile(Exception):
     """A raw file that is missing or unreadable; `path` is what the user must fix."""
 

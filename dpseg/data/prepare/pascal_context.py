@@ -25,22 +25,14 @@ import numpy as np
 import scipy.io
 
 from dpseg.data.prepare import rle
-from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, image_for
+from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, image_for, id_lookup
 
 PC59_CLASSES, PC459_CLASSES = 59, 459
 HINT = "expected VOCdevkit/VOC2010 with JPEGImages/ plus trainval_merged.json (pc-59) or trainval/*.mat (pc-459)"
 ROOTS = ["VOCdevkit/VOC2010", "VOC2010"]
 
 
-def _pc59_lut() -> np.ndarray:
-    raw_ids = json.loads(resources.files("dpseg.data.prepare").joinpath("ids", "pc-59.json").read_text())
-    assert len(raw_ids) == PC59_CLASSES
-    lut = np.full(65536, 255, dtype=np.uint8)
-    lut[raw_ids] = np.arange(PC59_CLASSES)
-    return lut
-
-
-PC59_LUT = _pc59_lut()
+PC59_LUT = id_lookup("pc-59.json", PC59_CLASSES, 65536, 255)
 
 
 def pc59_label(annotations: list[dict], height: int, width: int, source: Path) -> np.ndarray:
