@@ -117,11 +117,9 @@ def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFA
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
         if pretrained is None:
             raise
-        hint = (
-            "pass --weights /path/to/open_clip_model.safetensors (or its folder), "
-            f"or --weights none for random init"
-        )
-        raise WeightsError(f"could not load weights {pretrained!r} for encoder {spec.name!r}: {err}; {hint}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        hint = "pass --weights /path/to/open_clip_model.safetensors (or its folder), or --weights none for random init"
+        raise WeightsError(f"could not load weights {pretrained!r} for encoder {spec.name!r} ({reason}); {hint}") from None
     return model, "random" if pretrained is None else pretrained
 
 
