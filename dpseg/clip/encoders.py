@@ -49,14 +49,12 @@ WEIGHT_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.saf
 
 
 @contextlib.contextmanager
-def _quiet_logging(enabled: bool):
-    if enabled:
-        logging.disable(logging.WARNING)
+def _quiet_logging():
+    logging.disable(logging.ERROR)
     try:
         yield
     finally:
-        if enabled:
-            logging.disable(logging.NOTSET)
+        logging.disable(logging.NOTSET)
 
 
 class WeightsError(UserError):
@@ -112,7 +110,7 @@ def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFA
     pretrained = resolve_weights(spec, weights)
 
     try:
-        with _quiet_logging(pretrained is None):  # "initialized randomly" is what we asked for
+        with _quiet_logging():  # "initialized randomly" is what we asked for; failures are re-raised below
             model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, device=device, weights_only=True)
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
         if pretrained is None:
