@@ -36,6 +36,7 @@ def build(
     compile: List[str] = typer.Option([], "--compile", help="torch.compile 'unet' and/or 'vae' (speed only; images equal up to float error)."),
     safety_checker: Optional[bool] = typer.Option(None, "--safety-checker/--no-safety-checker", help="SD's safety checker (default: as the model ships it)."),
     t5: Optional[bool] = typer.Option(None, "--t5/--no-t5", help="sd3: use the T5 text encoder (default on)."),
+    layer_weights: Optional[str] = typer.Option(None, help="layerdiffuse: folder (or hub repo) with the LayerDiffuse SD1.5 files."),
     shard_size: int = typer.Option(256, min=1, help="Images per tar shard (work lost to a kill is at most one shard per rank)."),
     shard_index: int = typer.Option(0, min=0, help="This job's index in a scheduler job array."),
     num_shards: int = typer.Option(1, min=1, help="Jobs in the job array (work split by entry key, no rendezvous)."),
@@ -49,7 +50,8 @@ def build(
 
     options = GeneratorOptions(model=model, resolution=resolution, steps=steps, guidance=guidance, scheduler=scheduler,
                                negative_prompt=negative_prompt, safety_checker=safety_checker, t5=t5, device=device,
-                               dtype=dtype, compile=tuple(c for item in compile for c in item.split(",") if c))
+                               dtype=dtype, compile=tuple(c for item in compile for c in item.split(",") if c),
+                               extra={"layer_weights": layer_weights} if layer_weights else {})
     opts = BuildOptions(out=out, generator=generator, vocab=vocab, encoder=encoder, encoder_weights=_weights(encoder_weights),
                         templates=templates, seed=seed, batch_size=batch_size, shard_size=shard_size, shard_index=shard_index,
                         num_shards=num_shards, retries=retries, generator_options=options, progress=progress)

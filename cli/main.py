@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import typer
 
@@ -25,11 +26,14 @@ app.add_typer(bench.app, name="bench")
 
 
 @app.command()
-def demo(size: int = typer.Option(128, help="Input size (multiple of 32).")):
-    """The offline default job: tiny network summary and one forward pass (no download)."""
+def demo(
+    size: int = typer.Option(128, help="Input size (multiple of 32)."),
+    bank: Path = typer.Option(None, help="A bank to take visual prompts from (the demo bank: out/bank)."),
+):
+    """The offline default job: the network segments a synthetic scene with bank prompts."""
     from pipeline.demo import run_demo
 
-    result = run_demo(size=size)
+    result = run_demo(size=size, bank_dir=bank)
     s = result["summary"]
     typer.echo(f"encoder {s['encoder']}: embed_dim={s['embed_dim']} stage_channels={s['stage_channels']} "
                f"strides={s['strides']} templates={s['templates']}")
@@ -37,8 +41,9 @@ def demo(size: int = typer.Option(128, help="Input size (multiple of 32).")):
                f"params trainable={s['params_trainable']:,} frozen={s['params_frozen']:,}")
     for name, shape in s["shapes"].items():
         typer.echo(f"  {name:<18} {shape}")
-    typer.echo(f"forward: logits {result['logits_shape']} in {result['forward_ms']} ms; "
-               f"pixels per class {dict(zip(result['classes'], result['predicted_class_histogram']))}")
+    typer.echo(f"prompts: {result['prompts']}, {result['classes']} classes")
+    typer.echo(f"forward: logits {result['logits_shape']} in {result['forward_ms']} ms; pixel accuracy "
+               f"{result['pixel_accuracy']} (untrained network: chance is {result['chance']})")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates .venv (torch pinned first, then dpseg),
-# then runs `demo` (the offline default job) or `test` (the test suite).
+# then runs `demo` (the offline default job: `dvc repro`, then the network on the bank it
+# built) or `test` (the test suite).
 #   bash scripts/quickstart.sh demo
 #   bash scripts/quickstart.sh test [pytest args...]
 set -euo pipefail
@@ -24,7 +25,10 @@ fi
 what=${1:-demo}
 shift || true
 case "$what" in
-  demo) exec "$VENV/bin/dpseg" demo "$@" ;;
+  demo)
+    export PATH="$PWD/$VENV/bin:$PATH"  # the stages' `python` is this venv's
+    dvc repro
+    exec dpseg demo --bank out/bank "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash scripts/quickstart.sh demo|test" >&2; exit 2 ;;
 esac

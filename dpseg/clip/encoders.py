@@ -132,3 +132,12 @@ def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS, de
     prompt = ImageTower(prompt_visual, image_size=spec.prompt_size).freeze()
     text = TextTower(model, open_clip.get_tokenizer(spec.open_clip_model)).freeze()
     return ClipTowers(spec=spec, weights=weights_id, image=image, prompt=prompt, text=text)
+
+
+def encoder_dims(name: str) -> tuple[int, dict[int, int]]:
+    """(embed_dim, {stride: channels}) of an encoder, read from the architecture built on the
+    meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        towers = load_clip(name, weights=None, device="meta")
+    tower = towers.image
+    return tower.embed_dim, dict(zip(tower.strides, tower.channels))

@@ -48,8 +48,9 @@ class ImageTower(nn.Module):
         self.strides: list[int] = [int(f["reduction"]) for f in info]
         self.channels: list[int] = [int(f["num_chs"]) for f in info]
         self.embed_dim: int = int(self._embed_dim(visual))
-        self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        device = next(visual.parameters()).device
+        self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1), persistent=False)
 
     @staticmethod
     def _embed_dim(visual: nn.Module) -> int:
@@ -71,7 +72,8 @@ class ImageTower(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> CLIP-normalised input."""
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        mean, std = self.mean.to(images.device, images.dtype), self.std.to(images.device, images.dtype)
+        return (images - mean) / std
 
     def resize(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         size = size or self.image_size

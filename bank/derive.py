@@ -1,0 +1,43 @@
+"""`dpseg bank derive`: a new bank from an existing one's images (no regeneration), re-encoded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from bank.build import BuildOptions, build_bank
+from bank.encode import PromptEncoder, encode_bank
+from bank.generators.base import GeneratorOptions
+from bank.generators.noise import NoiseGenerator
+from bank.runtime import distributed_state, rank_device
+from bank.store import BankStore
+
+
+def derive_noise_bank(source: str | Path, ratio: float, out: str | Path, encoders: Sequence[str] | None = None,
+                      encoder_weights: str | None = "source", batch_size: int = 32, shard_size: int = 256,
+                      device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    generator = NoiseGenerator(source, ratio)
+    config = generator.source.read_config()
+    encoders = list(encoders or config.get("encoders", {}))
+    state = distributed_state(device)
+    device = rank_device(state, device)
+    def weights(name: str):  # "source": the weights the source bank's features were made with
+        return config["encoders"].get(name, {}).get("weights", "default") if encoder_weights == "source" else encoder_weights
+
+    first = PromptEncoder(encoders[0], weights(encoders[0]), device)
+    opts = BuildOptions(out=Path(out), generator=generator.id, vocab=[f"bank:{generator.source.root}"], encoder=encoders[0],
+                        encoder_weights=weights(encoders[0]), templates=int(config["templates"]), seed=int(config["seed"]),
+                        batch_size=batch_size, shard_size=shard_size, generator_options=GeneratorOptions(device=device),
+                        progress=progress)
+    try:
+        report = build_bank(opts, generator=generator, encoder=first, state=state, categories=list(config["categories"]))
+    finally:
+        generator.close()
+    if state.is_main_process:
+        store = BankStore(out)
+        with store.lock():
+            derived = store.read_config()
+            derived["derived_from"] = {"bank": str(generator.source.root), **generator.settings}
+            store.write_config(derived)
+    report["encoded"] = [encode_bank(out, e, weights(e), device, batch_size, progress, state) for e in encoders[1:]]
+    return report

@@ -1,0 +1,51 @@
+"""`bank show`: a contact sheet of one category's images (template index under each)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from bank.merge import read_manifest
+from bank.store import BankStore, ShardReader, atomic_write
+from dpseg.clip.templates import primary_name
+from dpseg.errors import UserError
+
+
+def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 128, columns: int = 10) -> dict:
+    from PIL import Image, ImageDraw
+
+    store = BankStore(root).require()
+    table, _ = read_manifest(store)
+    name = primary_name(category)
+    rows = sorted((r for r in table.to_pylist() if r["category"] == name), key=lambda r: r["template"])
+    if not rows:
+        known = sorted(set(table.column("category").to_pylist()))
+        hint = ", ".join(repr(c) for c in known[:10]) + (" ..." if len(known) > 10 else "")
+        raise UserError(f"bank {store.root} has no entries for category {category!r}; it has: {hint or 'none'}")
+    cols = min(columns, len(rows))
+    label = 14
+    sheet = Image.new("RGB", (cols * tile, math.ceil(len(rows) / cols) * (tile + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    readers: dict[str, ShardReader] = {}
+    try:
+        for i, r in enumerate(rows):
+            x, y = (i % cols) * tile, (i // cols) * (tile + label)
+            if r["status"] == "ok":
+                reader = readers.setdefault(r["shard"], ShardReader(store.root / r["shard"]))
+                with Image.open(io.BytesIO(reader.read(r["key"], "png"))) as im:
+                    sheet.paste(im.convert("RGB").resize((tile, tile)), (x, y))
+            else:
+                draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline="red")
+                draw.text((x + 4, y + tile // 2), f"failed: {r['reason']}", fill="red")
+            draw.text((x + 2, y + tile), f"#{r['template']}", fill="black")
+    finally:
+        for reader in readers.values():
+            reader.close()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    sheet.save(buf, format="png")
+    atomic_write(out, buf.getvalue())
+    return {"category": name, "images": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] != "ok" for r in rows),
+            "out": str(out)}

@@ -1,0 +1,331 @@
+"""The bank on disk: layout, atomic writes, the lock, image shards and per-shard feature parts.
+
+    DIR/bank.json                      resolved settings (generator, seed, categories, templates...)
+    DIR/manifest.parquet               one row per durable entry (rebuilt by `merge`)
+    DIR/images-%06d.tar                webdataset shards: <key>.png [+ <key>.alpha.png] + <key>.json
+    DIR/staging/<encoder>/images-%06d.safetensors   that shard's features, one part per shard
+    DIR/features.zarr/<encoder>/       merged features (C, M, D) and (C, M, C_l), float16
+    DIR/tmp/                           shards being written (locked while their writer lives)
+
+A shard becomes part of the bank by one atomic step: its finished, fsynced temporary file is
+hard-linked to the next free `images-%06d.tar` name. Everything else is derived from shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import re
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dpseg.errors import UserError
+
+SCHEMA_VERSION = 1
+BANK_JSON = "bank.json"
+MANIFEST = "manifest.parquet"
+FEATURES = "features.zarr"
+STAGING = "staging"
+TMP = "tmp"
+LOCK = ".lock"
+SHARD_RE = re.compile(r"^images-(\d{6,})\.tar$")
+FEATURE_NAMES = ("embedding", "pooled_4", "pooled_8", "pooled_16")
+
+
+def shard_name(number: int) -> str:
+    return "images-%06d.tar" % number
+
+
+def shard_number(name: str) -> int:
+    return int(SHARD_RE.match(name).group(1))
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the resume tests: DPSEG_BANK_CRASH=name:n SIGKILLs this process the
+    n-th time it reaches `name` (points: tar, part, merge)."""
+    spec = os.environ.get("DPSEG_BANK_CRASH")
+    if not spec or not spec.startswith(name + ":"):
+        return
+    counter = f"_DPSEG_CRASH_COUNT_{name}"
+    count = int(os.environ.get(counter, "0")) + 1
+    os.environ[counter] = str(count)
+    if count >= int(spec.split(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write-then-rename in the same folder: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class BankStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / BANK_JSON
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def features_path(self) -> Path:
+        return self.root / FEATURES
+
+    def part_path(self, encoder: str, shard: str) -> Path:
+        return self.root / STAGING / encoder / shard.replace(".tar", ".safetensors")
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> "BankStore":
+        if not self.root.exists():
+            raise UserError(f"no bank at {self.root}: the folder does not exist; build one with `dpseg bank build --out {self.root} ...`")
+        if not self.exists():
+            raise UserError(f"{self.root} is not a bank (no {BANK_JSON}); build one with `dpseg bank build --out {self.root} ...`")
+        return self
+
+    # ---- bank.json ----------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        try:
+            config = json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            self.require()
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.config_path} is corrupt ({err}); the bank cannot be used") from None
+        if config.get("schema") != SCHEMA_VERSION:
+            raise UserError(f"{self.root} has bank schema {config.get('schema')!r}; this dpseg reads schema {SCHEMA_VERSION}")
+        return config
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive across processes (and nodes, where the filesystem supports flock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ---- shards -------------------------------------------------------------------------
+    def shards(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if SHARD_RE.match(p.name))
+
+    def link_shard(self, tmp: Path) -> str:
+        """Give a finished temporary tar the next free shard number, atomically."""
+        taken = [int(SHARD_RE.match(s).group(1)) for s in self.shards()]
+        number = max(taken) + 1 if taken else 0
+        while True:
+            try:
+                os.link(tmp, self.root / shard_name(number))
+                return shard_name(number)
+            except FileExistsError:
+                number += 1
+
+    def clean_stale(self) -> list[str]:
+        """Remove temporary files whose writer is gone (a killed run): their lock is free."""
+        removed = []
+        tmp_dir = self.root / TMP
+        for path in sorted(tmp_dir.glob("*.tar")) if tmp_dir.is_dir() else []:
+            with open(path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        for path in self.root.glob(f"{STAGING}/*/.*.tmp"):
+            path.unlink(missing_ok=True)
+        for path in self.root.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+        return removed
+
+    def stale_files(self) -> list[str]:
+        tmp_dir = self.root / TMP
+        stale = []
+        for path in sorted(tmp_dir.glob("*.tar")) if tmp_dir.is_dir() else []:
+            with open(path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    stale.append(str(path.relative_to(self.root)))
+                except BlockingIOError:
+                    pass
+        return stale
+
+    # ---- feature parts ------------------------------------------------------------------
+    def write_part(self, encoder: str, shard: str, keys: list[str], features: dict[str, np.ndarray],
+                   meta: dict[str, Any]) -> Path:
+        from safetensors.numpy import save
+
+        path = self.part_path(encoder, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: np.ascontiguousarray(features[name], dtype=np.float16) for name in FEATURE_NAMES}
+        metadata = {"keys": json.dumps(keys), "shard": shard, "encoder": encoder, "meta": json.dumps(meta)}
+        atomic_write(path, save(tensors, metadata=metadata))
+        return path
+
+    def part_keys(self, encoder: str, shard: str) -> list[str] | None:
+        from safetensors import safe_open
+
+        path = self.part_path(encoder, shard)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "np") as f:
+            return json.loads(f.metadata()["keys"])
+
+    def read_part(self, encoder: str, shard: str) -> tuple[list[str], dict[str, np.ndarray]]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.part_path(encoder, shard)), "np") as f:
+            keys = json.loads(f.metadata()["keys"])
+            return keys, {name: f.get_tensor(name) for name in FEATURE_NAMES}
+
+    def staged_encoders(self) -> list[str]:
+        staging = self.root / STAGING
+        return sorted(p.name for p in staging.iterdir() if p.is_dir()) if staging.is_dir() else []
+
+
+class ShardWriter:
+    """One writer's open shard. Samples are appended to tmp/<uuid>.tar (flock-held while open);
+    `commit()` closes, fsyncs and links it, then writes its feature part."""
+
+    def __init__(self, store: BankStore, encoder: str, max_samples: int, meta: dict[str, Any]):
+        self.store, self.encoder, self.max_samples, self.meta = store, encoder, max_samples, meta
+        self.file = None
+        self.committed: list[str] = []
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        tmp_dir = self.store.root / TMP
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.path = tmp_dir / f"{uuid.uuid4().hex}.tar"
+        self.file = open(self.path, "wb")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.tar = wds.TarWriter(self.file)
+        self.keys: list[str] = []  # entries with an image (and so features)
+        self.features: dict[str, list[np.ndarray]] = {n: [] for n in FEATURE_NAMES}
+        self.count = 0
+
+    def add(self, key: str, files: dict[str, bytes], features: dict[str, np.ndarray] | None) -> str | None:
+        """Adds one sample; returns the shard name when this filled and committed a shard."""
+        if self.file is None:
+            self._open()
+        self.tar.write({"__key__": key, **files})
+        if features is not None:
+            self.keys.append(key)
+            for name in FEATURE_NAMES:
+                self.features[name].append(features[name])
+        self.count += 1
+        crash_point("tar")
+        return self.commit() if self.count >= self.max_samples else None
+
+    def commit(self) -> str | None:
+        if self.file is None:
+            return None
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        shard = self.store.link_shard(self.path)
+        self.path.unlink()
+        self.file.close()  # releases the lock
+        self.file = None
+        crash_point("part")
+        stacked = {n: np.stack(v) if v else np.zeros((0, 0), np.float16) for n, v in self.features.items()}
+        self.store.write_part(self.encoder, shard, self.keys, stacked, self.meta)
+        self.committed.append(shard)
+        return shard
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+            self.file = None
+
+
+class ShardReader:
+    """Random access to the samples of one shard (stdlib tarfile, offsets from its headers)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.tar = tarfile.open(path, "r:")
+            members = self.tar.getmembers()
+        except (tarfile.TarError, OSError) as err:
+            raise UserError(f"shard {path} is unreadable ({err}); restore it, or move it out of the bank and build "
+                            f"again (its entries are then made anew)") from None
+        self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for m in members:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            self.members.setdefault(key, {})[ext] = m
+
+    def read(self, key: str, ext: str) -> bytes:
+        return self.tar.extractfile(self.members[key][ext]).read()
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return json.loads(self.read(key, "json"))
+
+    def close(self) -> None:
+        self.tar.close()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scan_shard(path: Path) -> list[dict[str, Any]]:
+    """The metadata of every sample in a shard (reads headers and the small json members)."""
+    with ShardReader(path) as reader:
+        rows = []
+        for key, files in reader.members.items():
+            meta = reader.meta(key) if "json" in files else {"key": key, "status": "unknown"}
+            meta["files"] = sorted(files)
+            rows.append(meta)
+        return rows
+
+
+def decode_png(data: bytes, where: str = "image") -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L") else im)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(f"{where} is not a readable PNG ({err}); run `dpseg bank verify` on the bank") from None
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Lossless; compression level 1 (fast: the bank writes ~100k images)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="png", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,27 @@
+"""`dpseg bench bank` runs end to end on the CPU (tiny sizes) and reports the four figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
+
+from cli.main import app  # noqa: E402
+
+
+def test_bench_bank_writes_the_four_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "bank", "--resolution", "32", "--steps", "2", "--batch-sizes", "2",
+                                      "--batches", "2", "--rounds", "1", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["overhead_ratio"] > 0 and report["overhead"][0]["images"] == 4
+    assert report["encode_images_per_s"] > 0 and report["encode"]["images"] == 4
+    assert report["prototype_read"]["categories"] == 1000 and report["prototype_read"]["templates"] == 80
+    assert 0 < report["prototype_read_s"] < 30
+    assert report["dedup"]["distinct_primary_names"] == 1166 and report["dedup_ratio"] == round(1166 / 1706, 4)

@@ -1,0 +1,119 @@
+"""Names in (vocabularies, dedup, seeds, job split) and prototypes out (reader API, errors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bank.merge import open_features_group
+from bank.plan import entry_seed, in_job_shard, plan_entries, resolve_categories, retry_seed
+from bank.reader import Bank
+from bank.store import SCHEMA_VERSION, BankStore
+from dpseg.clip.templates import TEMPLATES
+from dpseg.errors import UserError
+
+
+def test_names_are_deduplicated_across_vocabularies_by_primary_name(tmp_path):
+    (tmp_path / "a.txt").write_text("building, edifice\ncat\n")
+    (tmp_path / "b.json").write_text('["cat", "building", "sky, heaven"]')
+    cats, counts = resolve_categories([str(tmp_path / "a.txt"), str(tmp_path / "b.json")])
+    assert cats == ["building", "cat", "sky"] and sum(counts.values()) == 5
+    six, counts = resolve_categories(["coco-stuff,ade-150,ade-847", "pc-59", "pc-459", "voc-20"])
+    assert len(six) == 1166 and sum(counts.values()) == 1706  # DESIGN.md: 93,280 prompts instead of 136,480
+    with pytest.raises(UserError, match="no-such"):
+        resolve_categories(["no-such"])
+
+
+def test_entries_seeds_and_keys_are_stable_and_distinct():
+    entries = plan_entries(["cat", "dog"], 10, "sd15", "abc", 0)
+    assert [e.prompt for e in entries[:2]] == [TEMPLATES[0].format("cat"), TEMPLATES[1].format("cat")]
+    assert entries == plan_entries(["cat", "dog"], 10, "sd15", "abc", 0)
+    assert len({e.seed for e in entries}) == len({e.key for e in entries}) == 20
+    assert all("." not in e.key for e in entries)
+    # the seed hashes (prompt, settings, base seed) only: not the position or the other categories
+    assert plan_entries(["dog"], 1, "sd15", "abc", 0)[0] == entries[10]
+    assert entry_seed(entries[0].prompt, "abc", 1) != entries[0].seed
+    assert entry_seed(entries[0].prompt, "abd", 0) != entries[0].seed
+    assert retry_seed(entries[0].seed, 1) not in (entries[0].seed, retry_seed(entries[0].seed, 2))
+    with pytest.raises(UserError, match="templates"):
+        plan_entries(["cat"], 81, "sd15", "abc", 0)
+
+
+def test_job_array_split_is_a_partition():
+    keys = [e.key for e in plan_entries([f"c{i}" for i in range(30)], 10, "sd15", "abc", 0)]
+    owners = [[j for j in range(4) if in_job_shard(k, j, 4)] for k in keys]
+    assert all(len(o) == 1 for o in owners)
+    assert {o[0] for o in owners} == {0, 1, 2, 3}
+
+
+def make_bank(root, categories, templates=4, valid=None, encoder="tiny"):
+    store = BankStore(root)
+    info = {"encoder": encoder, "weights": "random", "embed_dim": 6, "channels": {"4": 2, "8": 3, "16": 5}}
+    config = {"schema": SCHEMA_VERSION, "generator": {"id": "tiny-sd", "settings": {}, "settings_hash": "h"}, "seed": 0,
+              "categories": categories, "templates": templates, "encoders": {encoder: info}}
+    store.write_config(config)
+    group, arrays = open_features_group(store, encoder, info, config, len(categories), templates)
+    rng = np.random.default_rng(0)
+    data = {}
+    for name, arr in arrays.items():
+        data[name] = np.ones(arr.shape, bool) if name == "valid" and valid is None else valid if name == "valid" else \
+            rng.standard_normal(arr.shape).astype(np.float16)
+        arr[:] = data[name]
+    group.attrs.update({"categories": categories, "templates": templates, "encoder": info, "generator": config["generator"],
+                        "schema": SCHEMA_VERSION})
+    return data
+
+
+def test_prototypes_in_vocabulary_order_with_failed_entries_filled(tmp_path):
+    valid = np.ones((3, 4), bool)
+    valid[1, 2] = False
+    data = make_bank(tmp_path, ["cat", "dog", "building"], valid=valid)
+    protos = Bank(tmp_path).prototypes(["building, edifice", "dog", "cat"], "tiny")
+    assert protos.embedding.shape == (3, 4, 6) and protos.pooled[16].shape == (3, 4, 5)
+    np.testing.assert_array_equal(protos.embedding[0].numpy(), data["embedding"][2].astype(np.float32))
+    np.testing.assert_array_equal(protos.pooled[4][2].numpy(), data["pooled_4"][0].astype(np.float32))
+    dog = data["embedding"][1].astype(np.float32)
+    expect = dog[[0, 1, 3]].mean(axis=0)
+    np.testing.assert_allclose(protos.embedding[1, 2].numpy(), expect, atol=2e-3)
+    np.testing.assert_array_equal(protos.embedding[1, [0, 1, 3]].numpy(), dog[[0, 1, 3]])
+    assert protos.filled.tolist() == [[False] * 4, [False, False, True, False], [False] * 4]
+    assert Bank(tmp_path).prototypes(["cat"], "tiny", templates=2).embedding.shape == (1, 2, 6)
+
+
+def test_reader_errors_name_the_fix(tmp_path):
+    make_bank(tmp_path, ["cat", "dog"], templates=2)
+    bank = Bank(tmp_path)
+    with pytest.raises(UserError) as err:
+        bank.prototypes(["cat", "unicorn", "dragon, wyvern"], "tiny")
+    message = str(err.value)
+    assert "2 classes" in message and "'unicorn'" in message and "'dragon, wyvern'" in message
+    assert f"dpseg bank build --out {tmp_path} --generator tiny-sd --encoder tiny --templates 2" in message
+    with pytest.raises(UserError, match=f"no features for encoder 'convnext-b' .*dpseg bank encode {tmp_path} --encoder convnext-b"):
+        bank.prototypes(["cat"], "convnext-b")
+    with pytest.raises(UserError, match="holds 2 templates per class, 80 were asked"):
+        bank.prototypes(["cat"], "tiny", templates=80)
+    with pytest.raises(UserError, match="no bank at"):
+        Bank(tmp_path / "nothing")
+    (tmp_path / "bank.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        Bank(tmp_path)
+
+
+def test_dvc_stage_builds_the_demo_bank_from_params(tmp_path):
+    import yaml
+
+    from bank.inspection import info, verify
+    from pipeline.bank_stage import load_params, run_bank_stage
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["bank"]
+    params = load_params(root / "params.yaml")
+    assert stage["params"] == ["bank"] and stage["outs"] == [params["out"]]
+    assert all((root / dep).exists() for dep in stage["deps"])
+    params.update(out=str(tmp_path / "bank"), templates=2, resolution=32)
+    run_bank_stage(params, progress=False)
+    report = info(tmp_path / "bank")
+    assert report["generator"] == "procedural" and report["entries"] == 48 * 2 and verify(tmp_path / "bank") == []
+    (tmp_path / "p.yaml").write_text("bank:\n  generatr: sd15\n")
+    with pytest.raises(UserError, match="generatr"):
+        load_params(tmp_path / "p.yaml")
