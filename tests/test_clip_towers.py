@@ -89,7 +89,9 @@ def test_prompt_and_text_towers_are_frozen_and_image_tower_is_not(tiny_towers):
     assert not any(p.requires_grad for p in tiny_towers.prompt.parameters())
     assert not any(p.requires_grad for p in tiny_towers.text.parameters())
     tiny_towers.prompt.train()
+    tiny_towers.text.train()
     assert not tiny_towers.prompt.training  # a frozen tower stays in eval mode
+    assert not tiny_towers.text.training and not tiny_towers.text.clip.transformer.training
 
 
 def test_prompt_tower_starts_as_an_exact_copy_of_the_image_tower(tiny_towers):

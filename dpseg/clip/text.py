@@ -25,6 +25,10 @@ class TextTower(nn.Module):
         self.eval()
         return self
 
+    def train(self, mode: bool = True) -> "TextTower":
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(mode and not frozen)
+
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Plain strings -> (len, D) L2-normalised embeddings."""
@@ -52,4 +56,5 @@ class TextTower(nn.Module):
             for i, name in enumerate(missing):
                 mean = embeddings[owner_index == i].mean(dim=0)
                 self._cache[(name, templates)] = F.normalize(mean, dim=-1).cpu()
-        return torch.stack([self._cache[(n, templates)] for n in class_names])
+        device = self.clip.text_projection.device
+        return torch.stack([self._cache[(n, templates)] for n in class_names]).to(device)
