@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,17 +61,19 @@ def encode_shards(store: BankStore, encoder: PromptEncoder, shards: Sequence[str
     from tqdm.auto import tqdm
 
     done = 0
-    for shard in tqdm(shards, desc=f"encode {encoder.name}", unit="shard", disable=not progress):
-        with ShardReader(store.root / shard) as reader:
-            keys = [k for k, files in reader.members.items() if "png" in files]
-            chunks: dict[str, list[np.ndarray]] = {n: [] for n in FEATURE_NAMES}
-            for i in range(0, len(keys), batch_size):
-                images = np.stack([decode_png(reader.read(k, "png"), f"{shard}: entry {k}") for k in keys[i : i + batch_size]])
-                for name, value in encoder(images).items():
-                    chunks[name].append(value)
-        feats = {n: np.concatenate(v) for n, v in chunks.items()} if keys else encoder.empty()
-        store.write_part(encoder.name, shard, keys, feats, encoder.info)
-        done += len(keys)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
+        for shard in tqdm(shards, desc=f"encode {encoder.name}", unit="shard", disable=not progress):
+            with ShardReader(store.root / shard) as reader:
+                keys = [k for k, files in reader.members.items() if "png" in files]
+                chunks: dict[str, list[np.ndarray]] = {n: [] for n in FEATURE_NAMES}
+                for i in range(0, len(keys), batch_size):
+                    blobs = [(reader.read(k, "png"), f"{shard}: entry {k}") for k in keys[i : i + batch_size]]
+                    images = np.stack(list(pool.map(lambda b: decode_png(*b), blobs)))
+                    for name, value in encoder(images).items():
+                        chunks[name].append(value)
+            feats = {n: np.concatenate(v) for n, v in chunks.items()} if keys else encoder.empty()
+            store.write_part(encoder.name, shard, keys, feats, encoder.info)
+            done += len(keys)
     return done
 
 
@@ -78,9 +82,10 @@ def missing_parts(store: BankStore, encoder: str) -> list[str]:
 
 
 def encode_bank(root, encoder_name: str, weights: str | None = "default", device: str = "cpu", batch_size: int = 32,
-                progress: bool = True, state=None) -> dict[str, Any]:
+                progress: bool = True, state=None, encoder: "PromptEncoder | None" = None) -> dict[str, Any]:
     """`dpseg bank encode`: features for `encoder_name` from the stored images (resumable,
-    split over `accelerate launch` ranks), then merged into features.zarr."""
+    split over `accelerate launch` ranks), then merged into features.zarr. `encoder` may be
+    passed in already loaded (benchmarks)."""
     from bank.merge import merge
     from bank.runtime import distributed_state
 
@@ -88,7 +93,8 @@ def encode_bank(root, encoder_name: str, weights: str | None = "default", device
     config = store.read_config()
     state = state or distributed_state(device)
     device = str(state.device) if state.device.type == "cuda" else "cpu"
-    encoder = PromptEncoder(encoder_name, weights, device)
+    if encoder is None:
+        encoder = PromptEncoder(encoder_name, weights, device)
     check_encoder_compatible(config, encoder.info)
     todo = missing_parts(store, encoder_name)
     state.wait_for_everyone()

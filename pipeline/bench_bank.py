@@ -178,12 +178,12 @@ def bench_bank(generator: str = "tiny-sd", device: str = "cpu", dtype: str = "au
         bank_dir = Path(first["bank"])
         shutil.rmtree(bank_dir / "staging" / encoder)  # encode everything again, from the stored images
         shutil.rmtree(bank_dir / "features.zarr" / encoder)
-        encode_s = _timed(lambda: encode_bank(bank_dir, encoder, encoder_weights, device, 32, False), device)
+        encode_s = _timed(lambda: encode_bank(bank_dir, encoder, encoder_weights, device, 32, False, encoder=enc), device)
         from bank.inspection import info
 
         images = info(bank_dir)["entries"]
         result["encode"] = {"images": images, "seconds": round(encode_s, 4), "images_per_s": round(images / encode_s, 2),
-                            "note": "re-encodes every stored image: tar read + PNG decode + prompt tower + part + merge"}
+                            "note": "re-encodes every stored image with the loaded prompt tower: tar read + PNG decode + tower + part + merge"}
         result["encode_images_per_s"] = result["encode"]["images_per_s"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
