@@ -15,5 +15,6 @@ class UserErrorGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            typer.echo(f"Error: {err}", err=True)
+            # a wrapped library message may span lines; the user gets exactly one
+            typer.echo("Error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip()), err=True)
             raise typer.Exit(1) from None

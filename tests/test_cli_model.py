@@ -93,3 +93,16 @@ def test_demo_with_a_missing_bank_is_one_error_line(tmp_path):
     result = runner.invoke(app, ["demo", "--bank", str(tmp_path / "nothing")])
     assert result.exit_code == 1
     assert "Error: no bank at" in result.output and "Traceback" not in result.output
+
+
+def test_a_multi_line_library_message_still_prints_as_one_line(monkeypatch):
+    from dpseg.errors import UserError
+
+    def broken(*args, **kwargs):
+        raise UserError("could not load weights (hub says:\n  file not found\n  in cache); pass --weights")
+
+    monkeypatch.setattr("pipeline.model_summary.model_summary", broken)
+    result = runner.invoke(app, ["model", "summary", "--encoder", "tiny"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["Error: could not load weights (hub says: file not found in cache); pass --weights"]
