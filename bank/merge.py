@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 
-from bank.store import FEATURE_NAMES, SCHEMA_VERSION, BankStore, atomic_write, crash_point, scan_shard
+from bank.store import FEATURE_NAMES, SCHEMA_VERSION, BankStore, crash_point, scan_shard
+from dpseg.io import atomic_write_bytes
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("category", pa.string()), ("template", pa.int16()), ("prompt", pa.string()),
@@ -54,7 +55,7 @@ def _write_manifest(store: BankStore, table: pa.Table, merged: list[str]) -> Non
     table = table.replace_schema_metadata({"dpseg.merged_shards": json.dumps(merged), "dpseg.schema": str(SCHEMA_VERSION)})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    atomic_write(store.manifest_path, sink.getvalue().to_pybytes())
+    atomic_write_bytes(store.manifest_path, sink.getvalue().to_pybytes())
 
 
 def open_features_group(store: BankStore, encoder: str, info: dict, config: dict, categories: int, templates: int):

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 from bank.merge import read_manifest
-from bank.store import BankStore, ShardReader, atomic_write
+from bank.store import BankStore, ShardReader
 from dpseg.clip.templates import primary_name
 from dpseg.errors import UserError
+from dpseg.io import atomic_write_bytes
 
 
 def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 128, columns: int = 10) -> dict:
@@ -46,6 +47,6 @@ def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     sheet.save(buf, format="png")
-    atomic_write(out, buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
     return {"category": name, "images": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] != "ok" for r in rows),
             "out": str(out)}

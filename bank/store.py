@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dpseg.errors import UserError
+from dpseg.io import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 BANK_JSON = "bank.json"
@@ -60,16 +61,6 @@ def crash_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename in the same folder: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class BankStore:
@@ -116,7 +107,7 @@ class BankStore:
         return config
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(self.config_path, json.dumps(config, indent=2, sort_keys=True).encode())
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -185,7 +176,7 @@ class BankStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: np.ascontiguousarray(features[name], dtype=np.float16) for name in FEATURE_NAMES}
         metadata = {"keys": json.dumps(keys), "shard": shard, "encoder": encoder, "meta": json.dumps(meta)}
-        atomic_write(path, save(tensors, metadata=metadata))
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
         return path
 
     def part_keys(self, encoder: str, shard: str) -> list[str] | None:

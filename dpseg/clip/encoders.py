@@ -19,7 +19,7 @@ import torch
 
 from dpseg.clip.image import ImageTower
 from dpseg.clip.text import TextTower
-from dpseg.errors import UserError
+from dpseg.errors import UserError, first_line
 from dpseg.registry import Registry
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
@@ -115,7 +115,7 @@ def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFA
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
         if pretrained is None:
             raise
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        reason = first_line(err)
         hint = "pass --weights /path/to/open_clip_model.safetensors (or its folder), or --weights none for random init"
         raise WeightsError(f"could not load weights {pretrained!r} for encoder {spec.name!r} ({reason}); {hint}") from None
     return model, "random" if pretrained is None else pretrained

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, features
 
 from dpseg.errors import UserError
+from dpseg.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "dpseg-prepared"
 VERSION = 1
@@ -67,18 +68,6 @@ class LayoutInfo:
         return self.root / "labels" / split / f"{item_id}{label_format(self.num_classes)[2]}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save_image(path: Path, image: Image.Image, **options) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -89,10 +78,6 @@ def atomic_save_image(path: Path, image: Image.Image, **options) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_write_json(path: Path, data: object) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def read_layout(root: str | Path) -> LayoutInfo:
@@ -141,7 +126,7 @@ class PreparedWriter:
         """Start or resume. A folder that already holds this dataset (finished or
         interrupted, same settings) is resumed: done items are kept, the rest written."""
         self.check()
-        atomic_write_json(self.root / STATE, self.settings)
+        atomic_write_json(self.root / STATE, self.settings, indent=1, sync=False)
 
     def check(self) -> None:
         """Refuse an --out that holds something else, before any slow work or any write."""
@@ -188,7 +173,7 @@ class PreparedWriter:
                 self.image_path(split, item_id, other).unlink(missing_ok=True)
         target = self.image_path(split, item_id, ext)
         if isinstance(image, bytes):
-            atomic_write_bytes(target, image)
+            atomic_write_bytes(target, image, sync=False)
         elif ext == ".png":
             atomic_save_image(target, image.convert("RGB"), format="PNG")
         else:
@@ -213,7 +198,7 @@ class PreparedWriter:
     # -- end -----------------------------------------------------------------------------
     def finish(self, splits: dict[str, list[str]], skipped: dict[str, list[dict]], extra: dict | None = None) -> LayoutInfo:
         for split, ids in splits.items():
-            atomic_write_bytes(self.root / "splits" / f"{split}.txt", "".join(f"{i}\n" for i in sorted(ids)).encode())
+            atomic_write_bytes(self.root / "splits" / f"{split}.txt", "".join(f"{i}\n" for i in sorted(ids)).encode(), sync=False)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -227,6 +212,6 @@ class PreparedWriter:
             "settings": self.settings,
             "extra": extra or {},
         }
-        atomic_write_json(self.root / META, meta)
+        atomic_write_json(self.root / META, meta, indent=1, sync=False)
         (self.root / STATE).unlink(missing_ok=True)
         return read_layout(self.root)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dpseg
-from dpseg.errors import UserError
+from dpseg.errors import UserError, first_line
 from dpseg.model.config import DPSegConfig
 from dpseg.model.network import DPSeg, build_dpseg
 
@@ -63,7 +63,7 @@ def load_dpseg(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         state = load_file(Path(path) / WEIGHTS_FILE)
         model.load_state_dict(state, strict=True)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        reason = first_line(err)
         raise UserError(f"could not load {Path(path) / WEIGHTS_FILE} ({reason})") from None
     model.weights = config["encoder_weights"]
     return model.to(device)
