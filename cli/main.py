@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cli import bank, bench, data, model
+from cli import analyze, bank, bench, clip, data, evaluate, model, train
 from cli.errors import UserErrorGroup
 
 app = typer.Typer(
@@ -23,6 +23,10 @@ app.add_typer(model.app, name="model")
 app.add_typer(bank.app, name="bank")
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+# stage commands (`dpseg train`, `dpseg eval`, `dpseg segment`, `dpseg report`, `dpseg clip ...`,
+# `dpseg analyze ...`) and their benchmarks (`dpseg bench train|eval`) register themselves
+for _module in (train, evaluate, clip, analyze):
+    _module.register(app, bench.app)
 
 
 @app.command()
