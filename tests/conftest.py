@@ -1,15 +1,25 @@
+"""Shared test setup: no network, a shared cache for the tiny offline models, two threads, and
+the helpers every CLI test uses (`cli`, `one_line_error`)."""
+
 import os
+import tempfile
+from pathlib import Path
 
 # No test may touch the network: a hub look-up here hangs ~45 s before failing.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny diffusers pipelines built from configs are saved once here and reused by every module
+# (and by the subprocesses the tests start, which inherit the environment).
+os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +28,45 @@ def tiny_towers():
 
     torch.manual_seed(0)
     return load_clip("tiny", weights=None)
+
+
+def _runner():
+    from typer.testing import CliRunner
+
+    try:  # click < 8.2 mixes stderr into stdout unless asked not to; 8.2+ always keeps both
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+def invoke(*args, input=None):
+    """Runs `dpseg ARGS...` in-process; an exception that escapes the CLI fails the test (a user
+    must never see a traceback), a clean exit of any code returns the Result."""
+    from cli.main import app
+
+    return _runner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`cli("bank", "info", path, "--json")` -> click's Result (exit_code, stdout, stderr, output).
+    Session-scoped so module-scoped fixtures can use it too."""
+    return invoke
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit code 1, exactly one non-empty line on stderr, starting with `Error:`, no traceback
+    anywhere, and every fragment in that line."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """`one_line_error(cli("bank", "info", "nowhere"), "no bank at")`."""
+    return assert_one_line_error
