@@ -1,0 +1,106 @@
+"""Semantic-segmentation metrics from a confusion matrix (SED's protocol).
+
+    conf = confusion_matrix(pred, label, num_classes, ignore_index)   # (N, N) int64, rows = truth
+    scores = segmentation_scores(conf)     # miou, fwiou, pacc, macc, per-class iou/acc
+
+mIoU and mean accuracy average over the classes that occur in the ground truth (a class that
+is never labelled has no IoU, even if it was predicted: its false positives still lower the
+IoU of the classes they were taken from).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(pred, label, num_classes: int, ignore_index: int) -> np.ndarray:
+    """(N, N) int64 counts, row = ground truth, column = prediction; pixels labelled
+    `ignore_index` are skipped. `pred` and `label` are same-shaped tensors or arrays of ids in
+    0..N-1 (callers check labels first: see `label_range_error`)."""
+    pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred).reshape(-1).long()
+    label = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label).reshape(-1).long()
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction has {pred.numel()} pixels, label {label.numel()}")
+    keep = label != ignore_index
+    index = label[keep] * num_classes + pred[keep].to(label.device)
+    counts = torch.bincount(index.cpu(), minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).numpy().astype(np.int64)
+
+
+def label_range_error(label, num_classes: int, ignore_index: int) -> list[int]:
+    """Label values that are neither class ids nor the ignore value (at most 5), [] when fine."""
+    values = torch.unique(torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label))
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    return [int(v) for v in bad[:5]]
+
+
+def segmentation_scores(conf: np.ndarray) -> dict:
+    """Scores in percent (as papers report them); per-class entries are None for classes
+    without ground truth."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    gt = conf.sum(axis=1)  # pixels labelled c
+    pred = conf.sum(axis=0)  # pixels predicted c
+    present = gt > 0
+    union = gt + pred - tp
+    iou = np.full(len(tp), np.nan)
+    acc = np.full(len(tp), np.nan)
+    iou[present] = tp[present] / union[present]
+    acc[present] = tp[present] / gt[present]
+    total = gt.sum()
+    weights = gt / total if total else np.zeros_like(gt)
+
+    def mean(values: np.ndarray) -> float | None:
+        return float(100 * values[present].mean()) if present.any() else None
+
+    def listed(values: np.ndarray) -> list[float | None]:
+        return [None if np.isnan(v) else float(100 * v) for v in values]
+
+    return {
+        "miou": mean(iou),
+        "fwiou": float(100 * np.sum(weights[present] * iou[present])) if present.any() else None,
+        "pacc": float(100 * tp.sum() / total) if total else None,
+        "macc": mean(acc),
+        "classes_present": int(present.sum()),
+        "pixels": int(total),
+        "per_class_iou": listed(iou),
+        "per_class_acc": listed(acc),
+    }
+
+
+def uniform_random_miou(gt_pixels) -> float | None:
+    """Expected mIoU (percent, over present classes) of a predictor that picks one of the N
+    classes uniformly at random per pixel, given the ground truth's pixel count per class.
+    With p_c the share of class c: E[tp] = n_c/N, E[predicted c] = T/N, so in the large-pixel
+    limit IoU_c = p_c / (N p_c + 1 - p_c). The chance level a trained model must beat."""
+    counts = np.asarray(gt_pixels, dtype=np.float64)
+    total, n = counts.sum(), len(counts)
+    if total == 0:
+        return None
+    p = counts / total
+    present = counts > 0
+    iou = p[present] / (n * p[present] + 1 - p[present])
+    return float(100 * iou.mean())
+
+
+def predict_labels(logits: torch.Tensor, size: tuple[int, int], class_chunk: int | None = None) -> torch.Tensor:
+    """SED's post-processing: sigmoid, bilinear upsampling to `size`, argmax over classes.
+    (B, N, h, w) logits -> (B, H, W) int64. With `class_chunk` the upsampled scores of at most
+    that many classes exist at once (a running max: the same labels, first index on ties)."""
+    n = logits.shape[1]
+    chunk = class_chunk or n
+    best_val = best_idx = None
+    for start in range(0, n, chunk):
+        probs = torch.sigmoid(logits[:, start : start + chunk].float())
+        up = torch.nn.functional.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
+        idx = up.argmax(dim=1, keepdim=True)
+        val = up.gather(1, idx).squeeze(1)
+        idx = idx.squeeze(1) + start
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    return best_idx
