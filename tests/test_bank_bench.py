@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
-
-from typer.testing import CliRunner
-
-os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
-
-from cli.main import app  # noqa: E402
 
 
-def test_bench_bank_writes_the_four_figures(tmp_path):
+def test_bench_bank_writes_the_four_figures(tmp_path, cli):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "bank", "--resolution", "32", "--steps", "2", "--batch-sizes", "2",
-                                      "--batches", "2", "--rounds", "1", "-o", str(out)], catch_exceptions=False)
+    result = cli("bench", "bank", "--resolution", "32", "--steps", "2", "--batch-sizes", "2", "--batches", "2",
+                 "--rounds", "1", "-o", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["overhead_ratio"] > 0 and report["overhead"][0]["images"] == 4

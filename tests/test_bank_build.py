@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,14 @@ import torch
 import zarr
 from PIL import Image
 
-os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
-
-from bank.build import BuildOptions, build_bank  # noqa: E402
-from bank.encode import PromptEncoder  # noqa: E402
-from bank.generators.base import Generated, Generator, GeneratorOptions, create_generator  # noqa: E402
-from bank.inspection import info, verify  # noqa: E402
-from bank.plan import retry_seed  # noqa: E402
-from bank.reader import Bank  # noqa: E402
-from bank.store import ShardReader  # noqa: E402
-from dpseg.errors import UserError  # noqa: E402
+from bank.build import BuildOptions, build_bank
+from bank.encode import PromptEncoder
+from bank.generators.base import Generated, Generator, GeneratorOptions, create_generator
+from bank.inspection import info, verify
+from bank.plan import retry_seed
+from bank.reader import Bank
+from bank.store import ShardReader
+from dpseg.errors import UserError
 
 CATS = ["cat", "dog", "building, edifice"]
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,34 +16,17 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
-os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
-
-from bank.encode import PromptEncoder  # noqa: E402
-from bank.generators.noise import blend  # noqa: E402
-from bank.inspection import verify  # noqa: E402
-from bank.merge import read_manifest  # noqa: E402
-from bank.store import BankStore, ShardReader  # noqa: E402
-from cli.main import app  # noqa: E402
-from dpseg.clip.encoders import ENCODERS, EncoderSpec  # noqa: E402
+from bank.encode import PromptEncoder
+from bank.generators.noise import blend
+from bank.inspection import verify
+from bank.merge import read_manifest
+from bank.store import BankStore, ShardReader
+from dpseg.clip.encoders import ENCODERS, EncoderSpec
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = ["--generator", "tiny-sd", "--encoder", "tiny", "--encoder-weights", "none", "--templates", "3",
          "--resolution", "32", "--steps", "2", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +37,7 @@ def names(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, names):
+def built(tmp_path_factory, names, cli):
     """The 'done when' path: CLI build, SIGKILL mid-run, resume, verify, info."""
     out = tmp_path_factory.mktemp("cli") / "bank"
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "bank", "build", "--vocab", str(names), "--out", str(out), *BUILD],
@@ -67,28 +48,28 @@ def built(tmp_path_factory, names):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_early = proc.returncode == -signal.SIGKILL
-    result = run("bank", "build", "--vocab", names, "--out", out, *BUILD)
+    result = cli("bank", "build", "--vocab", names, "--out", out, *BUILD)
     assert result.exit_code == 0, result.output
     return out, killed_early
 
 
-def test_killed_cli_build_resumes_verifies_and_counts_each_entry_once(built):
+def test_killed_cli_build_resumes_verifies_and_counts_each_entry_once(built, cli):
     out, killed_early = built
     assert killed_early
-    result = run("bank", "verify", out)
+    result = cli("bank", "verify", out)
     assert result.exit_code == 0 and "ok" in result.output
-    report = json.loads(run("bank", "info", out, "--json").output)
+    report = json.loads(cli("bank", "info", out, "--json").output)
     assert report["entries"] == 9 and report["categories"] == 3 and report["templates"] == 3
     assert report["failed"] == 0 and report["missing"] == 0 and report["generator"] == "tiny-sd" and report["encoders"] == ["tiny"]
     table, _ = read_manifest(BankStore(out))
     assert table.num_rows == 9 and len(set(table.column("key").to_pylist())) == 9
 
 
-def test_derive_noise_bank_matches_the_documented_blend(built, tmp_path):
+def test_derive_noise_bank_matches_the_documented_blend(built, cli, tmp_path):
     src, _ = built
-    result = run("bank", "derive", "--from", src, "--noise", "0.3", "--out", tmp_path / "noisy", "--no-progress")
+    result = cli("bank", "derive", "--from", src, "--noise", "0.3", "--out", tmp_path / "noisy", "--no-progress")
     assert result.exit_code == 0, result.output
-    report = json.loads(run("bank", "info", tmp_path / "noisy", "--json").output)
+    report = json.loads(cli("bank", "info", tmp_path / "noisy", "--json").output)
     assert report["generator"] == "noise:0.3" and report["entries"] == 9 and report["derived_from"]["ratio"] == 0.3
     assert verify(tmp_path / "noisy") == []
     source = {r["prompt"]: r for r in read_manifest(BankStore(src))[0].to_pylist()}
@@ -105,13 +86,13 @@ def test_derive_noise_bank_matches_the_documented_blend(built, tmp_path):
     torch.testing.assert_close(blend(img, 0.0, torch.Generator().manual_seed(1)), img)
 
 
-def test_encode_adds_a_features_group_from_stored_images(built):
+def test_encode_adds_a_features_group_from_stored_images(built, cli):
     out, _ = built
     if "tiny-b" not in ENCODERS:
         ENCODERS.register("tiny-b", EncoderSpec("tiny-b", "dpseg-tiny-convnext", None, 128, 96))
-    result = run("bank", "encode", out, "--encoder", "tiny-b", "--encoder-weights", "none", "--no-progress")
+    result = cli("bank", "encode", out, "--encoder", "tiny-b", "--encoder-weights", "none", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert json.loads(run("bank", "info", out, "--json").output)["encoders"] == ["tiny", "tiny-b"]
+    assert json.loads(cli("bank", "info", out, "--json").output)["encoders"] == ["tiny", "tiny-b"]
     group = zarr.open_group(str(out / "features.zarr" / "tiny-b"), mode="r")
     enc = PromptEncoder("tiny-b", None)
     table = read_manifest(BankStore(out))[0].to_pylist()
@@ -124,15 +105,15 @@ def test_encode_adds_a_features_group_from_stored_images(built):
     assert verify(out) == []
 
 
-def test_show_writes_a_contact_sheet(built, tmp_path):
+def test_show_writes_a_contact_sheet(built, cli, tmp_path):
     out, _ = built
-    result = run("bank", "show", out, "--category", "building, edifice", "-o", tmp_path / "sheet.png", "--tile", "32")
+    result = cli("bank", "show", out, "--category", "building, edifice", "-o", tmp_path / "sheet.png", "--tile", "32")
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "sheet.png") as im:
         assert im.size == (3 * 32, 32 + 14)
 
 
-def test_verify_lists_a_truncated_shard_and_a_lost_feature_part(built, tmp_path):
+def test_verify_lists_a_truncated_shard_and_a_lost_feature_part(built, cli, tmp_path):
     import shutil
 
     out, _ = built
@@ -141,7 +122,7 @@ def test_verify_lists_a_truncated_shard_and_a_lost_feature_part(built, tmp_path)
     shard = sorted(copy.glob("images-*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:700])
     (copy / "staging" / "tiny" / sorted(copy.glob("images-*.tar"))[1].name.replace(".tar", ".safetensors")).unlink()
-    result = run("bank", "verify", copy)
+    result = cli("bank", "verify", copy)
     assert result.exit_code == 1
     assert shard.name in result.output and "no feature part" in result.output
 
@@ -159,17 +140,17 @@ def test_verify_lists_a_truncated_shard_and_a_lost_feature_part(built, tmp_path)
     (["bank", "encode", "{tmp}/nothing", "--encoder", "tiny"], ["no bank at"]),
     (["bank", "derive", "--from", "{tmp}/nothing", "--noise", "0.5", "--out", "{tmp}/y"], ["no bank at"]),
 ])
-def test_bad_inputs_are_one_line_errors(tmp_path, args, needles):
-    one_line_error(run(*[a.format(tmp=tmp_path) for a in args]), *needles)
+def test_bad_inputs_are_one_line_errors(tmp_path, args, needles, cli, one_line_error):
+    one_line_error(cli(*[a.format(tmp=tmp_path) for a in args]), *needles)
 
 
-def test_bad_inputs_on_an_existing_bank(built, tmp_path, names):
+def test_bad_inputs_on_an_existing_bank(built, tmp_path, names, cli, one_line_error):
     out, _ = built
-    one_line_error(run("bank", "show", out, "--category", "unicorn", "-o", tmp_path / "s.png"), "no entries for category 'unicorn'")
-    one_line_error(run("bank", "derive", "--from", out, "--noise", "1.5", "--out", tmp_path / "n"), "[0, 1]")
-    one_line_error(run("bank", "build", "--vocab", names, "--out", out, *BUILD[:-1], "--seed", "7"), "holds a bank of generator")
-    one_line_error(run("bank", "build", "--vocab", names, "--out", out, *BUILD, "--shard-index", "3", "--num-shards", "2"), "--shard-index")
-    one_line_error(run("bank", "encode", out, "--encoder", "tiny", "--encoder-weights", str(tmp_path / "w.safetensors")), "w.safetensors")
+    one_line_error(cli("bank", "show", out, "--category", "unicorn", "-o", tmp_path / "s.png"), "no entries for category 'unicorn'")
+    one_line_error(cli("bank", "derive", "--from", out, "--noise", "1.5", "--out", tmp_path / "n"), "[0, 1]")
+    one_line_error(cli("bank", "build", "--vocab", names, "--out", out, *BUILD[:-1], "--seed", "7"), "holds a bank of generator")
+    one_line_error(cli("bank", "build", "--vocab", names, "--out", out, *BUILD, "--shard-index", "3", "--num-shards", "2"), "--shard-index")
+    one_line_error(cli("bank", "encode", out, "--encoder", "tiny", "--encoder-weights", str(tmp_path / "w.safetensors")), "w.safetensors")
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "n").exists()
 
 
@@ -196,7 +177,7 @@ def test_two_rank_cpu_build_with_accelerate_equals_one_process(built, tmp_path, 
     assert verify(out) == []
 
 
-def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path):
+def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path, cli, one_line_error):
     import shutil
     import tarfile
 
@@ -214,8 +195,8 @@ def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path):
             tar.addfile(m, io.BytesIO(data))
     shutil.rmtree(copy / "staging" / "tiny")
     shutil.rmtree(copy / "features.zarr" / "tiny")
-    one_line_error(run("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--no-progress"),
+    one_line_error(cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--no-progress"),
                    shard.name, "not a readable PNG")
     shard.write_bytes(b"not a tar at all" * 100)
     (copy / "manifest.parquet").unlink()  # the shard must be scanned again
-    one_line_error(run("bank", "build", "--vocab", "voc-20", "--out", copy, *BUILD), shard.name, "unreadable")
+    one_line_error(cli("bank", "build", "--vocab", "voc-20", "--out", copy, *BUILD), shard.name, "unreadable")

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from dpseg.data.datasets import prepare_dataset
 from dpseg.data.layout import read_layout
 from dpseg.errors import UserError
 from dpseg.registry import UnknownNameError
 
-REALSEG = Path(__file__).resolve().parents[1] / ".." / "shared" / "realseg"
+REALSEG = Path(__file__).resolve().parent / "fixtures" / "realseg"  # in the repository: a bare clone tests
 
 
 def ade_raw(root: Path, copies: int = 3) -> Path:
@@ -154,12 +153,6 @@ def test_size_mismatch_between_image_and_annotation(tmp_path):
         prepare_dataset("voc-20", tmp_path / "raw", tmp_path / "out", progress=False)
 
 
-def test_cli_error_is_one_line(tmp_path):
-    from cli.main import app
-
-    result = CliRunner().invoke(app, ["data", "prepare", "ade-150", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "nowhere" in lines[0]
-    missing_src = CliRunner().invoke(app, ["data", "prepare", "voc-20", "--out", str(tmp_path / "o")])
-    assert missing_src.exit_code == 1 and "--src is required" in missing_src.output
+def test_cli_error_is_one_line(tmp_path, cli, one_line_error):
+    one_line_error(cli("data", "prepare", "ade-150", "--src", tmp_path / "nowhere", "--out", tmp_path / "o"), "nowhere")
+    one_line_error(cli("data", "prepare", "voc-20", "--out", tmp_path / "o"), "--src is required")

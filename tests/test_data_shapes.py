@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 from scipy import ndimage
-from typer.testing import CliRunner
 
 from dpseg.clip.templates import TEMPLATES
 from dpseg.data import shapes
@@ -146,21 +145,16 @@ def test_synth_rejects_bad_arguments(tmp_path, kwargs, needle):
         write_shapes_benchmark(tmp_path / "x", progress=False, **kwargs)
 
 
-def test_cli_synth(tmp_path):
-    from cli.main import app
-
-    args = ["data", "synth", "--out", str(tmp_path / "bench"), "--images", "4", "--size", "48", "--seed", "1", "--no-progress"]
-    result = CliRunner().invoke(app, args)
+def test_cli_synth(tmp_path, cli):
+    result = cli("data", "synth", "--out", tmp_path / "bench", "--images", "4", "--size", "48", "--seed", "1", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "train 4, val 4" in result.output
-    info = CliRunner().invoke(app, ["data", "info", str(tmp_path / "bench")])
+    info = cli("data", "info", tmp_path / "bench")
     assert "shapes" in info.output and "48 classes" in info.output
 
 
-def test_prepare_shapes_is_synth_with_defaults(tmp_path):
-    from cli.main import app
-
-    result = CliRunner().invoke(app, ["data", "prepare", "shapes", "--out", str(tmp_path / "p"), "--no-progress"])
+def test_prepare_shapes_is_synth_with_defaults(tmp_path, cli):
+    result = cli("data", "prepare", "shapes", "--out", tmp_path / "p", "--no-progress")
     assert result.exit_code == 0, result.output
     dataset = SegmentationDataset(tmp_path / "p", "val")
     assert len(dataset) == 64 and dataset.info.dataset == "shapes"

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from dpseg.clip.templates import primary_name, split_synonyms
 from dpseg.data.vocab import VOCABULARIES, load_vocab, vocab_names
 from dpseg.errors import UserError
 from dpseg.registry import UnknownNameError
 
-REALSEG = Path(__file__).resolve().parents[1] / ".." / "shared" / "realseg"
+REALSEG = Path(__file__).resolve().parent / "fixtures" / "realseg"  # in the repository: a bare clone tests
 EXPECTED = {"coco-stuff": 171, "ade-150": 150, "ade-847": 847, "pc-59": 59, "pc-459": 459, "voc-20": 20}
 
 
@@ -97,25 +96,16 @@ def test_missing_vocabulary_file(tmp_path):
         load_vocab(str(tmp_path / "nope.txt"))
 
 
-def _cli(*args):
-    from cli.main import app
-
-    return CliRunner().invoke(app, ["data", *args])
-
-
-def test_cli_vocab_list_json_and_show():
-    result = _cli("vocab", "list", "--json")
+def test_cli_vocab_list_json_and_show(cli):
+    result = cli("data", "vocab", "list", "--json")
     assert result.exit_code == 0, result.output
     counts = json.loads(result.output)
     assert {k: counts[k] for k in EXPECTED} == EXPECTED
-    shown = _cli("vocab", "show", "voc-20", "--json")
+    shown = cli("data", "vocab", "show", "voc-20", "--json")
     assert json.loads(shown.output) == load_vocab("voc-20")
-    plain = _cli("vocab", "show", "voc-20")
+    plain = cli("data", "vocab", "show", "voc-20")
     assert plain.output.splitlines()[0].split() == ["0", "aeroplane"]
 
 
-def test_cli_unknown_vocab_is_one_error_line():
-    result = _cli("vocab", "show", "nope")
-    assert result.exit_code == 1
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "unknown vocabulary 'nope'" in lines[0]
+def test_cli_unknown_vocab_is_one_error_line(cli, one_line_error):
+    one_line_error(cli("data", "vocab", "show", "nope"), "unknown vocabulary 'nope'")
