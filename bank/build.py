@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bank import checks
-from bank.encode import PromptEncoder, check_encoder_compatible, encode_shards
+from bank.encode import PromptEncoder, check_encoder_compatible, encode_shards, record_encoder
 from bank.generators.base import Generator, GeneratorOptions, Request, create_generator
 from bank.merge import merge, read_manifest
 from bank.plan import Entry, in_job_shard, plan_entries, resolve_categories, retry_seed
 from bank.runtime import distributed_state, rank_device
+from bank.repair import repair
 from bank.store import SCHEMA_VERSION, BankStore, scan_shard, shard_number
 from bank.writer import BackgroundWriter
 from dpseg.errors import UserError
@@ -31,6 +32,7 @@ class BuildOptions:
     vocab: Sequence[str]
     encoder: str
     encoder_weights: str | None = "default"
+    encode_size: int | None = None  # None: the encoder's segmentation input size (768 for convnext-b/l)
     templates: int = 80
     seed: int = 0
     batch_size: int = 8
@@ -53,20 +55,32 @@ def build_bank(opts: BuildOptions, generator: Generator | None = None, encoder: 
             raise UserError(f"{name} must be at least 1, got {value}")
     if categories is None:
         categories, _ = resolve_categories(opts.vocab)
+    check_out_folder(Path(opts.out))
     state = state or distributed_state(opts.generator_options.device)
     device = rank_device(state, opts.generator_options.device)
+    store = BankStore(opts.out)
+    with store.build_lock(opts.shard_index, opts.num_shards, state.process_index, state.num_processes):
+        return _build(opts, store, generator, encoder, state, device, categories)
+
+
+def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, device: str, categories: list[str]):
     # 1. settings: the generator and encoder, and the bank they must match
     if generator is None:
         generator = create_generator(opts.generator, _with_device(opts.generator_options, device))
     if encoder is None:
-        encoder = PromptEncoder(opts.encoder, opts.encoder_weights, device)
-    store = BankStore(opts.out)
+        encoder = PromptEncoder(opts.encoder, opts.encoder_weights, device, opts.encode_size)
     _open_bank(store, generator, encoder, opts, categories)
     # 2. plan: every (category, template) entry of this build, with its seed and key
     planned = plan_entries(categories, opts.templates, generator.id, generator.settings_hash, opts.seed)
-    # 3. what is durable already: shards (images, failures) and feature parts for this encoder
+    # 3. repair what a crash, a full disk or a careless hand damaged (bank/repair.py), then see
+    #    what is durable: shards (images, failures) and feature parts for this encoder
+    repaired = None
+    if state.is_main_process:
+        with store.lock():
+            repaired = repair(store)
+    state.wait_for_everyone()
     durable = _durable_keys(store)
-    missing_features = [s for s in store.shards() if store.part_keys(encoder.name, s) is None]
+    missing_features = [s for s in store.shards() if store.part_keys(encoder.group, s) is None]
     state.wait_for_everyone()  # nobody writes before every rank has looked
     # 4. split: job arrays by entry key (no rendezvous), then ranks by position
     todo = [e for e in planned if e.key not in durable and in_job_shard(e.key, opts.shard_index, opts.num_shards)]
@@ -90,8 +104,20 @@ def build_bank(opts: BuildOptions, generator: Generator | None = None, encoder: 
     report = {"bank": str(store.root), "planned": len(planned), "already_done": len(planned) - len(todo),
               "todo": len(todo), "ranks": state.num_processes, "seconds": round(time.time() - started, 3), **stats}
     if state.is_main_process:
+        report["repaired"] = repaired
         report["merge"] = merge(store)
     return report
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder this user can write into (or one that can be made)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a new or existing bank folder")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {probe} is not writable by this user; choose another folder or fix its permissions")
 
 
 def generate_entries(store: BankStore, generator: Generator, encoder: PromptEncoder, entries: Sequence[Entry],
@@ -100,7 +126,7 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
     from tqdm.auto import tqdm
 
     stats = {"ok": 0, "failed": 0, "retried": 0}
-    writer = BackgroundWriter(store, encoder.name, opts.shard_size, encoder.info)
+    writer = BackgroundWriter(store, encoder.group, opts.shard_size, encoder.info)
     bar = tqdm(total=len(entries), desc=f"bank build ({generator.id})", unit="img", disable=not progress)
     try:
         for start in range(0, len(entries), opts.batch_size):
@@ -198,10 +224,15 @@ def _open_bank(store: BankStore, generator: Generator, encoder: PromptEncoder, o
                categories: list[str]) -> dict[str, Any]:
     """Creates bank.json or checks that this build matches it; adds new categories/templates."""
     with store.lock():
-        leftovers = [p for p in store.root.iterdir() if p.name not in (".lock", "tmp")]
+        leftovers = [p for p in store.root.iterdir() if p.name not in (".lock", "tmp") and not p.name.startswith(".build-")]
         if not store.exists() and leftovers:
             raise UserError(f"{store.root} exists and is not a bank (no bank.json); choose an empty or new --out folder")
-        if store.exists():
+        if store.exists() and not store.shards() and not (store.root / "staging").exists():
+            # an earlier build failed before making any entry: its settings bind nothing, this build's replace them
+            config = store.read_config()
+            config.update({"generator": generator.describe(), "seed": opts.seed, "categories": [], "templates": 0,
+                           "vocabularies": [], "encoders": {}})
+        elif store.exists():
             config = store.read_config()
             want = generator.describe()
             have = config["generator"]
@@ -219,7 +250,7 @@ def _open_bank(store: BankStore, generator: Generator, encoder: PromptEncoder, o
         config["categories"] += [c for c in categories if c not in set(config["categories"])]
         config["templates"] = max(int(config["templates"]), opts.templates)
         config["vocabularies"] += [v for v in opts.vocab if v not in config["vocabularies"]]
-        config["encoders"][encoder.name] = encoder.info
+        record_encoder(config, encoder.info)
         config["generator"]["runtime"] = generator.runtime
         store.write_config(config)
         return config

@@ -24,9 +24,13 @@ def derive_noise_bank(source: str | Path, ratio: float, out: str | Path, encoder
     def weights(name: str):  # "source": the weights the source bank's features were made with
         return config["encoders"].get(name, {}).get("weights", "default") if encoder_weights == "source" else encoder_weights
 
-    first = PromptEncoder(encoders[0], weights(encoders[0]), device)
-    opts = BuildOptions(out=Path(out), generator=generator.id, vocab=[f"bank:{generator.source.root}"], encoder=encoders[0],
-                        encoder_weights=weights(encoders[0]), templates=int(config["templates"]), seed=int(config["seed"]),
+    def sizes(name: str) -> list:  # the source's encode sizes of that encoder (its default size if it has none)
+        return config["encoders"].get(name, {}).get("encode_sizes") or [None]
+
+    groups = [(name, size) for name in encoders for size in sizes(name)]
+    first = PromptEncoder(groups[0][0], weights(groups[0][0]), device, groups[0][1])
+    opts = BuildOptions(out=Path(out), generator=generator.id, vocab=[f"bank:{generator.source.root}"], encoder=first.name,
+                        encoder_weights=weights(first.name), encode_size=first.encode_size, templates=int(config["templates"]), seed=int(config["seed"]),
                         batch_size=batch_size, shard_size=shard_size, generator_options=GeneratorOptions(device=device),
                         progress=progress)
     try:
@@ -39,5 +43,6 @@ def derive_noise_bank(source: str | Path, ratio: float, out: str | Path, encoder
             derived = store.read_config()
             derived["derived_from"] = {"bank": str(generator.source.root), **generator.settings}
             store.write_config(derived)
-    report["encoded"] = [encode_bank(out, e, weights(e), device, batch_size, progress, state) for e in encoders[1:]]
+    report["encoded"] = [encode_bank(out, e, weights(e), device, batch_size, progress, state, encode_size=size)
+                         for e, size in groups[1:]]
     return report

@@ -3,6 +3,7 @@ agree."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from bank.merge import read_manifest
+from bank.merge import DamagedBank, read_manifest
 from bank.plan import plan_entries
-from bank.store import FEATURE_NAMES, BankStore, ShardReader
+from bank.repair import shard_damage
+from bank.store import FEATURE_NAMES, BankStore, ShardReader, feature_group, split_group
+from dpseg.errors import first_line
 
 
 def info(root: str | Path) -> dict[str, Any]:
@@ -23,7 +26,8 @@ def info(root: str | Path) -> dict[str, Any]:
     ok_categories = {c for c, s in zip(table.column("category").to_pylist(), status) if s == "ok"}
     from bank.reader import Bank
 
-    encoders = Bank(root).encoders()
+    groups = Bank(root).groups()
+    encoders = sorted({name for name, _ in groups.values()})
     planned = len(config["categories"]) * int(config["templates"])
     unmerged = [s for s in store.shards() if s not in set(merged)]
     return {
@@ -39,6 +43,10 @@ def info(root: str | Path) -> dict[str, Any]:
         "settings_hash": config["generator"]["settings_hash"],
         "seed": config["seed"],
         "encoders": encoders,
+        "encode_sizes": {e: sorted(size for name, size in groups.values() if name == e) for e in encoders},
+        "features": {g: {"encoder": name, "encode_size": size,
+                         "weights": config.get("encoders", {}).get(name, {}).get("weights")}
+                     for g, (name, size) in groups.items()},
         "shards": len(store.shards()),
         "unmerged_shards": len(unmerged),
         "vocabularies": config.get("vocabularies", []),
@@ -46,15 +54,16 @@ def info(root: str | Path) -> dict[str, Any]:
     }
 
 
-def verify(root: str | Path) -> list[str]:
-    """Every problem found, as one line each (empty: the bank is consistent)."""
+def verify(root: str | Path, quick: bool = False) -> list[str]:
+    """Every problem found, as one line each (empty: the bank is consistent). Every stored PNG
+    is decoded; `quick` checks only PNG signatures and the tar structure."""
     store = BankStore(root).require()
     config = store.read_config()
     problems: list[str] = []
     try:
         table, merged = read_manifest(store)
-    except Exception as err:  # unreadable parquet
-        return [f"manifest.parquet is unreadable: {err}"]
+    except DamagedBank as err:
+        return [str(err)]
     rows = table.to_pylist()
     keys = [r["key"] for r in rows]
     for key, n in Counter(keys).items():
@@ -71,42 +80,24 @@ def verify(root: str | Path) -> list[str]:
             problems.append(f"manifest: entry {r['key']} does not match its planned category/template/prompt/seed")
         if r["status"] not in ("ok", "failed"):
             problems.append(f"manifest: entry {r['key']} has status {r['status']!r}")
-    # shards: readable, every manifest entry where it says, nothing unaccounted for
+    # shards: whole, every manifest entry where it says and decodable, nothing unaccounted for
     by_shard: dict[str, list[dict]] = {}
     for r in rows:
         by_shard.setdefault(r["shard"], []).append(r)
     shards = store.shards()
+    fix = "run the same `dpseg bank build` command again to make its entries anew"
     for shard in sorted(set(by_shard) - set(shards)):
-        problems.append(f"manifest: {len(by_shard[shard])} entries point to missing shard {shard}")
+        problems.append(f"manifest: {len(by_shard[shard])} entries point to missing shard {shard}; {fix}")
     for shard in shards:
+        damage = shard_damage(store.root / shard)
+        if damage:
+            problems.append(f"{shard}: {damage}; {fix}")
+            continue
         if shard not in set(merged):
             problems.append(f"{shard}: not merged into the manifest; run the build (or bank encode) again to merge it")
             continue
-        try:
-            with ShardReader(store.root / shard) as reader:
-                members = reader.members
-                for key, files in members.items():
-                    if key not in expected:
-                        problems.append(f"{shard}: sample {key} is not an entry of this bank")
-                for r in by_shard.get(shard, []):
-                    files = members.get(r["key"], {})
-                    if "json" not in files:
-                        problems.append(f"{shard}: entry {r['key']} is missing")
-                    elif r["status"] == "ok" and "png" not in files:
-                        problems.append(f"{shard}: entry {r['key']} has no image")
-                    elif r["status"] == "failed" and "png" in files:
-                        problems.append(f"{shard}: failed entry {r['key']} holds an image")
-                    elif r["status"] == "ok":
-                        data = reader.read(r["key"], "png")
-                        if not data.startswith(b"\x89PNG"):
-                            problems.append(f"{shard}: entry {r['key']} image is not a PNG")
-                mine = {r["key"] for r in by_shard.get(shard, [])}
-                extra = [k for k in members if k not in mine and k in expected]
-                if extra:
-                    problems.append(f"{shard}: {len(extra)} samples are duplicates of entries stored elsewhere")
-        except Exception as err:  # truncated or corrupt tar
-            problems.append(f"{shard}: unreadable ({type(err).__name__}: {err})")
-    # features: one group per encoder, valid exactly where the manifest has an ok entry
+        problems += _verify_shard(store, shard, by_shard.get(shard, []), expected, quick)
+    # features: one group per (encoder, encode size), valid exactly where the manifest has an ok entry
     ok_cells = {(r["category"], r["template"]) for r in rows if r["status"] == "ok"}
     problems += _verify_features(store, config, ok_cells, by_shard)
     for stale in store.stale_files():
@@ -114,50 +105,100 @@ def verify(root: str | Path) -> list[str]:
     return problems
 
 
+def _verify_shard(store: BankStore, shard: str, rows: list[dict], expected: dict, quick: bool) -> list[str]:
+    problems = []
+    with ShardReader(store.root / shard) as reader:
+        members = reader.members
+        for key in members:
+            if key not in expected:
+                problems.append(f"{shard}: sample {key} is not an entry of this bank")
+        for r in rows:
+            files = members.get(r["key"], {})
+            if "json" not in files:
+                problems.append(f"{shard}: entry {r['key']} is missing")
+            elif r["status"] == "ok" and "png" not in files:
+                problems.append(f"{shard}: entry {r['key']} has no image")
+            elif r["status"] == "failed" and "png" in files:
+                problems.append(f"{shard}: failed entry {r['key']} holds an image")
+            elif r["status"] == "ok":
+                bad = _png_problem(reader.read(r["key"], "png"), quick)
+                if bad:
+                    problems.append(f"{shard}: entry {r['key']} image {bad}")
+        mine = {r["key"] for r in rows}
+        extra = [k for k in members if k not in mine and k in expected]
+        if extra:
+            problems.append(f"{shard}: {len(extra)} samples are duplicates of entries stored elsewhere")
+    return problems
+
+
+def _png_problem(data: bytes, quick: bool) -> str | None:
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "is not a PNG"
+    if quick:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes every row and checks the chunk CRCs
+    except Exception as err:  # PIL raises OSError/SyntaxError/ValueError for broken files
+        return f"does not decode ({type(err).__name__}: {first_line(err, 80)})"
+    return None
+
+
 def _verify_features(store: BankStore, config: dict, ok_cells: set, by_shard: dict) -> list[str]:
     import zarr
 
     problems = []
-    encoders = list(config.get("encoders", {}))
+    groups = [feature_group(name, size) for name, info in config.get("encoders", {}).items()
+              for size in info.get("encode_sizes", [])]
     if not store.features_path.is_dir():
-        return [f"features.zarr is missing (encoders {', '.join(encoders)})"] if ok_cells else []
-    root = zarr.open_group(str(store.features_path), mode="r")
-    groups = dict(root.groups())
-    for encoder in encoders:
-        if encoder not in groups:
-            problems.append(f"features.zarr: no group for encoder {encoder!r}; run: dpseg bank encode {store.root} --encoder {encoder}")
+        return [f"features.zarr is missing (groups {', '.join(groups)}); run the same `dpseg bank build` command again"] \
+            if ok_cells else []
+    for group in groups:
+        name, size = split_group(group)
+        fix = f"repair with: dpseg bank encode {store.root} --encoder {name} --encode-size {size}"
+        try:
+            g = zarr.open_group(str(store.features_path / group), mode="r")
+            problems += _verify_group(g, group, ok_cells, fix)
+        except Exception as err:  # a missing array or group, an undecodable chunk
+            problems.append(f"features.zarr/{group}: unreadable ({type(err).__name__}: {first_line(err, 80)}); {fix}")
             continue
-        g = groups[encoder]
-        for attr in ("encoder", "generator", "templates", "categories", "schema"):
-            if attr not in g.attrs:
-                problems.append(f"features.zarr/{encoder}: attribute {attr!r} missing")
-        categories = list(g.attrs.get("categories", []))
-        m = int(g.attrs.get("templates", 0))
-        valid = g["valid"][:]
-        want = np.zeros((len(categories), m), bool)
-        row_of = {c: i for i, c in enumerate(categories)}
-        for c, t in ok_cells:
-            if c not in row_of or t >= m:
-                problems.append(f"features.zarr/{encoder}: no row for entry ({c!r}, template {t})")
-            else:
-                want[row_of[c], t] = True
-        lost = np.argwhere(want & ~valid)
-        extra = np.argwhere(valid & ~want)
-        for i, t in lost[:20]:
-            problems.append(f"features.zarr/{encoder}: entry ({categories[i]!r}, template {t}) has no features")
-        for i, t in extra[:20]:
-            problems.append(f"features.zarr/{encoder}: features for ({categories[i]!r}, template {t}) have no manifest entry")
-        for name in FEATURE_NAMES:
-            arr = g[name]
-            if arr.shape[:2] != valid.shape:
-                problems.append(f"features.zarr/{encoder}/{name}: shape {arr.shape} does not match valid {valid.shape}")
-                continue
-            values = arr[:]
-            if not np.isfinite(values[valid]).all():
-                problems.append(f"features.zarr/{encoder}/{name}: non-finite values in valid entries")
         for shard in by_shard:
-            if not store.part_path(encoder, shard).is_file() and any(r["status"] == "ok" for r in by_shard[shard]):
-                problems.append(f"staging/{encoder}: no feature part for {shard}; run: dpseg bank encode {store.root} --encoder {encoder}")
+            if not store.part_path(group, shard).is_file() and any(r["status"] == "ok" for r in by_shard[shard]):
+                problems.append(f"staging/{group}: no feature part for {shard}; {fix}")
+    return problems
+
+
+def _verify_group(g, group: str, ok_cells: set, fix: str) -> list[str]:
+    problems = []
+    for attr in ("encoder", "encode_size", "generator", "templates", "categories", "schema"):
+        if attr not in g.attrs:
+            problems.append(f"features.zarr/{group}: attribute {attr!r} missing; {fix}")
+    categories = list(g.attrs.get("categories", []))
+    m = int(g.attrs.get("templates", 0))
+    valid = g["valid"][:]
+    want = np.zeros((len(categories), m), bool)
+    row_of = {c: i for i, c in enumerate(categories)}
+    for c, t in ok_cells:
+        if c not in row_of or t >= m:
+            problems.append(f"features.zarr/{group}: no row for entry ({c!r}, template {t}); {fix}")
+        else:
+            want[row_of[c], t] = True
+    if valid.shape != want.shape:
+        return problems + [f"features.zarr/{group}/valid: shape {valid.shape}, expected {want.shape}; {fix}"]
+    for i, t in np.argwhere(want & ~valid)[:20]:
+        problems.append(f"features.zarr/{group}: entry ({categories[i]!r}, template {t}) has no features; {fix}")
+    for i, t in np.argwhere(valid & ~want)[:20]:
+        problems.append(f"features.zarr/{group}: features for ({categories[i]!r}, template {t}) have no manifest entry; "
+                        f"run the same `dpseg bank build` command again to merge")
+    for name in FEATURE_NAMES:
+        arr = g[name]
+        if arr.shape[:2] != valid.shape:
+            problems.append(f"features.zarr/{group}/{name}: shape {arr.shape} does not match valid {valid.shape}; {fix}")
+            continue
+        if not np.isfinite(arr[:][valid]).all():
+            problems.append(f"features.zarr/{group}/{name}: entries marked valid hold no values (a lost chunk); {fix}")
     return problems
 
 

@@ -1,9 +1,13 @@
 """Reader API for training and evaluation: class names + encoder id -> prototype tensors.
 
     bank = Bank("out/bank")
-    protos = bank.prototypes(class_names, "convnext-b")   # in the order of class_names
+    protos = bank.prototypes(class_names, "convnext-b", encode_size=768)   # in the order of class_names
     protos.embedding   # (N, M, D) float32
     protos.pooled[8]   # (N, M, C_8)
+    bank.encode_size("convnext-b")   # the size its prompt images were encoded at
+
+Whatever cannot be read (a missing or garbled chunk, a missing array) is a one-line error
+naming the command that repairs it; the reader never returns NaN or a fill value.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bank.store import FEATURE_NAMES, BankStore
+from bank.store import FEATURE_NAMES, BankStore, feature_group, split_group
 from dpseg.clip.image import PROMPT_STRIDES
 from dpseg.clip.templates import primary_name
 from dpseg.errors import UserError
@@ -40,22 +44,91 @@ class Bank:
     def generator(self) -> str:
         return self.config["generator"]["id"]
 
-    def encoders(self) -> list[str]:
+    def groups(self) -> dict[str, tuple[str, int]]:
+        """features.zarr's groups: `<encoder>@<size>` -> (encoder, encode size)."""
         import zarr
 
         if not self.store.features_path.is_dir():
-            return []
-        root = zarr.open_group(str(self.store.features_path), mode="r")
-        return sorted(name for name, _ in root.groups())
+            return {}
+        try:
+            root = zarr.open_group(str(self.store.features_path), mode="r")
+            names = [name for name, _ in root.groups()]
+        except Exception as err:
+            raise UserError(f"{self.store.features_path} is unreadable ({type(err).__name__}); repair it with: "
+                            f"{self.encode_command(next(iter(self.config.get('encoders', {})), 'ENCODER'))}") from None
+        out = {}
+        for name in names:
+            try:
+                out[name] = split_group(name)
+            except ValueError:
+                continue  # not ours
+        return dict(sorted(out.items()))
 
-    def _group(self, encoder: str):
+    def encoders(self) -> list[str]:
+        """Encoder names with features (each may have several encode sizes)."""
+        return sorted({name for name, _ in self.groups().values()})
+
+    def encode_sizes(self, encoder: str) -> list[int]:
+        return sorted(size for name, size in self.groups().values() if name == encoder)
+
+    def encode_size(self, encoder: str) -> int:
+        """The size `encoder`'s prompt images were encoded at. With several sizes, the encoder's
+        default (its segmentation input size) when the bank has it; otherwise say which to pick."""
+        from dpseg.clip.encoders import ENCODERS
+
+        sizes = self.encode_sizes(encoder)
+        if not sizes:
+            self._missing_encoder(encoder, None)
+        if len(sizes) == 1:
+            return sizes[0]
+        default = ENCODERS.get(encoder).image_size if encoder in ENCODERS else None
+        if default in sizes:
+            return default
+        raise UserError(f"bank {self.root} holds {encoder!r} features at encode sizes {sizes}; pass encode_size= one of them")
+
+    def encode_command(self, encoder: str, encode_size: int | None = None) -> str:
+        size = f" --encode-size {encode_size}" if encode_size else ""
+        return f"dpseg bank encode {self.root} --encoder {encoder}{size}"
+
+    def _missing_encoder(self, encoder: str, encode_size: int | None):
+        have = ", ".join(self.groups()) or "none"
+        raise UserError(f"bank {self.root} has no features for encoder {encoder!r}"
+                        f"{'' if encode_size is None else f' at encode size {encode_size}'} (it has: {have}); "
+                        f"add them with: {self.encode_command(encoder, encode_size)}")
+
+    def _group(self, encoder: str, encode_size: int | None = None):
         import zarr
 
-        if encoder not in self.encoders():
-            have = ", ".join(self.encoders()) or "none"
-            raise UserError(f"bank {self.root} has no features for encoder {encoder!r} (it has: {have}); "
-                            f"add them with: dpseg bank encode {self.root} --encoder {encoder}")
-        return zarr.open_group(str(self.store.features_path / encoder), mode="r")
+        sizes = self.encode_sizes(encoder)
+        if encode_size is None:
+            encode_size = self.encode_size(encoder)
+        elif int(encode_size) not in sizes:
+            if sizes:
+                raise UserError(
+                    f"bank {self.root}: the {encoder!r} prompt images were encoded at {', '.join(map(str, sizes))} px, the "
+                    f"model asks for {encode_size} px; add features at that size with: {self.encode_command(encoder, encode_size)}")
+            self._missing_encoder(encoder, encode_size)
+        group = feature_group(encoder, encode_size)
+        try:
+            return zarr.open_group(str(self.store.features_path / group), mode="r"), int(encode_size)
+        except Exception as err:
+            raise self._damaged(group, encoder, int(encode_size), err) from None
+
+    def _check_lost_valid(self, rows: list[int], group, m: int, where: str, encoder: str, size: int) -> None:
+        """Rows `valid` calls empty but that hold features: a lost `valid` chunk, not missing prompts."""
+        if not rows:
+            return
+        try:
+            values = group["embedding"].oindex[np.unique(rows), :m]
+        except Exception as err:
+            raise self._damaged(f"{where}/embedding", encoder, size, err) from None
+        if np.isfinite(values).any():
+            raise self._damaged(f"{where}/valid", encoder, size)
+
+    def _damaged(self, where: str, encoder: str, encode_size: int, err: BaseException | None = None) -> UserError:
+        why = f" ({type(err).__name__})" if err is not None else ""
+        return UserError(f"bank {self.root}: features.zarr/{where} is damaged{why}; repair it with: "
+                         f"{self.encode_command(encoder, encode_size)} (or the same `dpseg bank build` command)")
 
     def build_command(self, encoder: str, templates: int) -> str:
         g = self.config["generator"]
@@ -63,22 +136,35 @@ class Bank:
                 f"--seed {self.config['seed']} --vocab VOCAB (a vocabulary or file that lists them)")
 
     def prototypes(self, class_names: Sequence[str], encoder: str, templates: int | None = None,
-                   device: str | torch.device = "cpu") -> Prototypes:
+                   device: str | torch.device = "cpu", encode_size: int | None = None) -> Prototypes:
         """Rows in the order of `class_names` (synonyms "a, b" are looked up by their first name).
         An entry that failed its image check is filled with the mean of its category's valid
-        templates (`filled` marks them); a category with no valid entry is an error."""
-        group = self._group(encoder)
-        categories = list(group.attrs["categories"])
+        templates (`filled` marks them); a category with no valid entry is an error. With
+        `encode_size`, a features group encoded at another size is refused (the one-line fix
+        says how to add that size)."""
+        group, size = self._group(encoder, encode_size)
+        where = feature_group(encoder, size)
+        try:
+            categories = list(group.attrs["categories"])
+            have = int(group.attrs["templates"])
+        except Exception as err:
+            raise self._damaged(where, encoder, size, err) from None
         row_of = {c: i for i, c in enumerate(categories)}
-        have = int(group.attrs["templates"])
-        m = have if templates is None else templates
+        m = have if templates is None else int(templates)
+        if m < 1:
+            raise UserError(f"templates must be between 1 and the {have} bank {self.root} holds, got {m}")
         if m > have:
             raise UserError(f"bank {self.root} holds {have} templates per class, {m} were asked for; extend it with: "
                             f"{self.build_command(encoder, m)}")
         wanted = [primary_name(n) for n in class_names]
-        valid_all = group["valid"][:, :m]
+        try:
+            valid_all = group["valid"][:, :m]
+        except Exception as err:
+            raise self._damaged(f"{where}/valid", encoder, size, err) from None
         missing = [n for n, p in zip(class_names, wanted) if p not in row_of or not valid_all[row_of[p]].any()]
         if missing:
+            self._check_lost_valid([row_of[primary_name(n)] for n in missing if primary_name(n) in row_of], group, m, where,
+                                   encoder, size)
             shown = ", ".join(repr(n) for n in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise UserError(f"bank {self.root} has no {encoder!r} prompts for {len(missing)} classes: {shown}; add them with: "
                             f"{self.build_command(encoder, m)}")
@@ -89,11 +175,17 @@ class Bank:
         broken = np.flatnonzero(~valid.all(axis=1))  # rare: categories with a failed entry
 
         def load(name: str) -> torch.Tensor:
-            arr = group[name]
-            whole = len(unique) > arr.shape[0] // 2
-            block = torch.from_numpy(arr[:, :m] if whole else arr.oindex[unique, :m])
+            try:
+                arr = group[name]
+                whole = len(unique) > arr.shape[0] // 2
+                raw = arr[:, :m] if whole else arr.oindex[unique, :m]
+            except Exception as err:  # a missing array or a chunk that does not decode
+                raise self._damaged(f"{where}/{name}", encoder, size, err) from None
+            block = torch.from_numpy(raw)
             if whole:
                 block = block[torch.from_numpy(unique)]
+            if not torch.isfinite(block[torch.from_numpy(valid)]).all():  # a lost chunk reads as its fill value, NaN
+                raise self._damaged(f"{where}/{name}", encoder, size)
             for r in broken:
                 ok = torch.from_numpy(valid[r])
                 block[r, ~ok] = block[r, ok].float().mean(dim=0).to(block.dtype)

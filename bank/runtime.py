@@ -8,6 +8,10 @@ import torch
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from dpseg.errors import UserError
+
+        raise UserError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu (or auto)")
     return device
 
 

@@ -3,8 +3,12 @@
     DIR/bank.json                      resolved settings (generator, seed, categories, templates...)
     DIR/manifest.parquet               one row per durable entry (rebuilt by `merge`)
     DIR/images-%06d.tar                webdataset shards: <key>.png [+ <key>.alpha.png] + <key>.json
-    DIR/staging/<encoder>/images-%06d.safetensors   that shard's features, one part per shard
-    DIR/features.zarr/<encoder>/       merged features (C, M, D) and (C, M, C_l), float16
+    DIR/staging/<group>/images-%06d.safetensors   that shard's features, one part per shard
+    DIR/features.zarr/<group>/         merged features (C, M, D) and (C, M, C_l), float16
+
+A features group is one (encoder, encode size) pair, named `<encoder>@<size>` (`convnext-b@768`):
+the size prompt images were resized to before the tower is part of what the features mean, so
+two sizes live side by side like two encoders.
     DIR/tmp/                           shards being written (locked while their writer lives)
 
 A shard becomes part of the bank by one atomic step: its finished, fsynced temporary file is
@@ -29,7 +33,7 @@ import numpy as np
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: features groups are (encoder, encode size)
 BANK_JSON = "bank.json"
 MANIFEST = "manifest.parquet"
 FEATURES = "features.zarr"
@@ -38,6 +42,18 @@ TMP = "tmp"
 LOCK = ".lock"
 SHARD_RE = re.compile(r"^images-(\d{6,})\.tar$")
 FEATURE_NAMES = ("embedding", "pooled_4", "pooled_8", "pooled_16")
+
+
+def feature_group(encoder: str, encode_size: int) -> str:
+    return f"{encoder}@{int(encode_size)}"
+
+
+def split_group(group: str) -> tuple[str, int]:
+    """`convnext-b@768` -> ("convnext-b", 768)."""
+    name, _, size = group.rpartition("@")
+    if not name or not size.isdigit():
+        raise ValueError(f"not a features group name: {group!r}")
+    return name, int(size)
 
 
 def shard_name(number: int) -> str:
@@ -80,8 +96,8 @@ class BankStore:
     def features_path(self) -> Path:
         return self.root / FEATURES
 
-    def part_path(self, encoder: str, shard: str) -> Path:
-        return self.root / STAGING / encoder / shard.replace(".tar", ".safetensors")
+    def part_path(self, group: str, shard: str) -> Path:
+        return self.root / STAGING / group / shard.replace(".tar", ".safetensors")
 
     def exists(self) -> bool:
         return self.config_path.is_file()
@@ -102,6 +118,14 @@ class BankStore:
             raise
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{self.config_path} is corrupt ({err}); the bank cannot be used") from None
+        if config.get("schema") == 1:
+            g = config.get("generator", {})
+            raise UserError(
+                f"{self.root} is a bank of schema 1, whose features do not record the size prompt images were encoded "
+                f"at; build it again into a new folder (same flags, same images): dpseg bank build --out NEW_FOLDER "
+                f"--generator {g.get('id')} --seed {config.get('seed')} --templates {config.get('templates')} "
+                f"--vocab {','.join(config.get('vocabularies', [])) or 'VOCAB'} --encoder {next(iter(config.get('encoders', {})), 'ENCODER')} "
+                f"(generator settings {g.get('settings')})")
         if config.get("schema") != SCHEMA_VERSION:
             raise UserError(f"{self.root} has bank schema {config.get('schema')!r}; this dpseg reads schema {SCHEMA_VERSION}")
         return config
@@ -115,6 +139,29 @@ class BankStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / LOCK, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def build_lock(self, job: int, jobs: int, rank: int, ranks: int) -> Iterator[None]:
+        """Held for a whole build by each (job-array index, rank): a second identical build into
+        the same folder is refused instead of generating the same entries twice."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f".build-{job}-of-{jobs}.rank-{rank}-of-{ranks}.lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise UserError(f"another `dpseg bank build` ({holder}) is writing the same entries into {self.root}; "
+                                f"wait for it to finish (then run this again to check), or stop it") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
             try:
                 yield
             finally:
@@ -168,44 +215,52 @@ class BankStore:
         return stale
 
     # ---- feature parts ------------------------------------------------------------------
-    def write_part(self, encoder: str, shard: str, keys: list[str], features: dict[str, np.ndarray],
+    def write_part(self, group: str, shard: str, keys: list[str], features: dict[str, np.ndarray],
                    meta: dict[str, Any]) -> Path:
         from safetensors.numpy import save
 
-        path = self.part_path(encoder, shard)
+        path = self.part_path(group, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: np.ascontiguousarray(features[name], dtype=np.float16) for name in FEATURE_NAMES}
-        metadata = {"keys": json.dumps(keys), "shard": shard, "encoder": encoder, "meta": json.dumps(meta)}
+        metadata = {"keys": json.dumps(keys), "shard": shard, "group": group, "meta": json.dumps(meta)}
         atomic_write_bytes(path, save(tensors, metadata=metadata))
         return path
 
-    def part_keys(self, encoder: str, shard: str) -> list[str] | None:
+    def part_keys(self, group: str, shard: str) -> list[str] | None:
+        """The keys a shard's feature part holds; None when the part is missing or unreadable (both
+        are repaired the same way: the shard's stored images are encoded again)."""
         from safetensors import safe_open
 
-        path = self.part_path(encoder, shard)
+        path = self.part_path(group, shard)
         if not path.is_file():
             return None
-        with safe_open(str(path), "np") as f:
-            return json.loads(f.metadata()["keys"])
+        try:
+            with safe_open(str(path), "np") as f:  # checks the header against the file's length
+                return json.loads(f.metadata()["keys"])
+        except Exception:  # garbled or truncated: safetensors raises its own error types
+            return None
 
-    def read_part(self, encoder: str, shard: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    def read_part(self, group: str, shard: str) -> tuple[list[str], dict[str, np.ndarray]]:
         from safetensors import safe_open
 
-        with safe_open(str(self.part_path(encoder, shard)), "np") as f:
+        with safe_open(str(self.part_path(group, shard)), "np") as f:
             keys = json.loads(f.metadata()["keys"])
-            return keys, {name: f.get_tensor(name) for name in FEATURE_NAMES}
+            feats = {name: f.get_tensor(name) for name in FEATURE_NAMES}
+        if any(len(v) != len(keys) for v in feats.values()) and keys:
+            raise ValueError(f"feature part of {shard} holds {len(keys)} keys but arrays of other lengths")
+        return keys, feats
 
-    def staged_encoders(self) -> list[str]:
+    def staged_groups(self) -> list[str]:
         staging = self.root / STAGING
-        return sorted(p.name for p in staging.iterdir() if p.is_dir()) if staging.is_dir() else []
+        return sorted(p.name for p in staging.iterdir() if p.is_dir() and "@" in p.name) if staging.is_dir() else []
 
 
 class ShardWriter:
     """One writer's open shard. Samples are appended to tmp/<uuid>.tar (flock-held while open);
     `commit()` closes, fsyncs and links it, then writes its feature part."""
 
-    def __init__(self, store: BankStore, encoder: str, max_samples: int, meta: dict[str, Any]):
-        self.store, self.encoder, self.max_samples, self.meta = store, encoder, max_samples, meta
+    def __init__(self, store: BankStore, group: str, max_samples: int, meta: dict[str, Any]):
+        self.store, self.group, self.max_samples, self.meta = store, group, max_samples, meta
         self.file = None
         self.committed: list[str] = []
 
@@ -247,7 +302,7 @@ class ShardWriter:
         self.file = None
         crash_point("part")
         stacked = {n: np.stack(v) if v else np.zeros((0, 0), np.float16) for n, v in self.features.items()}
-        self.store.write_part(self.encoder, shard, self.keys, stacked, self.meta)
+        self.store.write_part(self.group, shard, self.keys, stacked, self.meta)
         self.committed.append(shard)
         return shard
 

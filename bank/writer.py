@@ -18,8 +18,8 @@ from bank.store import BankStore, ShardWriter, encode_png
 
 
 class BackgroundWriter:
-    def __init__(self, store: BankStore, encoder: str, shard_size: int, encoder_info: dict[str, Any], depth: int = 4):
-        self.shards = ShardWriter(store, encoder, shard_size, encoder_info)
+    def __init__(self, store: BankStore, group: str, shard_size: int, encoder_info: dict[str, Any], depth: int = 4):
+        self.shards = ShardWriter(store, group, shard_size, encoder_info)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="bank-png")
         self.error: BaseException | None = None

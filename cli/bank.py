@@ -31,6 +31,7 @@ def build(
     seed: int = typer.Option(0, help="Base seed; each entry's seed is a stable hash of (prompt, settings, seed)."),
     model: Optional[str] = typer.Option(None, help="Weights: hub id, local diffusers folder or .safetensors file."),
     encoder_weights: str = typer.Option("default", help="Encoder weights: 'default' (its open_clip tag), a file/folder, or 'none' (random)."),
+    encode_size: Optional[int] = typer.Option(None, help="Size prompt images are resized to before the prompt tower (default: the encoder's segmentation input size, 768 for convnext-b/l; 320 is the paper's ablation)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (under accelerate launch: each rank's GPU)."),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     compile: List[str] = typer.Option([], "--compile", help="torch.compile 'unet' and/or 'vae' (speed only; images equal up to float error)."),
@@ -53,7 +54,7 @@ def build(
                                dtype=dtype, compile=tuple(c for item in compile for c in item.split(",") if c),
                                extra={"layer_weights": layer_weights} if layer_weights else {})
     opts = BuildOptions(out=out, generator=generator, vocab=vocab, encoder=encoder, encoder_weights=_weights(encoder_weights),
-                        templates=templates, seed=seed, batch_size=batch_size, shard_size=shard_size, shard_index=shard_index,
+                        encode_size=encode_size, templates=templates, seed=seed, batch_size=batch_size, shard_size=shard_size, shard_index=shard_index,
                         num_shards=num_shards, retries=retries, generator_options=options, progress=progress)
     report = build_bank(opts)
     if "merge" not in report:
@@ -70,16 +71,19 @@ def encode(
     bank_dir: Path = typer.Argument(..., help="Bank folder."),
     encoder: str = typer.Option(..., help="Encoder to add features for."),
     encoder_weights: str = typer.Option("default", help="'default', a file/folder, or 'none' (random)."),
+    encode_size: Optional[int] = typer.Option(None, help="Size prompt images are resized to (default: the encoder's segmentation input size)."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Add a features group for another encoder from the stored images (no regeneration)."""
+    """Add a features group (another encoder or encode size) from the stored images (no regeneration);
+    also repairs damaged features of that group."""
     from bank.encode import encode_bank
 
-    report = encode_bank(bank_dir, encoder, _weights(encoder_weights), device, batch_size, progress)
+    report = encode_bank(bank_dir, encoder, _weights(encoder_weights), device, batch_size, progress, encode_size=encode_size)
     if "merge" in report:
-        typer.echo(f"bank {bank_dir}: {report['images']} images encoded with {encoder} ({report['shards']} shards)")
+        typer.echo(f"bank {bank_dir}: {report['images']} images encoded with {encoder} at {report['encode_size']} px "
+                   f"({report['shards']} shards)")
 
 
 @app.command()
@@ -114,22 +118,35 @@ def info(
     if as_json:
         _echo_json(report)
         return
-    for key in ("bank", "generator", "settings_hash", "entries", "failed", "missing", "categories", "templates", "encoders", "shards"):
-        typer.echo(f"{key:<14} {report[key]}")
+    for key in ("bank", "generator", "settings_hash", "entries", "failed", "missing", "categories", "templates",
+                "encoders", "features", "shards"):
+        value = ", ".join(report[key]) if key == "features" else report[key]
+        typer.echo(f"{key:<14} {value}")
 
 
 @app.command()
-def verify(bank_dir: Path = typer.Argument(..., help="Bank folder.")):
-    """Check manifest vs shards vs features; exit 1 listing every problem."""
+def verify(
+    bank_dir: Path = typer.Argument(..., help="Bank folder."),
+    quick: bool = typer.Option(False, "--quick", help="Check PNG signatures only instead of decoding every image."),
+):
+    """Check manifest vs shards vs features, decoding every image; exit 1 listing every problem."""
+    from bank.inspection import info as bank_info
     from bank.inspection import verify as bank_verify
 
-    problems = bank_verify(bank_dir)
+    problems = bank_verify(bank_dir, quick=quick)
     if problems:
         for line in problems:
             typer.echo(line)
-        typer.echo(f"Error: bank {bank_dir} has {len(problems)} problems", err=True)
+        typer.echo(f"Error: bank {bank_dir} has {len(problems)} problems; the same `dpseg bank build` command repairs them",
+                   err=True)
         raise typer.Exit(1)
-    typer.echo(f"bank {bank_dir}: ok")
+    report = bank_info(bank_dir)
+    done, planned = report["entries"] + report["failed"], report["planned"]
+    if done == 0:
+        typer.echo(f"Error: bank {bank_dir} is empty (0 of {planned} entries); make them with `dpseg bank build`", err=True)
+        raise typer.Exit(1)
+    more = f", {report['missing']} not made yet" if report["missing"] else ""
+    typer.echo(f"bank {bank_dir}: ok ({report['entries']} of {planned} entries, {report['failed']} failed{more})")
 
 
 @app.command()

@@ -57,7 +57,8 @@ def prototype_read_figure(categories: int = 1000, templates: int = 80, encoder: 
     from bank.reader import Bank
     from bank.store import SCHEMA_VERSION, BankStore
 
-    from dpseg.clip.encoders import encoder_dims
+    from bank.store import feature_group
+    from dpseg.clip.encoders import ENCODERS, encoder_dims
     from dpseg.clip.image import PROMPT_STRIDES
 
     embed, all_channels = encoder_dims(encoder)
@@ -66,16 +67,18 @@ def prototype_read_figure(categories: int = 1000, templates: int = 80, encoder: 
     try:
         store = BankStore(root)
         names = [f"category {i}" for i in range(categories)]
-        info = {"encoder": encoder, "weights": "random", "embed_dim": embed, "channels": channels}
+        size = ENCODERS.get(encoder).image_size
+        info = {"encoder": encoder, "weights": "random", "embed_dim": embed, "channels": channels, "encode_size": size,
+                "prompt_size": size}
         config = {"schema": SCHEMA_VERSION, "generator": {"id": "synthetic", "settings": {}, "settings_hash": "0"}, "seed": 0,
-                  "categories": names, "templates": templates, "encoders": {encoder: info}}
+                  "categories": names, "templates": templates, "encoders": {encoder: {**info, "encode_sizes": [size]}}}
         store.write_config(config)
-        group, arrays = open_features_group(store, encoder, info, config, categories, templates)
+        group, arrays = open_features_group(store, feature_group(encoder, size), info, config, categories, templates)
         rng = np.random.default_rng(0)
         for name, arr in arrays.items():
             arr[:] = True if name == "valid" else rng.standard_normal(arr.shape, dtype=np.float32).astype(np.float16)
-        group.attrs.update({"encoder": info, "generator": config["generator"], "templates": templates, "categories": names,
-                            "schema": SCHEMA_VERSION})
+        group.attrs.update({"encoder": info, "encode_size": size, "generator": config["generator"], "templates": templates,
+                            "categories": names, "schema": SCHEMA_VERSION})
         order = [names[i] for i in rng.permutation(categories)]
         times = []
         for _ in range(repeats):
@@ -176,8 +179,8 @@ def bench_bank(generator: str = "tiny-sd", device: str = "cpu", dtype: str = "au
         result["overhead_ratio"] = first["ratio"]
         # 2. encode throughput: a second features group from the stored images of that bank
         bank_dir = Path(first["bank"])
-        shutil.rmtree(bank_dir / "staging" / encoder)  # encode everything again, from the stored images
-        shutil.rmtree(bank_dir / "features.zarr" / encoder)
+        shutil.rmtree(bank_dir / "staging" / enc.group)  # encode everything again, from the stored images
+        shutil.rmtree(bank_dir / "features.zarr" / enc.group)
         encode_s = _timed(lambda: encode_bank(bank_dir, encoder, encoder_weights, device, 32, False, encoder=enc), device)
         from bank.inspection import info
 

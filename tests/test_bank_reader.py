@@ -8,7 +8,7 @@ import pytest
 from bank.merge import open_features_group
 from bank.plan import entry_seed, in_job_shard, plan_entries, resolve_categories, retry_seed
 from bank.reader import Bank
-from bank.store import SCHEMA_VERSION, BankStore
+from bank.store import SCHEMA_VERSION, BankStore, feature_group
 from dpseg.clip.templates import TEMPLATES
 from dpseg.errors import UserError
 
@@ -46,21 +46,30 @@ def test_job_array_split_is_a_partition():
     assert {o[0] for o in owners} == {0, 1, 2, 3}
 
 
-def make_bank(root, categories, templates=4, valid=None, encoder="tiny"):
+def make_bank(root, categories, templates=4, valid=None, encoder="tiny", sizes=(128,)):
+    """Random features written straight into the bank layout, one group per encode size."""
     store = BankStore(root)
     info = {"encoder": encoder, "weights": "random", "embed_dim": 6, "channels": {"4": 2, "8": 3, "16": 5}}
     config = {"schema": SCHEMA_VERSION, "generator": {"id": "tiny-sd", "settings": {}, "settings_hash": "h"}, "seed": 0,
-              "categories": categories, "templates": templates, "encoders": {encoder: info}}
+              "categories": categories, "templates": templates, "encoders": {encoder: {**info, "encode_sizes": list(sizes)}}}
     store.write_config(config)
-    group, arrays = open_features_group(store, encoder, info, config, len(categories), templates)
-    rng = np.random.default_rng(0)
+    data = {}
+    for size in sizes:
+        data[size] = _write_group(store, encoder, size, info, config, categories, templates, valid)
+    return data[sizes[0]] if len(sizes) == 1 else data
+
+
+def _write_group(store, encoder, size, info, config, categories, templates, valid):
+    info = {**info, "encode_size": size}
+    group, arrays = open_features_group(store, feature_group(encoder, size), info, config, len(categories), templates)
+    rng = np.random.default_rng(size)
     data = {}
     for name, arr in arrays.items():
         data[name] = np.ones(arr.shape, bool) if name == "valid" and valid is None else valid if name == "valid" else \
             rng.standard_normal(arr.shape).astype(np.float16)
         arr[:] = data[name]
     group.attrs.update({"categories": categories, "templates": templates, "encoder": info, "generator": config["generator"],
-                        "schema": SCHEMA_VERSION})
+                        "schema": SCHEMA_VERSION, "encode_size": size})
     return data
 
 
@@ -117,3 +126,66 @@ def test_dvc_stage_builds_the_demo_bank_from_params(tmp_path):
     (tmp_path / "p.yaml").write_text("bank:\n  generatr: sd15\n")
     with pytest.raises(UserError, match="generatr"):
         load_params(tmp_path / "p.yaml")
+
+
+def test_two_encode_sizes_live_side_by_side_and_a_mismatch_is_refused(tmp_path):
+    data = make_bank(tmp_path, ["cat", "dog"], templates=2, sizes=(128, 64))
+    bank = Bank(tmp_path)
+    assert bank.encoders() == ["tiny"] and bank.encode_sizes("tiny") == [64, 128]
+    assert bank.encode_size("tiny") == 128  # several sizes: the encoder's own input size (tiny: 128)
+    for size in (64, 128):
+        got = bank.prototypes(["dog"], "tiny", encode_size=size).embedding[0].numpy()
+        np.testing.assert_array_equal(got, data[size]["embedding"][1].astype(np.float32))
+    with pytest.raises(UserError) as err:
+        bank.prototypes(["dog"], "tiny", encode_size=96)
+    message = str(err.value)
+    assert "encoded at 64, 128 px" in message and "asks for 96 px" in message
+    assert f"dpseg bank encode {tmp_path} --encoder tiny --encode-size 96" in message
+    one = tmp_path / "one"
+    make_bank(one, ["cat"], templates=2, sizes=(64,))
+    assert Bank(one).encode_size("tiny") == 64
+    with pytest.raises(UserError, match="encoded at 64 px, the model asks for 128 px"):
+        Bank(one).prototypes(["cat"], "tiny", encode_size=128)
+
+
+@pytest.mark.parametrize("templates", [0, -1])
+def test_templates_outside_what_the_bank_holds_are_refused(tmp_path, templates):
+    make_bank(tmp_path, ["cat"], templates=2)
+    with pytest.raises(UserError, match=f"between 1 and the 2 .* got {templates}"):
+        Bank(tmp_path).prototypes(["cat"], "tiny", templates=templates)
+
+
+def _chunks(root, array):
+    return sorted(p for p in (root / "features.zarr" / "tiny@128" / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+@pytest.mark.parametrize("damage", ["delete-features", "garble-features", "delete-valid", "garble-valid", "drop-array"])
+def test_damaged_features_never_come_back_as_nan(tmp_path, damage):
+    import shutil
+
+    make_bank(tmp_path, [f"c{i}" for i in range(10)], templates=2)  # two category chunks (8 per chunk)
+    array = "valid" if "valid" in damage else "pooled_8"
+    chunk = _chunks(tmp_path, array)[0]
+    if damage.startswith("delete"):
+        chunk.unlink()
+    elif damage.startswith("garble"):
+        chunk.write_bytes(b"\x00garbage" * 7)
+    else:
+        shutil.rmtree(tmp_path / "features.zarr" / "tiny@128" / "pooled_16")
+    with pytest.raises(UserError) as err:
+        Bank(tmp_path).prototypes(["c0", "c9"], "tiny")
+    message = str(err.value)
+    assert "features.zarr/tiny@128" in message and "is damaged" in message
+    assert f"dpseg bank encode {tmp_path} --encoder tiny --encode-size 128" in message
+
+
+def test_an_old_schema_bank_is_refused_with_the_command_that_rebuilds_it(tmp_path):
+    import json
+
+    make_bank(tmp_path, ["cat"], templates=2)
+    config = json.loads((tmp_path / "bank.json").read_text())
+    config.update(schema=1, vocabularies=["voc-20"])
+    (tmp_path / "bank.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="schema 1.*dpseg bank build --out NEW_FOLDER --generator tiny-sd --seed 0 "
+                                        "--templates 2 --vocab voc-20 --encoder tiny"):
+        Bank(tmp_path)
