@@ -1,0 +1,343 @@
+"""Stage two: train DPSeg on a prepared dataset with text prompts and the bank's visual prompts.
+
+    summary = train(TrainRecipe(dataset="data/shapes", bank="out/bank", classes="seen", out="out/train"))
+
+One loop, top to bottom: (1) resolve and check every input, (2) the run folder and resume,
+(3) the model, (4) the prompts, (5) the data, (6) optimizer and schedule, (7) accelerate,
+(8) the loop, (9) the final checkpoint and summary. Runs on one CPU, one GPU, or many GPUs and
+nodes under `accelerate launch` with no change; the batch size is the global batch, so a recipe
+trains the same whatever the number of ranks (docs/train.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpseg.errors import UserError
+from dpseg.io import atomic_write_bytes, atomic_write_json
+
+SUMMARY_FILE = "train.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_CSV = "loss.csv"
+
+
+@dataclass
+class TrainRecipe:
+    """Defaults are the paper's and SED's recipe (docs/train.md says which is whose)."""
+
+    dataset: str = ""  # prepared dataset folder (`dpseg data prepare` / `dpseg data synth`)
+    bank: str | None = None  # visual-prompt bank folder (not needed text-only)
+    out: str = "out/train"
+    encoder: str | None = None  # default: the bank's encoder
+    encoder_weights: str | None = None  # default: the weights the bank was encoded with
+    classes: str | None = None  # class subset trained on: None/'all', 'seen', or ids '0,3,7'
+    templates: int | None = None  # default: the bank's template count (80 without a bank)
+    encode_size: int | None = None  # prompt encode size the bank must hold (default: whatever it holds)
+    prompt_mode: str = "dual"  # text | visual | dual (paper Table 2a)
+    fusion: str = "avg-embeddings"  # avg-embeddings | concat-costs | avg-costs (Table 2b)
+    visual_guidance: str = "prompt"  # prompt | upsampled-cost | none (Table 3)
+    deep_supervision: bool = True  # SED's aux heads with BCE on each
+    model_overrides: dict = field(default_factory=dict)  # any other DPSegConfig field
+    steps: int = 80_000
+    batch_size: int = 4  # global: over ranks and accumulation steps
+    crop_size: int = 768
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    image_lr_multiplier: float = 0.01
+    grad_clip: float = 0.01  # SED: full-model gradient norm; 0 = off
+    grad_accum: int = 1
+    color_jitter: bool = True  # SED's photometric distortion
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
+    seed: int = 0
+    num_workers: int = 4
+    log_every: int = 20
+    checkpoint_every: int = 1000  # 0: only at the end
+    val_every: int = 0  # 0: no periodic validation
+    val_images: int = 16
+    val_split: str = "val"
+    resume: str = "auto"  # auto: continue OUT/checkpoint if there is one | yes: it must exist | no: start over
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def train(recipe: TrainRecipe, progress: bool = True) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from dpseg.model import VisualPrompts, build_dpseg
+    from dpseg.model.loss import deep_supervision_bce
+    from pipeline import train_state as ckpt
+    from pipeline.text_cache import cached_text_embeddings
+    from pipeline.train_data import StreamLayout, train_loader
+    from pipeline.train_resolve import check_numbers, check_resumable, resolve
+    from pipeline.train_validate import Validator
+
+    # 1. resolve and check everything before any compute
+    check_numbers(recipe)
+    gpu = torch.cuda.is_available()
+    precision = resolve_precision(recipe.mixed_precision, gpu)
+    accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)
+    plan = resolve(recipe, accelerator.num_processes)
+    r = plan.recipe
+    out = Path(r.out)
+    device = accelerator.device
+
+    # 2. the run folder: resume its checkpoint, or start over
+    folder = ckpt.recover(out) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    folder = out / ckpt.CHECKPOINT if (out / ckpt.CHECKPOINT / ckpt.STATE_FILE).is_file() else None
+    if r.resume == "yes" and folder is None:
+        raise UserError(f"--resume yes: {out} holds no checkpoint to resume; drop --resume to start a new run")
+    if r.resume == "no":
+        folder = None
+    state = {"step": 0, "seconds": 0.0}
+    if folder is not None:
+        state = ckpt.read_state(folder)
+        check_resumable(state.get("recipe", {}), r.to_dict(), folder)
+    elif accelerator.is_main_process:
+        for name in (ckpt.CHECKPOINT, METRICS_FILE, LOSS_CSV, SUMMARY_FILE):
+            remove(out / name)
+    accelerator.wait_for_everyone()
+    start_step = int(state["step"])
+
+    # 3. the model: frozen towers from the recorded weights, decoder from the recipe's seed
+    torch.manual_seed(r.seed)
+    model = build_dpseg(plan.model_cfg, weights=plan.weights, device="cpu")
+    if folder is not None:
+        trained = ckpt.load_checkpoint_model(folder, "cpu")
+        model.load_state_dict(trained.state_dict())
+        del trained
+    model.to(device).train()
+
+    # 4. prompts: cached text embeddings, the bank's prototypes for the training classes
+    text = cached_text_embeddings(model, plan.class_names).to(device) if plan.model_cfg.uses_text else None
+    visual = None
+    if plan.prototypes is not None:
+        p = plan.prototypes
+        visual = VisualPrompts(p.embedding, {s: p.pooled[s] for s in plan.model_cfg.guidance_strides}).to(device)
+
+    # 5. data: a seeded sample stream, this rank's slice of each global batch
+    layout = StreamLayout(r.batch_size, plan.micro_batch, r.grad_accum, accelerator.num_processes,
+                          accelerator.process_index)
+    loader = train_loader(plan.dataset, plan.keep, r.crop_size, r.seed, layout, start_step, r.steps,
+                          r.num_workers, pin_memory=gpu, color_jitter=r.color_jitter)
+    validator = Validator(plan.val_dataset, plan.keep, r.crop_size, r.val_images) if plan.val_dataset else None
+
+    # 6. AdamW (no decay on norms and biases; image tower at lr x multiplier), cosine to zero, no warm-up
+    optimizer = torch.optim.AdamW(model.param_groups(r.lr, r.weight_decay), lr=r.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(r.steps))
+    if folder is not None:
+        meta = ckpt.safe_restore(folder, optimizer, accelerator.process_index)
+        scheduler.load_state_dict(meta["scheduler"])
+    if start_step == 0:
+        torch.manual_seed(r.seed + 1_000_003 * accelerator.process_index)  # dropout / drop-path streams per rank
+
+    # 7. accelerate: DDP across ranks, autocast; the scheduler stays ours (one step per optimizer step)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    extra = run_record(r, plan, accelerator)
+
+    def save(step: int, seconds: float) -> None:
+        record = {**extra, "step": step}
+        ckpt.save_checkpoint(out, model, optimizer.optimizer, scheduler,
+                             {"step": step, "seconds": seconds, "recipe": r.to_dict(), "samples": step * r.batch_size},
+                             record, accelerator)
+        if accelerator.is_main_process:
+            write_loss_csv(out)
+
+    # 8. the loop
+    log = MetricsLog(out / METRICS_FILE, start_step, accelerator.is_main_process)
+    began = time.perf_counter() - float(state["seconds"])
+    batches = iter(loader)
+    bar = tqdm(total=r.steps, initial=start_step, desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    last_saved = start_step if folder is not None else None
+    loss_value = float("nan")
+    for step in range(start_step, r.steps):
+        step_loss = torch.zeros((), device=device)
+        for micro in range(r.grad_accum):
+            images, labels = next(batches)
+            images = images.to(device, non_blocking=True).float().div_(255)
+            labels = labels.to(device, non_blocking=True)
+            sync = contextlib.nullcontext() if micro == r.grad_accum - 1 else accelerator.no_sync(ddp_model)
+            with sync, accelerator.autocast():
+                logits, aux = ddp_model(model.image_encoder.normalize(images), text=text, visual=visual, aux=True)
+                loss = deep_supervision_bce(logits.float(), [a.float() for a in aux], labels,
+                                            ignore_index=plan.dataset.ignore_index,
+                                            policy=plan.model_cfg.ignore_policy) / r.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        loss_value = float(accelerator.reduce(step_loss, "mean"))
+        if not math.isfinite(loss_value):
+            bar.close()
+            kept = f"the last good checkpoint (step {last_saved}) is kept in {out / ckpt.CHECKPOINT}" \
+                if last_saved is not None else "no checkpoint was written yet"
+            raise UserError(f"loss is {loss_value} at step {step + 1}; training stopped and {kept}; "
+                            "lower --lr or check the data")
+        grad_norm = accelerator.clip_grad_norm_(trainable, r.grad_clip) if r.grad_clip > 0 else None
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        ckpt.crash_point("step")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if done % r.log_every == 0 or done == r.steps:
+            record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "seconds": round(time.perf_counter() - began, 3)}
+            if grad_norm is not None:
+                record["grad_norm"] = round(float(grad_norm), 6)
+            log.write(record)
+        if validator is not None and done % r.val_every == 0 and accelerator.is_main_process:
+            log.write({"step": done, **validator(model, text, visual, device)})
+        if r.checkpoint_every and done % r.checkpoint_every == 0 and done != r.steps:
+            save(done, time.perf_counter() - began)
+            last_saved = done
+    bar.close()
+
+    # 9. the final checkpoint and the summary
+    seconds = time.perf_counter() - began
+    final_step = max(r.steps, start_step)
+    if last_saved != final_step:
+        save(final_step, seconds)
+    summary = {
+        "out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": final_step, "resumed_from": start_step,
+        "final_loss": loss_value if start_step < r.steps else None, "seconds": round(seconds, 2),
+        "ranks": accelerator.num_processes, "mixed_precision": precision, "device": str(device),
+        "params": model.parameter_counts(), **extra,
+    }
+    if validator is not None and accelerator.is_main_process:
+        summary["validation"] = validator(model, text, visual, device)
+    if accelerator.is_main_process:
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# ---- helpers the loop uses ---------------------------------------------------------------------
+
+
+def resolve_precision(value: str, gpu: bool) -> str:
+    if value != "auto":
+        return value
+    if not gpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def cosine(total: int):
+    """SED's cosine schedule without warm-up, from the base lr to zero at `total` steps."""
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    return factor
+
+
+def remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_record(r: TrainRecipe, plan, accelerator) -> dict:
+    """What config.json's `extra` says about how the weights were made."""
+    bank = plan.bank
+    return {
+        "recipe": r.to_dict(),
+        "bank": None if bank is None else {
+            "path": str(bank.root), "generator": bank.generator,
+            "settings_hash": bank.config["generator"].get("settings_hash"), "seed": bank.config.get("seed"),
+        },
+        "encoder": r.encoder, "encoder_weights": r.encoder_weights, "encode_size": plan.encode_size,
+        "vocabulary": {"name": plan.dataset.info.vocabulary, "subset": r.classes, "class_ids": plan.keep,
+                       "class_names": plan.class_names},
+        "dataset": str(plan.dataset.info.root), "git_commit": git_commit(), "world_size": accelerator.num_processes,
+    }
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one JSON object a line. A resumed run first drops the lines a killed
+    run wrote after its last checkpoint, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, start_step: int, active: bool):
+        self.path, self.active = path, active
+        if not active:
+            return
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept = [line for line in lines if line.strip() and _step(line) <= start_step]
+        if kept != lines:
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (torn) line is dropped
+
+
+def write_loss_csv(out: Path) -> None:
+    """OUT/loss.csv (step,loss,lr): the loss curve in a format `dvc plots` reads."""
+    rows = ["step,loss,lr"]
+    path = out / METRICS_FILE
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if "loss" in record:
+            rows.append(f"{record['step']},{record['loss']},{record['lr']}")
+    atomic_write_bytes(out / LOSS_CSV, ("\n".join(rows) + "\n").encode(), sync=False)
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    path = Path(out) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def recipe_from_params(section: dict) -> TrainRecipe:
+    """A params.yaml `train:` section -> TrainRecipe; keys are the recipe's field names, null
+    means the default, an unknown key is a one-line error."""
+    section = dict(section or {})
+    known = {f.name for f in dataclasses.fields(TrainRecipe)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise UserError(f"params.yaml train: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+    values = {k: v for k, v in section.items() if v is not None}
+    if "model_overrides" in values and not isinstance(values["model_overrides"], dict):
+        raise UserError("params.yaml train.model_overrides must be a mapping of model config fields")
+    for key in ("dataset", "bank", "out", "encoder_weights", "classes"):
+        if key in values:
+            values[key] = str(values[key])
+    return TrainRecipe(**values)
+
+
+def train_from_params(section: dict, progress: bool = True) -> dict:
+    """The DVC stage's entry: `train(recipe_from_params(params["train"]))`."""
+    return train(recipe_from_params(section), progress=progress)
