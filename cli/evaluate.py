@@ -1,9 +1,128 @@
-"""`dpseg eval`, `dpseg segment`, `dpseg report`: stage three (planned)."""
+"""`dpseg eval`, `dpseg segment`, `dpseg report` and `dpseg bench eval`: stage three."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 
+def eval_command(
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder (OUT/checkpoint of `dpseg train`)."),
+    dataset: Path = typer.Option(..., help="Prepared dataset folder (`dpseg data prepare` / `dpseg data synth`)."),
+    out: Path = typer.Option(..., help="Output folder: metrics.json, per_class.csv, pred/, overlays/ (resumable)."),
+    split: str = typer.Option("val", help="Dataset split."),
+    bank: Path | None = typer.Option(None, help="Bank folder (default: the one the checkpoint was trained with)."),
+    passes: int = typer.Option(2, min=1, max=2, help="1: bank prompts; 2: also pass II (refined prompts)."),
+    classes: str | None = typer.Option(None, help="Class subset: all, a declared one (seen, unseen) or ids '0,3'."),
+    size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's)."),
+    min_area: int = typer.Option(64, min=0, help="Pixels (of the model input) a class must own to be refined."),
+    crop: str = typer.Option("masked", help="masked (outside mask = CLIP mean) | bbox."),
+    instances: int = typer.Option(0, min=0, help="Crop the K largest connected components per class (0: off)."),
+    batch_size: int = typer.Option(4, min=1),
+    num_workers: int = typer.Option(2, min=0, help="Image-reading worker processes."),
+    class_chunk: int | None = typer.Option(None, min=1, help="Decode this many classes at a time (bounded memory)."),
+    save_predictions: bool = typer.Option(False, "--save-predictions", help="Write pred/pass{1,2}/<id>.png."),
+    overlays: Path | None = typer.Option(None, help="Run pass II from these stored overlays (no pass I)."),
+    shard_size: int = typer.Option(64, min=1, help="Images per overlay shard (the unit of resuming)."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json."),
+):
+    """Evaluate a checkpoint: pass I (bank prompts) and pass II (prompts refined per image)."""
+    from pipeline.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        checkpoint=str(checkpoint), dataset=str(dataset), out=str(out), split=split, bank=str(bank) if bank else None,
+        passes=passes, classes=classes, size=size, min_area=min_area, crop=crop, instances=instances,
+        batch_size=batch_size, num_workers=num_workers, class_chunk=class_chunk, save_predictions=save_predictions,
+        overlays=str(overlays) if overlays else None, shard_size=shard_size, limit=limit, device=device)
+    metrics = evaluate(settings, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    for p, scores in sorted(metrics["passes"].items()):
+        miou = "n/a" if scores["miou"] is None else f"{scores['miou']:.2f}"
+        chance = scores["uniform_random_miou"]
+        typer.echo(f"pass {'I' * int(p):<2} mIoU {miou}  fwIoU {scores['fwiou'] or 0:.2f}  "
+                   f"pAcc {scores['pacc'] or 0:.2f}  "
+                   f"mAcc {scores['macc'] or 0:.2f}  ({scores['images']} images; uniform random "
+                   f"{0 if chance is None else chance:.2f})")
+    typer.echo(f"-> {out / 'metrics.json'}")
+
+
+def segment_command(
+    images: list[Path] = typer.Argument(..., help="Image files (JPEG/PNG)."),
+    classes: str = typer.Option(..., help="\"cat, dog, sofa\", a vocabulary name, or a .txt/.json file."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
+    out: Path = typer.Option(Path("out/segment"), "-o", "--out", help="Output folder for the overlay PNGs."),
+    bank: Path | None = typer.Option(None, help="Bank folder (default: the checkpoint's)."),
+    passes: int = typer.Option(2, min=1, max=2),
+    size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's)."),
+    min_area: int = typer.Option(64, min=0),
+    crop: str = typer.Option("masked", help="masked | bbox"),
+    generate: bool = typer.Option(False, "--generate", help="Generate prompt images for classes the bank lacks."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Segment your own images with your own class names; writes an overlay PNG per image."""
+    from pipeline.segment import SegmentSettings, segment
+
+    report = segment(SegmentSettings(images=[str(p) for p in images], classes=classes, checkpoint=str(checkpoint),
+                                     out=str(out), bank=str(bank) if bank else None, passes=passes, size=size,
+                                     min_area=min_area, crop=crop, generate=generate, device=device))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if report["text_only"]:
+        typer.echo(f"text-only prompts (not in the bank): {', '.join(report['text_only'])}")
+    for item in report["images"]:
+        found = ", ".join(f"{d['class']} {100 * d['share']:.1f}%" for d in item["detected"])
+        typer.echo(f"{item['image']}: {found}")
+        typer.echo(f"  -> {item['output']}")
+
+
+def report_command(
+    dirs: list[Path] = typer.Argument(..., help="Eval output folders (each with metrics.json)."),
+    out: Path = typer.Option(Path("out/report"), "-o", "--out", help="Folder for report.md and panels/."),
+    labels: str | None = typer.Option(None, help="Comma-separated labels, one per folder (default: folder names)."),
+    panels: int = typer.Option(4, min=0, help="Per-image panels for the first K images of each folder."),
+):
+    """Markdown tables in the paper's form (Table 1, Table 5) and per-image panels."""
+    from pipeline.report import render_report
+
+    names = [s.strip() for s in labels.split(",")] if labels else None
+    result = render_report([str(d) for d in dirs], labels=names, out=str(out), panels=panels)
+    typer.echo(result["markdown"])
+    typer.echo(f"-> {result['path']} ({len(result['panels'])} panels)")
+
+
+def bench_eval_command(
+    encoder: str = typer.Option("tiny", help="Registered encoder (random weights)."),
+    size: int = typer.Option(0, help="Input size (0: the encoder's default)."),
+    classes: str = typer.Option("150,459,847", help="Comma-separated class counts."),
+    class_chunk: int = typer.Option(64, min=1, help="Class chunk of the bounded-memory mode."),
+    ratio_classes: int = typer.Option(150, min=1, help="Class count of the two-pass / one-pass ratio."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    repeats: int = typer.Option(3, min=1),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
+):
+    """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
+    from dpseg.io import atomic_write_json
+    from pipeline.bench_eval import bench_eval
+
+    result = bench_eval(encoder=encoder, size=size or None, classes=[int(c) for c in classes.split(",") if c.strip()],
+                        class_chunk=class_chunk, ratio_classes=ratio_classes, device=device, repeats=repeats)
+    if out:
+        atomic_write_json(out, result)
+    typer.echo(json.dumps(result, indent=2))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Adds this module's commands to the root app (and its benchmarks to `dpseg bench`)."""
+    app.command("eval")(eval_command)
+    app.command("segment")(segment_command)
+    app.command("report")(report_command)
+    bench_app.command("eval")(bench_eval_command)

@@ -1,0 +1,147 @@
+"""`dpseg bench eval`: what pass II costs, and how evaluation scales with the vocabulary.
+
+1. ratio: two-pass / one-pass latency per batch at equal input (`ratio_classes` classes). One
+   pass = image tower + decoder + SED post-processing; two passes add detection, the crops
+   through the prompt tower (one call per batch) and a second decoder run on pass I's features
+   (re-running everything would be ~2x).
+2. scaling: latency and peak memory of one two-pass evaluation step at each class count, plain
+   and with `class_chunk` (bounded memory). On the CPU every case runs in a fresh process and
+   its peak resident memory is read from that process alone (ru_maxrss is monotonic per
+   process); on CUDA, torch's peak-allocated counter is reset per case.
+
+Random weights at the real shapes: timings do not depend on the values. A random network
+detects classes at random; `detect_classes` fixes how many classes each image refines (the
+pass-I map is replaced by one with that many equal blocks), so the cost is the same from run
+to run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+SED_REFERENCE = {"sed_ms_per_image": 82, "sed_device": "A6000", "sed_note": "SED paper, whole model, ConvNeXt-B, 768"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _detect_map(batch: int, size: int, classes: int, device) -> torch.Tensor:
+    """A pass-I argmax map with `classes` vertical bands per image (fixed refinement work)."""
+    bands = torch.arange(size, device=device) * classes // size
+    return bands.view(1, 1, size).expand(batch, size, size).contiguous()
+
+
+def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | None, batch: int, repeats: int,
+          device: str, detect_classes: int) -> dict:
+    from dpseg.metrics import predict_labels
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.refine import RefineSettings, refine_batch, replace_prompts
+    from pipeline.model_summary import random_prompts
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_dpseg(DPSegConfig(encoder=encoder), weights=None, device=dev).eval()
+    size = size or model.encoder_spec.image_size
+    images01 = torch.rand(batch, 3, size, size, device=dev)
+    text, visual = random_prompts(model, num_classes, device=dev)
+    settings = RefineSettings(encode_size=size, min_area=1)
+    detect = _detect_map(batch, size, min(detect_classes, num_classes), dev)
+
+    def one_pass():
+        features = model.encode_image(model.image_encoder.normalize(images01))
+        logits = model(text=text, visual=visual, features=features, class_chunk=class_chunk)
+        return features, predict_labels(logits, (size, size), class_chunk)
+
+    def two_pass():
+        features, _ = one_pass()
+        refs = refine_batch(model, images01, detect, settings)
+        logits = model(text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=class_chunk)
+        return predict_labels(logits, (size, size), class_chunk)
+
+    def timed(fn) -> float:
+        with torch.inference_mode():
+            fn()  # warm-up
+            _sync(dev)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                _sync(dev)
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_cuda = torch.cuda.memory_allocated(dev) / 2**20
+    one_ms = timed(one_pass)
+    two_ms = timed(two_pass)
+    result = {"classes": num_classes, "class_chunk": class_chunk, "batch": batch, "size": size,
+              "one_pass_ms": round(one_ms, 2), "two_pass_ms": round(two_ms, 2),
+              "two_pass_ms_per_image": round(two_ms / batch, 2), "two_over_one": round(two_ms / one_ms, 3),
+              "refined_classes_per_image": min(detect_classes, num_classes)}
+    if dev.type == "cuda":
+        result["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        result["working_mem_mib"] = round(result["peak_mem_mib"] - base_cuda, 1)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mib"] = round(peak, 1)
+        result["working_mem_mib"] = round(peak - base_rss, 1)
+    return result
+
+
+def _worker(queue, kwargs) -> None:
+    torch.set_num_threads(kwargs.pop("threads"))
+    try:
+        queue.put(_case(**kwargs))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent as data
+        queue.put({"error": repr(err)})
+
+
+def _run_isolated(kwargs: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(queue, {**kwargs, "threads": torch.get_num_threads()}))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"bench case {kwargs} failed: {result['error']}")
+    return result
+
+
+def bench_eval(encoder: str = "tiny", size: int | None = None, classes: list[int] = (150, 459, 847),
+               class_chunk: int = 64, ratio_classes: int = 150, batch: int = 2, device: str = "cpu",
+               repeats: int = 3, detect_classes: int = 8, isolate: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    run = _run_isolated if isolate and device == "cpu" else (lambda kw: _case(**kw))
+    common = {"encoder": encoder, "size": size, "batch": batch, "repeats": repeats, "device": device,
+              "detect_classes": detect_classes}
+    cases = [(ratio_classes, None)] + [(n, chunk) for n in classes for chunk in (None, class_chunk)]
+    results = [run({**common, "num_classes": n, "class_chunk": c})
+               for n, c in tqdm(cases, desc="bench eval", unit="case")]
+    ratio = results[0]
+    scaling = results[1:]
+    chunked = [r for r in scaling if r["class_chunk"]]
+    per_class = [r["working_mem_mib"] / r["classes"] for r in chunked]
+    return {
+        "bench": "eval",
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "encoder": encoder, "weights": "random",
+        "size": ratio["size"], "batch": batch, "repeats": repeats,
+        "two_pass_over_one_pass": ratio["two_over_one"], "goal_two_pass_over_one_pass": 1.35,
+        "ratio_case": ratio, "scaling": scaling,
+        "chunked_working_mem_mib_per_class": [round(v, 3) for v in per_class],
+        "memory_note": ("CPU: peak resident memory of a fresh process per case (includes the model); "
+                        "working_mem = peak minus the resident memory before the first forward"),
+        **SED_REFERENCE,
+    }
