@@ -23,6 +23,7 @@ def gap(
     samples: int = typer.Option(200, min=2, help="(region, class) pairs to sample."),
     min_area: float = typer.Option(0.01, min=0.0, max=1.0, help="Fraction of the image a class must cover."),
     seed: int = typer.Option(0, help="Seed of the item order."),
+    encode_size: int | None = typer.Option(None, min=8, help="Bank features group (default: its only/default size)."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("cpu"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -33,7 +34,8 @@ def gap(
 
     settings = GapSettings(bank=str(bank), encoder=encoder, images=images, out=str(out),
                            encoder_weights=encoder_weights, split=split, classes=classes, samples=samples,
-                           min_area=min_area, seed=seed, batch_size=batch_size, device=device)
+                           min_area=min_area, seed=seed, encode_size=encode_size, batch_size=batch_size,
+                           device=device)
     result = run_gap(settings, progress=progress)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))

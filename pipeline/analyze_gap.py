@@ -91,6 +91,7 @@ class GapSettings:
     samples: int = 200
     min_area: float = 0.01  # fraction of the image a class must cover to make a pair
     seed: int = 0
+    encode_size: int | None = None  # None: the size the bank's prompts were encoded at (its only or default one)
     batch_size: int = 32
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
@@ -227,9 +228,9 @@ def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
     names = [dataset.class_names[c] for c in used]
     # 2. prompts of the classes that occur: text (the bank's templates), bank visual, dual
     towers = load_towers(settings.encoder, str(info["weights"]), settings.encoder_weights, settings.device)
-    size = int(info.get("encode_size") or info.get("prompt_size") or towers.spec.prompt_size)
+    size = int(settings.encode_size or bank.encode_size(settings.encoder))
     text = towers.text.encode_classes(names, first_templates(templates)).float().cpu()
-    visual = bank.prototypes(names, settings.encoder, templates).embedding.float().cpu()
+    visual = bank.prototypes(names, settings.encoder, templates, encode_size=size).embedding.float().cpu()
     # 3. image embeddings of the pairs, then the statistics
     images = encode_crops(towers.prompt, dataset, pairs, size, settings.batch_size, progress)
     row = torch.tensor([used.index(c) for _, c, _ in pairs])

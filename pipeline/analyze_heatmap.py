@@ -9,8 +9,8 @@ Definitions (docs/analyses.md):
   prompts, the bank's visual prompts, or the dual prompts of Eq. 1, then upsampled bilinearly
   to the image's own size: values in [-1, 1];
 - stage costs (Fig. 8) = mean over templates of Eq. 2, cos(F_l(x, y), P_l[n, m]), at each
-  decoder stage's stride l (16, 8, 4), beside the stride-32 visual cost upsampled to the same
-  size (what the "upsampled cost" ablation feeds the decoder instead).
+  decoder stage's stride l (16, 8, 4), beside the stride-32 visual cost upsampled bilinearly
+  (what the "upsampled cost" ablation feeds the decoder instead).
 """
 
 from __future__ import annotations
@@ -93,10 +93,12 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
         templates = int(model.cfg.templates)
         image_tower, text_tower = model.image_encoder, model.text_encoder
         size = size or int(config.get("extra", {}).get("size") or model.encoder_spec.image_size)
+        encode_size = config.get("extra", {}).get("encode_size")
     if encoder is None:
         raise UserError("give --encoder (one of the bank's: " + (", ".join(bank.encoders()) or "none") + ")")
     info = bank_encoder_info(bank, encoder)
     if model is None:
+        encode_size = None
         templates = int(bank.config["templates"])
         towers = load_towers(encoder, str(info["weights"]), encoder_weights, device)
         image_tower, text_tower = towers.image.freeze(), towers.text
@@ -104,7 +106,8 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
     if size % 32:
         raise UserError(f"--size {size} must be a multiple of 32 (the encoder's stride)")
     # 2. prompts: text (templates as the bank / checkpoint), the bank's visual prompts
-    protos = bank.prototypes(names, encoder, templates, device=device)
+    encode_size = int(encode_size or bank.encode_size(encoder))  # the checkpoint's, else the bank's own
+    protos = bank.prototypes(names, encoder, templates, device=device, encode_size=encode_size)
     text = text_tower.encode_classes(names, first_templates(templates)).float().to(device)
     # 3. the image's dense embedding and multi-scale features at the model input size
     pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div(255).to(device)
@@ -115,10 +118,11 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
     maps = torch.stack([upsample(coarse[k], full) for k in KINDS], dim=1)  # (N, 3, H, W)
     # 4. Fig. 3: rows = classes, columns = image | text | visual | dual
     data = {"image": str(image_path), "classes": names, "kinds": list(KINDS), "size": size, "templates": templates,
-            "encoder": encoder, "bank": str(bank.root), "checkpoint": str(checkpoint) if checkpoint else None,
+            "encode_size": encode_size, "encoder": encoder, "bank": str(bank.root),
+            "checkpoint": str(checkpoint) if checkpoint else None,
             "definition": "mean over templates of cos(dense stride-32 embedding, prompt), upsampled bilinearly",
             "range": {k: [float(coarse[k].min()), float(coarse[k].max())] for k in KINDS},
-            "stride32": {k: coarse[k] for k in KINDS}}
+            "image_size": list(full), "shape": list(maps.shape), "stride32": {k: coarse[k] for k in KINDS}}
     fig = plots.heatmap_grid(image, names, list(KINDS), maps.cpu().numpy(), "prompt cost maps (Fig. 3)")
     files = {"prompts": plots.save_figure(fig, out, data)}
     result = {"classes": names, "size": size, "image_size": list(full), "shape": list(maps.shape),
@@ -143,14 +147,12 @@ def stage_figure(model, features, protos, visual32: torch.Tensor, image: np.ndar
     with torch.no_grad():
         costs = stage_costs(features, {s: protos.pooled[s].to(features.levels[s].device) for s in strides}, strides)
     full = image.shape[:2]
-    columns, panels = [], []
-    for s in strides:
-        columns += [f"stride {s}: Eq. 2", f"stride {s}: upsampled"]
-        panels += [upsample(costs[s], full), upsample(upsample(visual32, tuple(costs[s].shape[-2:])), full)]
-    maps = torch.stack(panels, dim=1).cpu().numpy()  # (N, 2 * stages, H, W)
+    columns = [f"stride {s} (Eq. 2)" for s in strides] + ["stride 32, upsampled"]
+    panels = [upsample(costs[s], full) for s in strides] + [upsample(visual32, full)]
+    maps = torch.stack(panels, dim=1).cpu().numpy()  # (N, stages + 1, H, W)
     data = {"classes": names, "strides": strides, "columns": columns,
-            "definition": "mean over templates of cos(stage features, pooled visual prompt) (Eq. 2); beside it the "
-                          "stride-32 visual cost upsampled to that stage's grid",
+            "definition": "mean over templates of cos(stage features, pooled visual prompt) (Eq. 2); beside them the "
+                          "stride-32 visual cost upsampled bilinearly",
             "range": {str(s): [float(costs[s].min()), float(costs[s].max())] for s in strides},
             "maps": {str(s): costs[s] for s in strides}}
     fig = plots.heatmap_grid(image, names, columns, maps, "visual cost volumes per decoder stage (Fig. 8)",

@@ -123,9 +123,11 @@ def test_gap_command_writes_summary_pairs_and_both_figures(world, cli):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary == json.loads((out / "gap.json").read_text())
-    info = json.loads((root / "bank" / "bank.json").read_text())["encoders"]["tiny"]
+    from bank.reader import Bank
+
     assert 2 <= summary["pairs"] <= 12 and summary["templates"] == 2
-    assert summary["bank"]["encode_size"] == info["prompt_size"] and summary["bank"]["weights"] == "random"
+    assert summary["bank"]["encode_size"] == Bank(root / "bank").encode_size("tiny")
+    assert summary["bank"]["weights"] == "random"
     assert summary["paper_centroid_distance"] == {"dual": 0.18, "visual": 0.33, "text": 0.39}
     rows = list(csv.DictReader(open(out / "pairs.csv")))
     assert len(rows) == summary["pairs"] and {r["class"] for r in rows} <= set(top)

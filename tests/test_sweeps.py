@@ -1,0 +1,225 @@
+"""Ablation sweeps: each sweep's parameter sets, `dvc exp show` parsing, resume planning on fake
+experiment records, the dvc commands a sweep issues (never run), and the Markdown table."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpseg.errors import UserError
+from pipeline import sweeps
+from pipeline.sweeps import SWEEPS
+
+PARAMS = """\
+profile: demo
+bank:
+  generator: procedural
+  templates: 4
+  vocab: [shapes]
+train:
+  prompt_mode: dual
+  fusion: avg-embeddings
+  visual_guidance: prompt
+  templates: 4
+"""
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS)
+    return path
+
+
+def sets(name, profile="demo"):
+    return [p.params for p in SWEEPS.get(name).expand(profile)]
+
+
+def test_each_sweep_expands_to_the_paper_tables_parameter_sets():
+    mode, fusion, guide = "train.prompt_mode", "train.fusion", "train.visual_guidance"
+    assert sets("prompts") == [
+        {mode: "text", fusion: "avg-embeddings", guide: "upsampled-cost"},
+        {mode: "visual", fusion: "avg-embeddings", guide: "prompt"},
+        {mode: "dual", fusion: "avg-embeddings", guide: "prompt"},
+        {mode: "dual", fusion: "concat-costs", guide: "prompt"},
+        {mode: "dual", fusion: "avg-costs", guide: "prompt"},
+    ]
+    assert sets("guidance") == [{mode: "dual", fusion: "avg-embeddings", guide: "prompt"},
+                                {mode: "dual", fusion: "avg-embeddings", guide: "upsampled-cost"}]
+    assert sets("templates") == [{"bank.templates": 80, "train.templates": k} for k in (1, 10, 20, 40, 80)]
+    noise = [{"bank.generator": f"noise:{r}"} for r in (0.2, 0.6, 0.8)]
+    assert sets("banks", "demo") == [{}, *noise]
+    assert sets("banks", "paper") == [{}, *noise, {"bank.generator": "sd3"}, {"bank.generator": "layerdiffuse"}]
+    assert [p.label for p in SWEEPS.get("banks").skipped("demo")] == ["sd3", "layerdiffuse"]
+    assert SWEEPS.names() == ["banks", "guidance", "prompts", "templates"]
+
+
+def test_every_model_setting_a_sweep_asks_for_is_a_valid_model_config():
+    from dpseg.model.config import DPSegConfig
+
+    for name in ("prompts", "guidance", "templates"):
+        for params in sets(name):
+            model = {k.split(".")[1]: v for k, v in params.items() if k.startswith("train.")}
+            DPSegConfig(encoder="tiny", **model)  # raises on a combination the model refuses
+
+
+def test_set_args_and_names():
+    point = SWEEPS.get("templates").points[1]
+    assert sweeps.set_args(point) == ["-S", "bank.templates=80", "-S", "train.templates=10"]
+    noisy = SWEEPS.get("banks").points[1]
+    assert sweeps.set_args(noisy) == ["-S", "bank.generator=noise:0.2"]
+    assert sweeps.format_value([1, 2]) == "[1, 2]" and sweeps.format_value(None) == "null"
+    assert sweeps.format_value(True) == "true" and sweeps.format_value(0.5) == "0.5"
+    base = sweeps.flatten({"bank": {"templates": 4}, "train": {"templates": 4}})
+    a = sweeps.experiment_name("templates", point, sweeps.expected_params(base, point))
+    b = sweeps.experiment_name("templates", point, sweeps.expected_params({**base, "x": 1}, point))
+    assert a.startswith("templates-10-templates-") and a != b  # another baseline, another name
+    assert all(c.isalnum() or c == "-" for c in a)
+
+
+# ---- fake `dvc exp show --json` --------------------------------------------------------------
+def state(rev, params, metrics=None, name=None, error=None):
+    data = {"rev": rev, "timestamp": None, "params": {"params.yaml": {"data": params}},
+            "metrics": {f: {"data": d} for f, d in (metrics or {}).items()}, "deps": {}, "outs": {}, "meta": {}}
+    return {"rev": rev, "name": name, "data": data, "error": error, "experiments": None}
+
+
+def exp(name, params, metrics=None, executor="success", error=None):
+    return {"revs": [state(f"rev-{name}", params, metrics, name, error)], "executor": {"state": executor, "name": None,
+                                                                                      "local": None}, "name": name}
+
+
+def tree(**train):
+    return {"profile": "demo", "bank": {"generator": "procedural", "templates": 4, "vocab": ["shapes"]},
+            "train": {"prompt_mode": "dual", "fusion": "avg-embeddings", "visual_guidance": "prompt", "templates": 4,
+                      **train}}
+
+
+def metrics(seen, unseen):
+    return {"out/eval/seen/metrics.json": {"passes": {"1": {"miou": seen, "pacc": 90.0}}, "uniform_random_miou": 1.0},
+            "out/eval/unseen/metrics.json": {"passes": {"1": {"miou": unseen, "pacc": 80.0}}}}
+
+
+def fake_show():
+    """Baseline commit (params.yaml defaults = the dual row, with results), one finished text
+    experiment, a queued visual one, a failed concat one, an avg-costs one run under another
+    baseline (templates 8), and a workspace row whose metrics must not count."""
+    baseline = state("abc1234", tree(), metrics(50.0, 20.0), name="main")
+    baseline["experiments"] = [
+        exp("t", tree(prompt_mode="text", visual_guidance="upsampled-cost"), metrics(40.0, 10.0)),
+        exp("v", tree(prompt_mode="visual"), None, executor="queued"),
+        exp("prompts-dual-concat-costs-000000", tree(fusion="concat-costs"), None, executor="failed",
+            error={"msg": "boom", "type": "ReproductionError"}),
+        exp("old", tree(fusion="avg-costs", templates=8), metrics(45.0, 15.0)),
+    ]
+    workspace = state("workspace", tree(fusion="avg-costs"), metrics(99.0, 99.0))
+    return [workspace, baseline]
+
+
+def test_exp_show_records_are_parsed():
+    records = sweeps.parse_exp_show(fake_show())
+    assert [(r.name, r.state) for r in records] == [
+        ("main", "baseline"), ("t", "success"), ("v", "queued"), ("prompts-dual-concat-costs-000000", "failed"),
+        ("old", "success")]
+    base, text = records[0], records[1]
+    assert base.params["train.fusion"] == "avg-embeddings" and base.params["bank.vocab"] == ["shapes"]
+    assert text.metrics["out/eval/unseen/metrics.json:passes.1.miou"] == 10.0
+    assert [r.has_results for r in records] == [True, True, False, False, True]
+
+
+def test_plan_resumes_only_what_has_no_results(params_file):
+    base = sweeps.load_params(params_file)
+    records = sweeps.parse_exp_show(fake_show())
+    plan = sweeps.plan_sweep(SWEEPS.get("prompts"), base, records, "demo")
+    assert [(p.point.label, p.status) for p in plan] == [
+        ("text", "done"), ("visual", "pending"), ("dual", "done"), ("dual, concat costs", "todo"),
+        ("dual, average costs", "todo")]  # 'old' ran with templates 8; the workspace row never counts
+    assert plan[0].record.name == "t" and plan[2].record.name == "main"
+    # values compare by meaning: '4' in a record is the 4 of params.yaml
+    stringly = sweeps.ExpRecord("r", "s", {k: str(v) for k, v in sweeps.expected_params(base, plan[3].point).items()
+                                           if not isinstance(v, list)} | {"bank.vocab": ["shapes"]},
+                                {"m.json:miou": 1.0}, "success")
+    assert sweeps.plan_sweep(SWEEPS.get("prompts"), base, [stringly], "demo")[3].status == "done"
+
+
+def test_run_issues_dvc_commands_for_missing_points_only(params_file):
+    calls = []
+
+    def runner(args):
+        calls.append(args)
+        return type("Result", (), {"returncode": 0})()
+
+    records = sweeps.parse_exp_show(fake_show())
+    report = sweeps.run_sweep("prompts", params_file, runner=runner, records_reader=lambda: records, dvc="dvc",
+                              echo=lambda _: None)
+    assert [c[:4] for c in calls] == [["dvc", "exp", "run", "--name"]] * 2
+    concat, costs = calls
+    assert concat[5] == "--temp" and concat[-6:] == ["-S", "train.prompt_mode=dual", "-S", "train.fusion=concat-costs",
+                                                     "-S", "train.visual_guidance=prompt"]
+    assert costs[-4:-2] == ["-S", "train.fusion=avg-costs"]
+    assert [p["status"] for p in report["points"]] == ["done", "pending", "done", "ran", "ran"]
+    # queue mode: queued, then workers started; queue-only: no workers
+    calls.clear()
+    sweeps.run_sweep("prompts", params_file, queue=True, jobs=2, runner=runner, records_reader=lambda: records,
+                     dvc="dvc", echo=lambda _: None)
+    assert [c[5] for c in calls[:2]] == ["--queue", "--queue"] and calls[2] == ["dvc", "queue", "start", "--jobs", "2"]
+    calls.clear()
+    sweeps.run_sweep("prompts", params_file, queue_only=True, runner=runner, records_reader=lambda: records, dvc="dvc",
+                     echo=lambda _: None)
+    assert len(calls) == 2 and all("--queue" in c for c in calls)
+
+
+def test_a_failing_experiment_stops_a_sequential_sweep_and_a_rerun_overwrites_its_name(params_file):
+    calls = []
+
+    def failing(args):
+        calls.append(args)
+        return type("Result", (), {"returncode": 1})()
+
+    report = sweeps.run_sweep("templates", params_file, runner=failing, records_reader=lambda: [], dvc="dvc",
+                              echo=lambda _: None)
+    assert len(calls) == 1 and report["failed"] == ["1 template"]
+    name = calls[0][4]
+    failed = sweeps.ExpRecord("rev", name, {}, {}, "failed")
+    plan = sweeps.plan_sweep(SWEEPS.get("templates"), sweeps.load_params(params_file), [failed], "demo")
+    assert plan[0].rerun_name and "--force" in sweeps.exp_run_args(plan[0], queue=False, dvc="dvc")
+    assert not plan[1].rerun_name
+
+
+def test_missing_params_keys_are_one_clear_error(tmp_path):
+    (tmp_path / "params.yaml").write_text("bank:\n  generator: procedural\n")
+    with pytest.raises(UserError, match="params.yaml has no .*train.fusion"):
+        sweeps.run_sweep("prompts", tmp_path / "params.yaml", runner=None, records_reader=lambda: [],
+                         echo=lambda _: None)
+    with pytest.raises(UserError, match="no .*params.yaml here"):
+        sweeps.load_params(tmp_path / "nowhere" / "params.yaml")
+
+
+def test_table_shows_each_row_with_its_experiments_metrics(params_file):
+    records = sweeps.parse_exp_show(fake_show())
+    table = sweeps.sweep_table("prompts", params_file, records=records)
+    lines = table.splitlines()
+    assert lines[0].startswith("**Table 2:")
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header == ["", "setting", "seen", "unseen", "experiment"]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in lines[4:9]}
+    assert rows["a: prompts text"][2:] == ["40.0", "10.0", "t"]
+    assert rows["a: prompts dual"][2:] == ["50.0", "20.0", "main"]
+    assert rows["a: prompts visual"][2:] == ["—", "—", "pending"]
+    assert rows["b: fusion dual, concat costs"][2:] == ["—", "—", "todo"]
+    assert "99.0" not in table  # the workspace's stale metrics
+
+
+def test_short_headers_drop_shared_words():
+    cols = ["out/eval/seen/metrics.json:passes.1.miou", "out/eval/seen/metrics.json:passes.2.miou",
+            "out/eval/unseen/metrics.json:passes.1.miou"]
+    assert sweeps.short_headers(cols) == ["seen pass1", "seen pass2", "unseen pass1"]
+    assert sweeps.short_headers(["m.json:miou"]) == ["miou"]
+
+
+def test_cli_lists_sweeps_and_refuses_bad_input(cli, one_line_error, params_file, monkeypatch):
+    listed = cli("analyze", "sweep")
+    assert listed.exit_code == 0 and "Table 4" in listed.stdout and "templates" in listed.stdout
+    one_line_error(cli("analyze", "sweep", "nope", "--params", params_file), "unknown sweep 'nope'")
+    one_line_error(cli("analyze", "sweep", "prompts", "--queue", "--queue-only"), "exclude each other")
+    monkeypatch.chdir(params_file.parent)  # not a git/DVC repository: `dvc exp show` fails, in one line
+    one_line_error(cli("analyze", "sweep", "templates", "--dry-run"), "dvc exp show", "git+DVC repo")
