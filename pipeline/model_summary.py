@@ -32,7 +32,7 @@ def model_summary(cfg: DPSegConfig, num_classes: int, size: int, batch: int = 1)
         def hook(_module, _inputs, output):
             if torch.is_tensor(output):
                 shape = list(output.shape)
-                if shape[0] == batch * num_classes and name in ("cost_embed", "head"):
+                if shape[0] == batch * num_classes and (name in ("cost_embed", "head") or name.endswith(".aux")):
                     shape = [batch, num_classes, *shape[1:]]
                 shapes[name] = shape
         return hook
@@ -40,6 +40,8 @@ def model_summary(cfg: DPSegConfig, num_classes: int, size: int, batch: int = 1)
     decoder = model.decoder
     watched = {"cost_embed": decoder.cost_embed, "head": decoder.head}
     for k in range(decoder.num_stages):
+        if decoder.aux_heads is not None:
+            watched[f"stage{k}.aux"] = decoder.aux_heads[k]
         watched[f"stage{k}.aggregate"] = decoder.blocks[k]
         watched[f"stage{k}.skip"] = decoder.skips[k]
         watched[f"stage{k}.out"] = decoder.fusions[k]
@@ -48,15 +50,30 @@ def model_summary(cfg: DPSegConfig, num_classes: int, size: int, batch: int = 1)
     text, visual = random_prompts(model, num_classes, device="meta")
     with torch.no_grad():
         features = model.encode_image(images)
-        logits = model(text=text, visual=visual, features=features)
+        logits, _ = model(text=text, visual=visual, features=features, aux=True)
     for h in handles:
         h.remove()
 
     tower = model.image_encoder
     encoder_shapes = {f"encoder.stride{s}": list(f.shape) for s, f in features.levels.items()}
     encoder_shapes["encoder.dense"] = list(features.dense.shape)
-    cost_channels = cfg.templates * (2 if cfg.fusion == "concat-costs" else 1)
-    ordered = ["cost_embed"] + [f"stage{k}.{p}" for k in range(decoder.num_stages) for p in ("aggregate", "skip", "out")] + ["head"]
+    cost_channels = cfg.cost_channels
+    parts = ("aux", "aggregate", "skip", "out") if decoder.aux_heads is not None else ("aggregate", "skip", "out")
+    ordered = ["cost_embed"] + [f"stage{k}.{p}" for k in range(decoder.num_stages) for p in parts] + ["head"]
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    in_dims = [cfg.cost_dim, *cfg.decoder_dims[:-1]]
+    aux_heads = [{"stage": k, "stride": size // shapes[f"stage{k}.aux"][-1], "in_channels": in_dims[k],
+                  "shape": shapes[f"stage{k}.aux"], "params": n_params(decoder.aux_heads[k])}
+                 for k in range(decoder.num_stages)] if decoder.aux_heads is not None else []
+    fusion_blocks = []
+    for k, fusion in enumerate(decoder.fusions):
+        fusion_blocks.append({
+            "stage": k, "stride": cfg.guidance_strides[k], "in_channels": in_dims[k],
+            "deconv_channels": fusion.up.out_channels, "skip_channels": fusion.from_skip.in_channels,
+            "guidance_channels": fusion.from_guidance.in_channels if fusion.from_guidance is not None else 0,
+            "out_channels": fusion.conv2.out_channels, "groupnorm_groups": fusion.norm1.num_groups,
+            "params": n_params(fusion),
+        })
     return {
         "encoder": cfg.encoder,
         "open_clip_model": model.encoder_spec.open_clip_model,
@@ -69,7 +86,12 @@ def model_summary(cfg: DPSegConfig, num_classes: int, size: int, batch: int = 1)
         "size": size,
         "cost_volume_shape": [batch, cost_channels, num_classes, size // 32, size // 32],
         "decoder_dims": list(cfg.decoder_dims),
-        "skip_channels": [tower.channels_at(s) // cfg.skip_reduction for s in cfg.guidance_strides],
+        "skip_channels": list(cfg.guidance_dims),
+        "visual_guidance": cfg.visual_guidance,
+        "guidance_stages": list(cfg.guidance_stages),
+        "aux_heads": aux_heads,
+        "fusion_blocks": fusion_blocks,
+        "cost_chain": [list(s.weight.shape) for s in decoder.cost_chain.steps] if decoder.cost_chain else [],
         "logits_shape": list(logits.shape),
         **model.parameter_counts(),
         "shapes": {**encoder_shapes, **{k: shapes[k] for k in ordered}},

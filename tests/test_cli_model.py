@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -12,7 +11,8 @@ runner = CliRunner()
 
 
 def test_summary_json_reports_the_paper_facts_for_convnext_b():
-    result = runner.invoke(app, ["model", "summary", "--encoder", "convnext-b", "--classes", "171", "--size", "768", "--json"])
+    result = runner.invoke(app, ["model", "summary", "--encoder", "convnext-b", "--classes", "171", "--size", "768",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["embed_dim"] == 640
@@ -80,8 +80,8 @@ def test_demo_without_a_bank_uses_random_visual_prompts():
 def test_demo_segments_with_the_prompts_of_a_procedural_bank(tmp_path):
     bank = tmp_path / "bank"
     built = runner.invoke(app, ["bank", "build", "--generator", "procedural", "--vocab", "shapes", "--encoder", "tiny",
-                                "--encoder-weights", "none", "--templates", "2", "--resolution", "32", "--out", str(bank),
-                                "--no-progress"])
+                                "--encoder-weights", "none", "--templates", "2", "--resolution", "32",
+                                "--out", str(bank), "--no-progress"])
     assert built.exit_code == 0, built.output
     result = runner.invoke(app, ["demo", "--size", "64", "--bank", str(bank)])
     assert result.exit_code == 0, result.output

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dpseg.errors import UserError
-from dpseg.model import DPSegConfig, build_dpseg, segmentation_bce
-from dpseg.model.blocks import ClassAttention, CostGuidance, StageFusion
+from dpseg.model import DPSegConfig, build_dpseg, deep_supervision_bce, segmentation_bce
+from dpseg.model.blocks import ClassAttention, CostGuidance, StageFusion, UpsampledCostChain
 from dpseg.model.cost_volume import cosine_cost, dual_prompt_embeddings, initial_cost
 from pipeline.model_summary import model_summary, random_prompts
 
@@ -48,7 +48,8 @@ def test_fusions_of_table_2b():
     ct, cv = cosine_cost(dense, t), cosine_cost(dense, v)
     assert torch.allclose(initial_cost(dense, t, v, "dual", "avg-costs"), (ct + cv) / 2)
     assert torch.equal(initial_cost(dense, t, v, "dual", "concat-costs"), torch.cat([ct, cv], 1))
-    assert torch.allclose(initial_cost(dense, t, v, "dual", "avg-embeddings"), cosine_cost(dense, dual_prompt_embeddings(t, v)))
+    expected = cosine_cost(dense, dual_prompt_embeddings(t, v))
+    assert torch.allclose(initial_cost(dense, t, v, "dual", "avg-embeddings"), expected)
     assert torch.equal(initial_cost(dense, t, None, "text", "avg-embeddings"), ct)
 
 
@@ -63,23 +64,46 @@ def test_folded_guidance_equals_cost_volume_then_1x1_conv():
     assert torch.allclose(guidance.from_prompts(features, p), conv, atol=1e-5)
 
 
-def test_upsampled_cost_guidance_equals_upsampling_then_1x1_conv():
+def test_upsampled_cost_chain_is_seds_deconv_chain():
     torch.manual_seed(0)
-    guidance = CostGuidance(cost_channels=6, dim=4)
-    cost = torch.randn(2, 6, 3, 4, 4)
-    up = F.interpolate(cost.flatten(1, 2), size=(16, 16), mode="bilinear", align_corners=False).view(2, 6, 3, 16, 16)
-    expected = torch.einsum("km,bmnhw->bnkhw", guidance.weight, up) + guidance.bias.view(1, 1, -1, 1, 1)
-    assert torch.allclose(guidance.from_cost(cost, (16, 16)), expected, atol=1e-5)
+    chain = UpsampledCostChain(cost_channels=80, dims=(32, 16, 8))
+    # ConvTranspose2d(c_in, c_out, 2): c_in * c_out * 4 weights + c_out biases per step
+    assert [sum(p.numel() for p in s.parameters()) for s in chain.steps] == [80 * 32 * 4 + 32, 32 * 16 * 4 + 16,
+                                                                           16 * 8 * 4 + 8]
+    x = torch.randn(3, 80, 6, 6)
+    outs = []
+    for k, size in enumerate([(12, 12), (24, 24), (48, 48)]):
+        x = chain.step(k, x, size)
+        outs.append(x)
+    assert [tuple(o.shape) for o in outs] == [(3, 32, 12, 12), (3, 16, 24, 24), (3, 8, 48, 48)]
+    assert all((o >= 0).all() for o in outs)  # ReLU after every step
+    # one step by hand: output pixel (2i+a, 2j+b) = bias + sum_c x[c, i, j] W[c, :, a, b]
+    step = chain.steps[0]
+    inp = torch.randn(1, 80, 2, 2)
+    expected = torch.einsum("cij,cdab->diajb", inp[0], step.weight).reshape(32, 4, 4) + step.bias.view(32, 1, 1)
+    assert torch.allclose(chain.step(0, inp, (4, 4))[0], F.relu(expected), atol=1e-5)
 
 
-def test_stage_fusion_equals_a_conv_over_the_broadcast_concat():
+def test_stage_fusion_is_seds_double_conv_over_the_broadcast_concat():
     torch.manual_seed(0)
-    fusion = StageFusion(dim=4, skip_channels=2)
-    state, skip, guide = torch.randn(2, 3, 4, 6, 6), torch.randn(2, 2, 6, 6), torch.randn(2, 3, 4, 6, 6)
+    fusion = StageFusion(in_dim=64, out_dim=32, skip_dim=16, guidance_dim=16)
+    # hand-counted: deconv 64->48 (2x2) + 3x3 convs (48+16+16 -> 32, 32 -> 32, no bias) + two GroupNorms
+    assert sum(p.numel() for p in fusion.parameters()) == (64 * 48 * 4 + 48) + 80 * 32 * 9 + 32 * 32 * 9 + 2 * 2 * 32
+    assert fusion.norm1.num_groups == 2 and fusion.norm2.num_groups == 2  # one group per 16 channels (SED)
+    state, skip, guide = torch.randn(2, 3, 64, 4, 4), torch.randn(2, 16, 8, 8), torch.randn(2, 3, 16, 8, 8)
+    up = fusion.up(state.flatten(0, 1))
+    assert up.shape == (6, 48, 8, 8)
     weight = torch.cat([fusion.from_state.weight, fusion.from_skip.weight, fusion.from_guidance.weight], dim=1)
-    concat = torch.cat([state, skip.unsqueeze(1).expand(-1, 3, -1, -1, -1), guide], dim=2).flatten(0, 1)
-    expected = F.gelu(F.conv2d(concat, weight, fusion.from_state.bias, padding=1)).view(2, 3, 4, 6, 6)
-    assert torch.allclose(fusion(state, skip, guide), expected, atol=1e-5)
+    concat = torch.cat([up, skip.repeat_interleave(3, dim=0), guide.flatten(0, 1)], dim=1)
+    y = F.relu(F.group_norm(F.conv2d(concat, weight, padding=1), 2, fusion.norm1.weight, fusion.norm1.bias))
+    y = F.relu(F.group_norm(F.conv2d(y, fusion.conv2.weight, padding=1), 2, fusion.norm2.weight, fusion.norm2.bias))
+    assert torch.allclose(fusion(state, skip, guide), y.view(2, 3, 32, 8, 8), atol=1e-5)
+
+
+def test_stage_fusion_without_guidance_has_no_guidance_conv():
+    fusion = StageFusion(in_dim=32, out_dim=16, skip_dim=8, guidance_dim=0)
+    assert fusion.from_guidance is None and fusion.from_state.in_channels == 24
+    assert fusion(torch.randn(1, 2, 32, 3, 3), torch.randn(1, 8, 6, 6), None).shape == (1, 2, 16, 6, 6)
 
 
 def test_class_attention_matches_the_linear_attention_formula():
@@ -117,7 +141,8 @@ def test_shapes_at_every_stage_for_the_tiny_encoder():
     assert s["cost_embed"] == [1, 7, 128, 4, 4]
     assert s["stage0.aggregate"] == [1, 7, 128, 4, 4]
     assert [s[f"stage{k}.out"] for k in range(3)] == [[1, 7, 64, 8, 8], [1, 7, 32, 16, 16], [1, 7, 16, 32, 32]]
-    assert [s[f"stage{k}.skip"] for k in range(3)] == [[1, 10, 8, 8], [1, 5, 16, 16], [1, 2, 32, 32]]
+    assert [s[f"stage{k}.skip"] for k in range(3)] == [[1, 32, 8, 8], [1, 16, 16, 16], [1, 8, 32, 32]]
+    assert [s[f"stage{k}.aux"] for k in range(3)] == [[1, 7, 1, 4, 4], [1, 7, 1, 8, 8], [1, 7, 1, 16, 16]]
     assert s["head"] == [1, 7, 1, 32, 32] and info["logits_shape"] == [1, 7, 32, 32]
 
 
@@ -131,7 +156,7 @@ def test_summary_of_the_paper_encoders(encoder, embed, channels):
     assert info["strides"] == [4, 8, 16, 32] and info["templates"] == 80
     assert info["cost_volume_shape"] == [1, 80, 171, 24, 24]
     assert info["decoder_dims"] == [64, 32, 16]
-    assert info["skip_channels"] == [c // 16 for c in channels[2::-1]]
+    assert info["skip_channels"] == [32, 16, 8]  # SED's DECODER_GUIDANCE_PROJ_DIMS for B and L
     assert info["logits_shape"] == [1, 171, 192, 192]
     assert info["params_frozen"] > info["params_trainable"] > info["params_decoder"] > 0
 
@@ -148,6 +173,7 @@ def test_forward_gives_one_logit_map_per_class_at_stride_4():
 @pytest.mark.parametrize("cfg", [
     {}, {"fusion": "concat-costs"}, {"fusion": "avg-costs"}, {"visual_guidance": "upsampled-cost"},
     {"prompt_mode": "text", "visual_guidance": "upsampled-cost"}, {"prompt_mode": "visual"},
+    {"visual_guidance": "none"}, {"guidance_stages": (True, False, True)}, {"deep_supervision": False},
 ])
 def test_chunked_decoding_equals_one_pass_in_every_mode(cfg):
     model = tiny_model(**cfg)
@@ -156,7 +182,8 @@ def test_chunked_decoding_equals_one_pass_in_every_mode(cfg):
         features = model.encode_image(torch.randn(2, 3, 64, 64))
         whole = model(text=text, visual=visual, features=features)
         for chunk in (1, 3, 6):
-            assert torch.allclose(model(text=text, visual=visual, features=features, class_chunk=chunk), whole, atol=1e-5)
+            chunked = model(text=text, visual=visual, features=features, class_chunk=chunk)
+            assert torch.allclose(chunked, whole, atol=1e-5)
 
 
 def test_ablation_modes_change_the_output():
@@ -207,36 +234,58 @@ def test_gradients_reach_decoder_and_image_tower_but_not_frozen_towers():
     model = tiny_model()
     model.train()
     text, visual = prompts(model)
-    logits = model(torch.randn(2, 3, 64, 64), text=text, visual=visual)
-    segmentation_bce(logits, torch.randint(0, N_CLASSES, (2, 64, 64))).backward()
+    logits, aux = model(torch.randn(2, 3, 64, 64), text=text, visual=visual, aux=True)
+    deep_supervision_bce(logits, aux, torch.randint(0, N_CLASSES, (2, 64, 64))).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
     assert model.image_encoder.visual.trunk.stem[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.prompt_encoder.parameters())
     assert all(p.grad is None for p in model.text_encoder.parameters())
 
 
-def test_skips_are_detached_and_visual_costs_are_not():
-    for guidance, reaches_stride4 in (("upsampled-cost", False), ("prompt", True)):
-        model = tiny_model(visual_guidance=guidance)
-        text, visual = prompts(model)
-        features = model.encode_image(torch.randn(1, 3, 64, 64)).detach()
-        for f in [*features.levels.values(), features.dense]:
-            f.requires_grad_(True)
-        model(text=text, visual=visual, features=features).sum().backward()
-        # stride 4 feeds only the detached skip and, with prompt guidance, Eq. 2's cost volume
-        assert (features.levels[4].grad is not None) == reaches_stride4
-        assert features.dense.grad is not None and features.dense.grad.abs().sum() > 0
-        assert model.decoder.skips[2][0].weight.grad is not None  # the skip conv itself learns
+@pytest.mark.parametrize("guidance, guidance_grad, reaches_stride4", [
+    ("upsampled-cost", False, False), ("prompt", False, False), ("prompt", True, True), ("none", True, False),
+])
+def test_skips_are_detached_and_visual_costs_follow_guidance_grad(guidance, guidance_grad, reaches_stride4):
+    model = tiny_model(visual_guidance=guidance, guidance_grad=guidance_grad)
+    text, visual = prompts(model)
+    features = model.encode_image(torch.randn(1, 3, 64, 64)).detach()
+    for f in [*features.levels.values(), features.dense]:
+        f.requires_grad_(True)
+    model(text=text, visual=visual, features=features).sum().backward()
+    # stride 4 feeds only the detached skip and, with prompt guidance, Eq. 2's cost volume
+    assert (features.levels[4].grad is not None) == reaches_stride4
+    assert features.dense.grad is not None and features.dense.grad.abs().sum() > 0
+    assert model.decoder.skips[2][0].weight.grad is not None  # the skip conv itself learns
 
 
-def test_param_groups_scale_the_image_tower_lr_and_skip_frozen_towers():
+def test_aux_heads_get_gradient_only_for_themselves():
+    model = tiny_model()
+    model.train()
+    text, visual = prompts(model)
+    _, aux = model(torch.randn(1, 3, 64, 64), text=text, visual=visual, aux=True)
+    sum(a.sum() for a in aux).backward()  # aux heads read detached states (SED)
+    heads = {id(p) for p in model.decoder.aux_heads.parameters()}
+    assert all(p.grad is not None for p in model.decoder.aux_heads.parameters())
+    assert all(p.grad is None for p in model.parameters() if id(p) not in heads)
+
+
+def test_param_groups_scale_the_image_tower_lr_and_skip_decay_on_norms_and_biases():
     model = tiny_model()
     groups = {g["name"]: g for g in model.param_groups(lr=2e-4, weight_decay=1e-4)}
-    assert groups["decoder"]["lr"] == 2e-4
-    assert groups["image_encoder"]["lr"] == pytest.approx(2e-6)
-    in_groups = {id(p) for g in groups.values() for p in g["params"]}
-    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
-    assert sum(p.numel() for g in groups.values() for p in g["params"]) == model.parameter_counts()["params_trainable"]
+    assert sorted(groups) == ["decoder", "decoder_no_decay", "image_encoder", "image_encoder_no_decay"]
+    assert groups["decoder"]["lr"] == groups["decoder_no_decay"]["lr"] == 2e-4
+    assert groups["image_encoder"]["lr"] == groups["image_encoder_no_decay"]["lr"] == pytest.approx(2e-6)
+    assert groups["decoder"]["weight_decay"] == 1e-4 and groups["decoder_no_decay"]["weight_decay"] == 0.0
+    in_groups = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups))
+    assert set(in_groups) == {id(p) for p in model.parameters() if p.requires_grad}
+    # independently: every norm layer's parameters and every bias are in a no-decay group
+    no_decay = {id(p) for name in ("decoder_no_decay", "image_encoder_no_decay") for p in groups[name]["params"]}
+    expected = {id(p) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+                for p in m.parameters(recurse=False) if p.requires_grad}
+    expected |= {id(p) for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad}
+    assert no_decay == expected
+    assert id(model.decoder.fusions[0].norm1.weight) in no_decay and id(model.decoder.head.weight) not in no_decay
     torch.optim.AdamW(model.param_groups(2e-4, 1e-4))  # accepted as given
 
 

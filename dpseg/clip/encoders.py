@@ -1,8 +1,10 @@
 """Encoder registry and weight loading.
 
 An encoder name (`convnext-b`, `convnext-l`, `tiny`) fixes the open_clip architecture, the
-default pretrained tag and the input sizes. Weights come from the hub tag by default, or
-from a local file or directory, or are random when asked (`weights=None`).
+default pretrained tag and the input sizes. Weights come from the hub tag by default (open_clip
+downloads the tag's file; a `.bin` there goes through torch.load(weights_only=True)), or from a
+local `.safetensors` file or a folder holding one (other local formats are refused), or are
+random when asked (`weights=None`, built under torch.manual_seed(0)).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ class EncoderSpec:
     name: str
     open_clip_model: str
     pretrained_tag: str | None
-    image_size: int  # segmentation input (SED: 768)
-    prompt_size: int  # visual-prompt images (the tower's native CLIP resolution)
+    image_size: int  # segmentation input (SED: 768); prompt images are encoded at this size too (paper §5.2)
+    prompt_size: int  # the tower's native CLIP resolution: the prompt-size ablation value
+    drop_path: float = 0.0  # image-tower stochastic depth as SED trains it (its vendored open_clip configs)
+    head_dropout: float = 0.0  # image-tower head dropout as SED trains it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +44,10 @@ class EncoderSpec:
 
 ENCODERS: Registry[EncoderSpec] = Registry("encoder")
 ENCODERS.register("convnext-b", EncoderSpec("convnext-b", "convnext_base_w_320", "laion_aesthetic_s13b_b82k", 768, 320))
-ENCODERS.register("convnext-l", EncoderSpec("convnext-l", "convnext_large_d_320", "laion2b_s29b_b131k_ft_soup", 768, 320))
+# SED's open_clip copy sets no drop for convnext_base_w_320 (upstream open_clip now says drop_path 0.1)
+# and timm_drop 0.1 / timm_drop_path 0.1 for convnext_large_d_320: set here, never inherited.
+ENCODERS.register("convnext-l", EncoderSpec("convnext-l", "convnext_large_d_320", "laion2b_s29b_b131k_ft_soup",
+                                            768, 320, drop_path=0.1, head_dropout=0.1))
 # Random ConvNeXt-atto CLIP built from a config shipped in this package: tests and the demo.
 ENCODERS.register("tiny", EncoderSpec("tiny", "dpseg-tiny-convnext", None, 128, 64))
 
@@ -83,6 +90,11 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> str
         return spec.pretrained_tag
     path = Path(weights)
     if path.is_file():
+        if path.suffix != ".safetensors":  # a pickle can run code: local files must be safetensors
+            raise WeightsError(
+                f"weights file {path} is not .safetensors; convert it once with safetensors.torch.save_file("
+                f"torch.load(path, weights_only=True), 'open_clip_model.safetensors') and pass that file"
+            )
         return str(path)
     if path.is_dir():
         for name in WEIGHT_FILE_NAMES:
@@ -111,25 +123,39 @@ def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFA
 
     try:
         with _quiet_logging():  # "initialized randomly" is what we asked for; failures are re-raised below
-            model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, device=device, weights_only=True)
+            model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, device=device,
+                                           weights_only=True)
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
         if pretrained is None:
             raise
         reason = first_line(err)
-        hint = "pass --weights /path/to/open_clip_model.safetensors (or its folder), or --weights none for random init"
-        raise WeightsError(f"could not load weights {pretrained!r} for encoder {spec.name!r} ({reason}); {hint}") from None
+        what = (f"weights file {pretrained}" if Path(pretrained).is_file()
+                else f"open_clip pretrained tag {pretrained!r} (a published-weights name, not a file)")
+        hint = ("pass --encoder-weights /path/to/open_clip_model.safetensors (or its folder), "
+                "or --encoder-weights none for random init")
+        raise WeightsError(f"could not load the {what} for encoder {spec.name!r} ({reason}); {hint}") from None
     return model, "random" if pretrained is None else pretrained
 
 
-def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> ClipTowers:
-    """Builds the image, prompt and text towers of encoder `name`."""
+def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS,
+              device: str | torch.device = "cpu") -> ClipTowers:
+    """Builds the image, prompt and text towers of encoder `name`.
+
+    Random towers ("random" / None) are built under torch.manual_seed(0) whatever the caller's
+    seed, so every process (bank encoder, trainer, checkpoint loader) rebuilds the same towers;
+    the caller's RNG state is left untouched."""
     spec = ENCODERS.get(name)
-    model, weights_id = create_open_clip(spec, weights, device)
+    with torch.random.fork_rng(devices=[]):
+        if resolve_weights(spec, weights) is None:
+            torch.manual_seed(0)
+        model, weights_id = create_open_clip(spec, weights, device)
     visual = model.visual
     prompt_visual = copy.deepcopy(visual)
     del model.visual  # the text tower keeps the rest of the CLIP model
     image = ImageTower(visual, image_size=spec.image_size)
-    prompt = ImageTower(prompt_visual, image_size=spec.prompt_size).freeze()
+    # Prompt images are encoded at the segmenter's input size (paper §5.2: generated at 768x768,
+    # "matching the input image size"), so Eq. 2's pooled features describe the scale they meet.
+    prompt = ImageTower(prompt_visual, image_size=spec.image_size).freeze()
     text = TextTower(model, open_clip.get_tokenizer(spec.open_clip_model)).freeze()
     return ClipTowers(spec=spec, weights=weights_id, image=image, prompt=prompt, text=text)
 
@@ -140,4 +166,4 @@ def encoder_dims(name: str) -> tuple[int, dict[int, int]]:
     with torch.device("meta"):
         towers = load_clip(name, weights=None, device="meta")
     tower = towers.image
-    return tower.embed_dim, dict(zip(tower.strides, tower.channels))
+    return tower.embed_dim, dict(zip(tower.strides, tower.channels, strict=False))

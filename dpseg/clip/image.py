@@ -25,7 +25,7 @@ class ImageFeatures:
     levels: dict[int, torch.Tensor]  # stride -> (B, C_l, H/l, W/l)
     dense: torch.Tensor  # (B, D, H/32, W/32)
 
-    def detach(self) -> "ImageFeatures":
+    def detach(self) -> ImageFeatures:
         return ImageFeatures({s: f.detach() for s, f in self.levels.items()}, self.dense.detach())
 
 
@@ -49,8 +49,10 @@ class ImageTower(nn.Module):
         self.channels: list[int] = [int(f["num_chs"]) for f in info]
         self.embed_dim: int = int(self._embed_dim(visual))
         device = next(visual.parameters()).device
-        self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1), persistent=False)
+        mean = torch.tensor(OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        std = torch.tensor(OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
+        self.register_buffer("std", std, persistent=False)
 
     @staticmethod
     def _embed_dim(visual: nn.Module) -> int:
@@ -60,15 +62,42 @@ class ImageTower(nn.Module):
     def channels_at(self, stride: int) -> int:
         return self.channels[self.strides.index(stride)]
 
-    def freeze(self) -> "ImageTower":
+    def freeze(self) -> ImageTower:
         self.requires_grad_(False)
         self.eval()
         return self
 
-    def train(self, mode: bool = True) -> "ImageTower":
+    def train(self, mode: bool = True) -> ImageTower:
         # a frozen tower stays in eval mode whatever its parent does (no drop-path noise)
         frozen = not any(p.requires_grad for p in self.parameters())
         return super().train(mode and not frozen)
+
+    def set_regularization(self, drop_path: float, head_dropout: float) -> ImageTower:
+        """Stochastic depth over the trunk's blocks (rising linearly from 0 to `drop_path`, timm's
+        rule) and dropout before the head's projection, set explicitly so a training recipe never
+        inherits whatever the installed open_clip's model config says."""
+        from timm.layers import DropPath
+
+        blocks = [m for m in self.visual.trunk.modules() if hasattr(m, "drop_path") and isinstance(m, nn.Module)
+                  and isinstance(m.drop_path, (nn.Identity, DropPath))]
+        rates = [drop_path * i / max(1, len(blocks) - 1) for i in range(len(blocks))]  # no tensors: works under meta
+        for block, rate in zip(blocks, rates, strict=False):
+            block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+        for name, module in self.visual.head.named_modules():
+            # open_clip: head.drop before a linear projection; head.mlp.drop1 inside an MLP projection
+            if isinstance(module, nn.Dropout) and name in ("drop", "mlp.drop1"):
+                module.p = head_dropout
+        return self
+
+    def regularization(self) -> dict[str, float]:
+        """The drop-path rate of the last block and the head dropout now in effect."""
+        from timm.layers import DropPath
+
+        rates = [m.drop_path.drop_prob for m in self.visual.trunk.modules()
+                 if isinstance(getattr(m, "drop_path", None), DropPath)]
+        drops = [m.p for n, m in self.visual.head.named_modules()
+                 if isinstance(m, nn.Dropout) and n in ("drop", "mlp.drop1")]
+        return {"drop_path": max(rates, default=0.0), "head_dropout": max(drops, default=0.0)}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> CLIP-normalised input."""
@@ -84,7 +113,7 @@ class ImageTower(nn.Module):
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         """Normalised images (B, 3, H, W), H and W multiples of 32 -> ImageFeatures."""
         maps = self.visual.trunk.forward_intermediates(images, intermediates_only=True)
-        levels = dict(zip(self.strides, maps))
+        levels = dict(zip(self.strides, maps, strict=False))
         return ImageFeatures(levels=levels, dense=self.dense_embedding(levels[self.strides[-1]]))
 
     def dense_embedding(self, last_stage: torch.Tensor) -> torch.Tensor:
@@ -100,6 +129,6 @@ class ImageTower(nn.Module):
     def encode_prompts(self, images: torch.Tensor, strides: tuple[int, ...] = PROMPT_STRIDES) -> PromptFeatures:
         """Normalised prompt images -> global embedding and spatially averaged stage features."""
         maps = self.visual.trunk.forward_intermediates(images, intermediates_only=True)
-        levels = dict(zip(self.strides, maps))
+        levels = dict(zip(self.strides, maps, strict=False))
         pooled = {s: levels[s].float().mean(dim=(2, 3)).to(levels[s].dtype) for s in strides}
         return PromptFeatures(embedding=self.pooled_embedding(levels[self.strides[-1]]), pooled=pooled)

@@ -20,12 +20,12 @@ class TextTower(nn.Module):
     def embed_dim(self) -> int:
         return int(self.clip.text_projection.shape[-1])
 
-    def freeze(self) -> "TextTower":
+    def freeze(self) -> TextTower:
         self.requires_grad_(False)
         self.eval()
         return self
 
-    def train(self, mode: bool = True) -> "TextTower":
+    def train(self, mode: bool = True) -> TextTower:
         frozen = not any(p.requires_grad for p in self.parameters())
         return super().train(mode and not frozen)
 

@@ -1,9 +1,16 @@
-"""Self-describing checkpoints: `model.safetensors` (every tower and the decoder) beside
-`config.json` (the resolved model config, the encoder and its weights' origin), so a checkpoint
-says how it was made and loads without the original CLIP weights at hand."""
+"""Self-describing checkpoints: `model.safetensors` beside `config.json` (the resolved model
+config with its version, the encoder and where its weights came from).
+
+By default only what training changes is stored (the image tower, the decoder, and buffers):
+the frozen prompt and text towers are rebuilt on load from the recorded encoder weights (an
+open_clip tag, a `.safetensors` file, or "random" = built under torch.manual_seed(0)) and checked
+against the id recorded at save time, so a checkpoint is ~1/3 the size and can never silently
+pair a decoder with other prompt towers. `trainable_only=False` stores every tower.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,27 +22,50 @@ from safetensors.torch import load_file, save_file
 
 import dpseg
 from dpseg.errors import UserError, first_line
-from dpseg.model.config import DPSegConfig
+from dpseg.model.config import CONFIG_VERSION, DPSegConfig
 from dpseg.model.network import DPSeg, build_dpseg
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "dpseg-checkpoint-1"
+FROZEN_TOWERS = ("prompt_encoder", "text_encoder")  # rebuilt from the encoder weights on load
 
 
-def save_dpseg(model: DPSeg, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def frozen_towers_id(model: DPSeg) -> str:
+    """A digest of the frozen towers' tensors (names, shapes, dtypes, values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tower in FROZEN_TOWERS:
+        for name, tensor in sorted(getattr(model, tower).state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{tower}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _is_frozen_key(key: str) -> bool:
+    return key.split(".", 1)[0] in FROZEN_TOWERS
+
+
+def save_dpseg(model: DPSeg, path: str | os.PathLike, extra: dict | None = None, trainable_only: bool = True) -> Path:
     """Writes the checkpoint folder atomically (a reader never sees half of one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.weights
+    if trainable_only and weights not in ("random",) and Path(weights).is_file():
+        weights = str(Path(weights).resolve())
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not (trainable_only and _is_frozen_key(k))}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         config = {
-            "format": FORMAT, "dpseg_version": dpseg.__version__, "model": model.cfg.to_dict(),
-            "encoder": model.encoder_spec.to_dict(), "encoder_weights": model.weights, "extra": extra or {},
+            "format": FORMAT, "config_version": CONFIG_VERSION, "dpseg_version": dpseg.__version__,
+            "model": model.cfg.to_dict(), "encoder": model.encoder_spec.to_dict(), "encoder_weights": weights,
+            "stored": "trainable" if trainable_only else "all", "frozen_towers_id": frozen_towers_id(model),
+            "extra": extra or {},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is as readable as a plain folder
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -45,25 +75,60 @@ def save_dpseg(model: DPSeg, path: str | os.PathLike, extra: dict | None = None)
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not (config_file.is_file() and (path / WEIGHTS_FILE).is_file()):
         raise UserError(f"{path} is not a dpseg checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE} in it)")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise UserError(f"{config_file} has format {config.get('format')!r}; this dpseg reads {FORMAT!r}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({first_line(err)}); the checkpoint is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else None
+        raise UserError(f"{config_file} has format {got!r}; this dpseg reads {FORMAT!r}")
+    version = config.get("config_version", 1)
+    if version != CONFIG_VERSION:
+        raise UserError(
+            f"{path} was saved with model config version {version}; this dpseg builds config version {CONFIG_VERSION} "
+            "(the network changed: retrain, or load it with the dpseg release that wrote it)"
+        )
     return config
 
 
-def load_dpseg(path: str | os.PathLike, device: str | torch.device = "cpu") -> DPSeg:
+def load_dpseg(path: str | os.PathLike, device: str | torch.device = "cpu",
+               encoder_weights: str | os.PathLike | None = None) -> DPSeg:
+    """Rebuilds the network from `config.json` and loads its weights strictly. For a
+    trainable-only checkpoint the frozen towers come from `encoder_weights` (default: the
+    recorded ones) and must match the recorded id."""
+    path = Path(path)
     config = read_checkpoint_config(path)
-    model = build_dpseg(DPSegConfig.from_dict(config["model"]), weights=None)  # every weight comes from the file
+    cfg = DPSegConfig.from_dict(config["model"])
+    stored = config.get("stored", "all")
+    recorded = config["encoder_weights"]
+    if stored == "all":
+        model = build_dpseg(cfg, weights=None)  # every weight comes from the file
+    else:
+        source = str(encoder_weights) if encoder_weights is not None else recorded
+        model = build_dpseg(cfg, weights=None if source == "random" else source)
+        if frozen_towers_id(model) != config.get("frozen_towers_id"):
+            raise UserError(
+                f"the frozen towers rebuilt from {source!r} are not the ones {path} was trained with "
+                f"(recorded weights {recorded!r}); pass encoder_weights= the original weights file"
+            )
     try:
-        state = load_file(Path(path) / WEIGHTS_FILE)
-        model.load_state_dict(state, strict=True)
+        state = load_file(path / WEIGHTS_FILE)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as err:
-        reason = first_line(err)
-        raise UserError(f"could not load {Path(path) / WEIGHTS_FILE} ({reason})") from None
-    model.weights = config["encoder_weights"]
+        raise UserError(f"could not load {path / WEIGHTS_FILE} ({first_line(err)})") from None
+    missing = [k for k in missing if stored == "all" or not _is_frozen_key(k)]
+    if missing or unexpected:
+        raise UserError(f"could not load {path / WEIGHTS_FILE} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.weights = recorded
     return model.to(device)

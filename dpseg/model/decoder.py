@@ -1,15 +1,19 @@
-"""The cost-volume-guided decoder (paper §4.2).
+"""The cost-volume-guided decoder (paper §4.2, with SED's up-blocks and aux heads).
 
 Sized from the encoder's declared channels and strides, never from a table:
 
   stride 32: initial cost (B, M, N, h, w) --7x7 conv per class--> (B, N, 128, h, w)
-  stage k (k = 0, 1, 2; dims 64, 32, 16; guidance strides 16, 8, 4):
-     aggregate (HDC conv, norm, GELU MLP, class attention) -> x2 deconv
-     -> fuse with the detached encoder skip (C_l / 16 channels) and the visual cost guidance
+  stage k (k = 0, 1, 2; in dims 128, 64, 32; out dims 64, 32, 16; strides 16, 8, 4):
+     [aux head k: 3x3 conv on the detached state -> one logit map per class (strides 32/16/8)]
+     aggregate (HDC, norm, GELU MLP, class attention)
+     -> fusion: 2x2 deconv to (in - g_k) channels, concat the detached encoder skip (3x3 conv
+        to g_k = 32/16/8, ReLU) and the cost guidance (g_k channels: Eq. 2's visual cost volume,
+        or the upsampled-cost chain, or nothing), two rounds of 3x3 conv + GroupNorm + ReLU
   head: 3x3 conv -> one logit map per class at stride 4.
 
-Classes can be decoded in chunks: class attention needs only a per-pixel summary over all
-classes, so the chunked path first accumulates each stage's summary, then decodes each chunk.
+Classes can be decoded in chunks (class attention needs only a per-pixel summary over all
+classes), and at inference classes that are in no pixel's top-k at an aux head can be dropped
+from the finer stages (SED's early rejection).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dpseg.model.blocks import AggregationBlock, AttentionSummary, CostGuidance, StageFusion
+from dpseg.model.blocks import AggregationBlock, AttentionSummary, CostGuidance, StageFusion, UpsampledCostChain
 from dpseg.model.config import DPSegConfig
+
+# What a rejected class scores: below any real logit, finite in fp16 (sigmoid gives 0, like SED).
+REJECTED_LOGIT = -1e4
 
 
 @dataclass
@@ -30,7 +36,18 @@ class DecoderInputs:
 
     cost: torch.Tensor  # initial cost (B, M', N, h, w)
     levels: dict[int, torch.Tensor]  # encoder features by stride
-    guidance_prompts: dict[int, torch.Tensor] | None  # stride -> (N|B,N, M, C_l); None: upsampled cost
+    guidance_prompts: dict[int, torch.Tensor] | None  # stride -> (N|B,N, M, C_l) for visual_guidance "prompt"
+
+
+def _take(t: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.index_select(dim, keep)
+
+
+def kept_classes(aux_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the classes ranked in the top k at any pixel of any image (SED's rule)."""
+    n = aux_logits.shape[1]
+    top = aux_logits.topk(min(k, n), dim=1).indices.flatten()
+    return torch.nonzero(torch.bincount(top, minlength=n) > 0).flatten()
 
 
 class CostDecoder(nn.Module):
@@ -42,19 +59,26 @@ class CostDecoder(nn.Module):
             raise ValueError(f"encoder has no features at strides {missing}; it has {sorted(encoder_channels)}")
         self.cost_embed = nn.Conv2d(cost_channels, cfg.cost_dim, cfg.cost_kernel, padding=cfg.cost_kernel // 2)
         in_dims = (cfg.cost_dim, *cfg.decoder_dims[:-1])
-        guidance_channels = cfg.templates if cfg.visual_guidance == "prompt" else cost_channels
-        self.blocks = nn.ModuleList(AggregationBlock(d, cfg.attention_heads, cfg.mlp_ratio) for d in in_dims)
-        self.upsample = nn.ModuleList(
-            nn.ConvTranspose2d(d_in, d_out, 2, stride=2) for d_in, d_out in zip(in_dims, cfg.decoder_dims)
+        self.blocks = nn.ModuleList(
+            AggregationBlock(d, cfg.attention_heads, cfg.mlp_ratio, cfg.hdc_depthwise,
+                             cfg.attention_pool_train, cfg.attention_pool_eval) for d in in_dims
         )
-        self.skips = nn.ModuleList()
-        self.guidance = nn.ModuleList()
-        self.fusions = nn.ModuleList()
-        for stride, dim in zip(cfg.guidance_strides, cfg.decoder_dims):
-            skip_dim = max(1, encoder_channels[stride] // cfg.skip_reduction)
-            self.skips.append(nn.Sequential(nn.Conv2d(encoder_channels[stride], skip_dim, 3, padding=1), nn.GELU()))
-            self.guidance.append(CostGuidance(guidance_channels, dim))
-            self.fusions.append(StageFusion(dim, skip_dim))
+        self.skips = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(encoder_channels[s], g, 3, padding=1), nn.ReLU())
+            for s, g in zip(cfg.guidance_strides, cfg.guidance_dims, strict=False)
+        )
+        # cost guidance: per-stage projections of Eq. 2's volume, or SED's deconv chain, or none
+        self.guidance = nn.ModuleDict()
+        upsampled = cfg.visual_guidance == "upsampled-cost"
+        self.cost_chain = UpsampledCostChain(cost_channels, cfg.guidance_dims) if upsampled else None
+        for k, g in enumerate(cfg.guidance_dims):
+            if cfg.visual_guidance == "prompt" and cfg.stage_has_guidance(k):
+                self.guidance[str(k)] = CostGuidance(cfg.templates, g)
+        self.fusions = nn.ModuleList(
+            StageFusion(d_in, d_out, g, g if cfg.stage_has_guidance(k) else 0)
+            for k, (d_in, d_out, g) in enumerate(zip(in_dims, cfg.decoder_dims, cfg.guidance_dims, strict=False))
+        )
+        self.aux_heads = nn.ModuleList(nn.Conv2d(d, 1, 3, padding=1) for d in in_dims) if cfg.deep_supervision else None
         self.head = nn.Conv2d(cfg.decoder_dims[-1], 1, 3, padding=1)
 
     @property
@@ -62,29 +86,65 @@ class CostDecoder(nn.Module):
         return len(self.blocks)
 
     def forward(self, inputs: DecoderInputs, summaries: list[AttentionSummary] | None = None,
-                summarize_stage: int | None = None):
-        """Logits (B, N, H/4, W/4). With `summaries`, stage k attends over summaries[k] (all
-        classes) instead of the classes present; with `summarize_stage`, returns that
-        stage's attention summary of these classes instead of logits."""
+                summarize_stage: int | None = None, aux: bool = False, reject_topk: int | None = None):
+        """Returns (logits (B, N, H/4, W/4), aux logits [(B, N, h, w) at strides 32, 16, 8] or []).
+
+        With `summaries`, stage k attends over summaries[k] (all classes) instead of the classes
+        present; with `summarize_stage`, returns that stage's attention summary of these classes.
+        With `reject_topk`, classes outside every pixel's top k at an aux head skip the finer
+        stages and score REJECTED_LOGIT (their aux logits too, from that head on)."""
+        cfg = self.cfg
+        # 1. the cost embedding at stride 32 (and the start of the upsampled-cost chain)
         cost = inputs.cost
-        b, m, n, h, w = cost.shape
+        b, _, n, h, w = cost.shape
         x = self.cost_embed(cost.transpose(1, 2).flatten(0, 1)).view(b, n, -1, h, w)
+        chain = cost.transpose(1, 2).flatten(0, 1) if self.cost_chain is not None else None
+        prompts = inputs.guidance_prompts
+        keep = None  # indices (into all N) of the classes still decoded; None: all
+        aux_logits: list[torch.Tensor] = []
         for k in range(self.num_stages):
+            # 2. aux head on the detached state (SED: aux losses train only their own heads)
+            if self.aux_heads is not None and (aux or reject_topk):
+                a = self.aux_heads[k](x.detach().flatten(0, 1)).view(b, x.shape[1], *x.shape[-2:])
+                aux_logits.append(self._scatter(a, keep, n))
+                if reject_topk:
+                    local = kept_classes(a, reject_topk)
+                    if local.numel() < x.shape[1]:
+                        x = _take(x, local, 1)
+                        if chain is not None:
+                            chain = _take(chain.view(b, -1, *chain.shape[1:]), local, 1).flatten(0, 1)
+                        if prompts is not None:
+                            prompts = {s: _take(p, local, p.dim() - 3) for s, p in prompts.items()}
+                        keep = local if keep is None else keep[local]
             if summarize_stage == k:
                 return self.blocks[k].summarize(x)
+            # 3. aggregation at this stage's input width
             x = self.blocks[k](x, summaries[k] if summaries is not None else None)
-            x = self.upsample[k](x.flatten(0, 1))
-            x = x.view(b, n, *x.shape[1:])
-            stride = self.cfg.guidance_strides[k]
+            # 4. fusion with the detached encoder skip and the cost guidance of the next stride
+            stride = cfg.guidance_strides[k]
             features = inputs.levels[stride]
             size = tuple(features.shape[-2:])
-            if x.shape[-2:] != size:  # odd input sizes: follow the encoder's grid
-                x = F.interpolate(x.flatten(0, 1), size=size, mode="bilinear", align_corners=False).view(b, n, -1, *size)
             skip = self.skips[k](features.detach())  # no gradient into the encoder through skips
-            if inputs.guidance_prompts is None:
-                guidance = self.guidance[k].from_cost(cost, size)
-            else:
-                guidance = self.guidance[k].from_prompts(features, inputs.guidance_prompts[stride])
-            x = self.fusions[k](x, skip, F.gelu(guidance))
-        logits = self.head(x.flatten(0, 1))
-        return logits.view(b, n, *logits.shape[-2:])
+            guidance = None
+            if chain is not None:
+                chain = self.cost_chain.step(k, chain, size)
+                if cfg.stage_has_guidance(k):
+                    guidance = chain.view(b, -1, *chain.shape[1:])
+            elif str(k) in self.guidance:
+                f = features if cfg.guidance_grad else features.detach()
+                guidance = self.guidance[str(k)](f, prompts[stride])
+            x = self.fusions[k](x, skip, guidance)
+        # 5. one logit map per class at stride 4
+        logits = self.head(x.flatten(0, 1)).view(b, x.shape[1], *x.shape[-2:])
+        if keep is not None:
+            logits = self._scatter(logits, keep, n)
+        return logits, aux_logits
+
+    @staticmethod
+    def _scatter(values: torch.Tensor, keep: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Values of the kept classes -> all n classes, REJECTED_LOGIT elsewhere."""
+        if keep is None:
+            return values
+        out = values.new_full((values.shape[0], n, *values.shape[2:]), REJECTED_LOGIT)
+        out[:, keep] = values
+        return out

@@ -34,3 +34,13 @@ def segmentation_bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
         mask = valid.unsqueeze(1).to(loss.dtype)
         return (loss * mask).sum() / (mask.sum() * n).clamp_min(1)
     raise UserError(f"ignore policy {policy!r} is not one of negative, exclude")
+
+
+def deep_supervision_bce(logits: torch.Tensor, aux_logits: list[torch.Tensor], labels: torch.Tensor,
+                         ignore_index: int = 255, policy: str = "negative") -> torch.Tensor:
+    """SED's training objective: the BCE of the final logits plus, unweighted, the BCE of every
+    aux head's logits (each upsampled to the label size). With no aux logits it is the plain BCE."""
+    total = segmentation_bce(logits, labels, ignore_index, policy)
+    for aux in aux_logits:
+        total = total + segmentation_bce(aux, labels, ignore_index, policy)
+    return total

@@ -29,11 +29,11 @@ class DPSeg(nn.Module):
         self.encoder_spec = towers.spec
         self.weights = towers.weights
         self.image_encoder = towers.image  # fine-tuned with cfg.image_lr_multiplier
+        self.image_encoder.set_regularization(cfg.drop_path, cfg.head_dropout)
         self.prompt_encoder = towers.prompt  # frozen copy: generated images and pass-II crops
         self.text_encoder = towers.text  # frozen
-        encoder_channels = dict(zip(self.image_encoder.strides, self.image_encoder.channels))
-        cost_channels = cfg.templates * (2 if cfg.fusion == "concat-costs" else 1)
-        self.decoder = CostDecoder(cfg, encoder_channels, cost_channels)
+        encoder_channels = dict(zip(self.image_encoder.strides, self.image_encoder.channels, strict=False))
+        self.decoder = CostDecoder(cfg, encoder_channels, cfg.cost_channels)
 
     # ---- prompts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -42,10 +42,12 @@ class DPSeg(nn.Module):
         return self.text_encoder.encode_classes(class_names, first_templates(self.cfg.templates))
 
     @torch.no_grad()
-    def encode_prompt_images(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """RGB [0, 1] prompt images (K, 3, H, W) -> global (K, D) and pooled {stride: (K, C_l)}."""
+    def encode_prompt_images(self, images: torch.Tensor, size: int | None = None
+                             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """RGB [0, 1] prompt images (K, 3, H, W), resized to `size` (default: the segmenter's input
+        size, as the bank encodes) -> global (K, D) and pooled {stride: (K, C_l)}."""
         tower = self.prompt_encoder
-        out = tower.encode_prompts(tower.normalize(tower.resize(images)), self.cfg.guidance_strides)
+        out = tower.encode_prompts(tower.normalize(tower.resize(images, size)), self.cfg.guidance_strides)
         return out.embedding, out.pooled
 
     # ---- image ---------------------------------------------------------------------------
@@ -58,10 +60,14 @@ class DPSeg(nn.Module):
     # ---- decoding ------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 visual: VisualPrompts | None = None, features: ImageFeatures | None = None,
-                class_chunk: int | None = None) -> torch.Tensor:
-        """Per-class logits (B, N, H/4, W/4). Pass `features` (from `encode_image`) to skip the
-        image tower; `class_chunk` (or cfg.class_chunk) decodes classes in chunks with the
-        same result as one pass, in bounded memory."""
+                class_chunk: int | None = None, aux: bool = False):
+        """Per-class logits (B, N, H/4, W/4); with `aux`, (logits, aux_logits) where aux_logits
+        are the aux heads' (B, N, h, w) maps at strides 32, 16, 8 ([] without deep supervision).
+
+        Pass `features` (from `encode_image`) to skip the image tower; `class_chunk` (or
+        cfg.class_chunk) decodes classes in chunks with the same result as one pass, in bounded
+        memory. At inference, cfg.class_reject_topk drops classes early (SED's fast inference);
+        it decodes in one pass, as rejection already bounds the classes at fine strides."""
         # 1. image features: computed once, reused across chunks and by pass II
         if features is None:
             if images is None:
@@ -69,16 +75,24 @@ class DPSeg(nn.Module):
             features = self.encode_image(images)
         # 2. prompts
         num_classes = self._check_prompts(text, visual)
-        # 3. decode at once, or chunk by chunk against all classes' attention summaries
+        # 3. decode at once (optionally rejecting classes early), or chunk by chunk against all
+        #    classes' attention summaries
+        reject = None if self.training else self.cfg.class_reject_topk
         chunk = class_chunk or self.cfg.class_chunk
-        if not chunk or chunk >= num_classes:
-            return self.decoder(self._inputs(features, text, visual, slice(None)))
+        if reject or not chunk or chunk >= num_classes:
+            logits, aux_logits = self.decoder(self._inputs(features, text, visual, slice(None)), aux=aux,
+                                              reject_topk=reject)
+            return (logits, aux_logits) if aux else logits
         chunks = [slice(i, min(i + chunk, num_classes)) for i in range(0, num_classes, chunk)]
         summaries: list[AttentionSummary] = []
         for stage in range(self.decoder.num_stages):
             parts = [self.decoder(self._inputs(features, text, visual, c), summaries, stage) for c in chunks]
             summaries.append(tuple(sum(p[i] for p in parts) for i in range(2)))
-        return torch.cat([self.decoder(self._inputs(features, text, visual, c), summaries) for c in chunks], dim=1)
+        outs = [self.decoder(self._inputs(features, text, visual, c), summaries, aux=aux) for c in chunks]
+        logits = torch.cat([o[0] for o in outs], dim=1)
+        if not aux:
+            return logits
+        return logits, [torch.cat([o[1][i] for o in outs], dim=1) for i in range(len(outs[0][1]))]
 
     def _check_prompts(self, text: torch.Tensor | None, visual: VisualPrompts | None) -> int:
         cfg = self.cfg
@@ -93,10 +107,11 @@ class DPSeg(nn.Module):
             shapes["text"] = tuple(text.shape[-3:-1])
         if cfg.uses_visual:
             shapes["visual"] = (visual.num_classes, visual.num_templates)
-            missing = [s for s in cfg.guidance_strides if s not in visual.pooled] if cfg.visual_guidance == "prompt" else []
+            needed = cfg.guidance_strides if cfg.visual_guidance == "prompt" else ()
+            missing = [s for s in needed if s not in visual.pooled]
             if missing:
                 raise UserError(f"visual prompts lack pooled features at strides {missing}")
-        for name, (n, m) in shapes.items():
+        for name, (_n, m) in shapes.items():
             if m != cfg.templates:
                 raise UserError(f"{name} prompts have {m} templates; the model was built for {cfg.templates}")
         counts = {n for n, _ in shapes.values()}
@@ -115,27 +130,50 @@ class DPSeg(nn.Module):
 
     # ---- training ------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """AdamW groups: decoder at `lr`, image tower at lr x image_lr_multiplier; the text and
-        prompt towers are frozen and not in any group."""
-        image = [p for p in self.image_encoder.parameters() if p.requires_grad]
-        decoder = [p for p in self.decoder.parameters() if p.requires_grad]
-        return [
-            {"name": "decoder", "params": decoder, "lr": lr, "weight_decay": weight_decay},
-            {"name": "image_encoder", "params": image, "lr": lr * self.cfg.image_lr_multiplier,
-             "weight_decay": weight_decay},
-        ]
+        """AdamW groups: decoder at `lr`, image tower at lr x image_lr_multiplier; within each,
+        norm layers' parameters and biases get no weight decay (detectron2's WEIGHT_DECAY_NORM 0,
+        which SED trains with; biases: our choice, see docs/model.md). The text and prompt
+        towers are frozen and in no group."""
+        groups = []
+        for name, module, group_lr in (("decoder", self.decoder, lr),
+                                       ("image_encoder", self.image_encoder, lr * self.cfg.image_lr_multiplier)):
+            decay, no_decay = no_decay_split(module)
+            groups.append({"name": name, "params": decay, "lr": group_lr, "weight_decay": weight_decay})
+            groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": group_lr, "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        aux = self.decoder.aux_heads
         return {"params_trainable": trainable, "params_frozen": frozen,
                 "params_decoder": sum(p.numel() for p in self.decoder.parameters()),
+                "params_aux_heads": sum(p.numel() for p in aux.parameters()) if aux is not None else 0,
                 "params_image_encoder": sum(p.numel() for p in self.image_encoder.parameters())}
+
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+
+
+def no_decay_split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters of `module` split into (decayed, not decayed): norm layers' weights
+    and every bias are not decayed. timm's LayerNorm2d subclasses nn.LayerNorm, so it counts."""
+    decay, no_decay, seen = [], [], set()
+    for sub in module.modules():
+        for pname, p in sub.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if isinstance(sub, NORM_LAYERS) or pname == "bias" else decay).append(p)
+    return decay, no_decay
 
 
 def build_dpseg(cfg: DPSegConfig | None = None, weights: str | os.PathLike | None = "default",
                 device: str | torch.device = "cpu") -> DPSeg:
-    """The network for `cfg.encoder`; `weights=None` gives random init (no download)."""
+    """The network for `cfg.encoder`; `weights=None` gives random towers (built under
+    torch.manual_seed(0), as the bank builds them; no download). The decoder is initialised from
+    the caller's RNG."""
     cfg = cfg or DPSegConfig()
     towers = load_clip(cfg.encoder, weights=weights, device=device)
     return DPSeg(towers, cfg).to(device)

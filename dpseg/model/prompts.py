@@ -27,16 +27,17 @@ class VisualPrompts:
     def batched(self) -> bool:
         return self.embedding.dim() == 4
 
-    def select(self, classes: slice) -> "VisualPrompts":
+    def select(self, classes: slice) -> VisualPrompts:
         return VisualPrompts(
             self.embedding[..., classes, :, :],
             {s: p[..., classes, :, :] for s, p in self.pooled.items()},
         )
 
-    def to(self, *args, **kwargs) -> "VisualPrompts":
-        return VisualPrompts(self.embedding.to(*args, **kwargs), {s: p.to(*args, **kwargs) for s, p in self.pooled.items()})
+    def to(self, *args, **kwargs) -> VisualPrompts:
+        pooled = {s: p.to(*args, **kwargs) for s, p in self.pooled.items()}
+        return VisualPrompts(self.embedding.to(*args, **kwargs), pooled)
 
-    def per_image(self, batch_size: int) -> "VisualPrompts":
+    def per_image(self, batch_size: int) -> VisualPrompts:
         """Batched copy (B, N, M, ...) so single images' prompts can be replaced (pass II)."""
         if self.batched:
             return VisualPrompts(self.embedding.clone(), {s: p.clone() for s, p in self.pooled.items()})
