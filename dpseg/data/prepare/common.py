@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from dpseg.data.layout import LayoutInfo, PreparedWriter
+from dpseg.data.prepare.resize import resize_nearest
 from dpseg.errors import UserError
 
 ON_ERROR = ("stop", "skip")
@@ -138,7 +139,8 @@ def convert_item(item: Item) -> tuple[Image.Image | bytes, str, np.ndarray]:
     image, data, ext = read_image(item.image)
     label = item.label()
     if label.shape != (image.height, image.width):
-        raise BadFile(item.image, f"image is {image.width}x{image.height} but its annotation is {label.shape[1]}x{label.shape[0]}")
+        raise BadFile(item.image, f"image is {image.width}x{image.height} but its annotation is "
+                                  f"{label.shape[1]}x{label.shape[0]}")
     if item.max_short_side and min(image.size) > item.max_short_side:
         image, label = _shrink(image, label, item.max_short_side)
         return image, ".jpg", label
@@ -148,8 +150,9 @@ def convert_item(item: Item) -> tuple[Image.Image | bytes, str, np.ndarray]:
 def _shrink(image: Image.Image, label: np.ndarray, short: int) -> tuple[Image.Image, np.ndarray]:
     w, h = image.size
     size = (round(w / h * short), short) if w >= h else (short, round(h / w * short))
-    label_image = Image.fromarray(label)
-    return image.resize(size, Image.BILINEAR), np.asarray(label_image.resize(size, Image.NEAREST))
+    # labels as SED (OpenCV INTER_NEAREST indexing, byte-equal); the image with Pillow's bilinear
+    # (docs/data.md: how it differs from SED's OpenCV INTER_LINEAR + JPEG quality 75)
+    return image.resize(size, Image.BILINEAR), resize_nearest(label, size[1], size[0])
 
 
 def run_items(
