@@ -252,7 +252,7 @@ class PlannedPoint:
     expected: dict[str, Any]
     status: str  # done | pending (queued/running) | todo
     record: ExpRecord | None = None
-    rerun_name: bool = False  # an unfinished experiment already carries this name: overwrite it
+    rerun_name: bool = False  # a finished experiment without metrics carries this name: overwrite it
 
 
 def plan_sweep(sweep: Sweep, base: dict[str, Any], records: list[ExpRecord], profile: str | None) -> list[PlannedPoint]:
@@ -271,7 +271,9 @@ def plan_sweep(sweep: Sweep, base: dict[str, Any], records: list[ExpRecord], pro
         elif pending:
             planned.append(PlannedPoint(point, name, expected, "pending", pending))
         else:
-            taken = any(r.name == name for r in records)
+            # a finished experiment (a git ref) without metrics holds the name: overwrite it; a failed
+            # one left no ref, so forcing (which also reruns every unchanged stage) is not needed
+            taken = any(r.name == name and r.state == "success" for r in records)
             planned.append(PlannedPoint(point, name, expected, "todo", None, rerun_name=taken))
     return planned
 

@@ -168,7 +168,7 @@ def test_run_issues_dvc_commands_for_missing_points_only(params_file):
     assert len(calls) == 2 and all("--queue" in c for c in calls)
 
 
-def test_a_failing_experiment_stops_a_sequential_sweep_and_a_rerun_overwrites_its_name(params_file):
+def test_a_failing_experiment_stops_a_sequential_sweep_and_reruns_reuse_its_name(params_file):
     calls = []
 
     def failing(args):
@@ -179,8 +179,12 @@ def test_a_failing_experiment_stops_a_sequential_sweep_and_a_rerun_overwrites_it
                               echo=lambda _: None)
     assert len(calls) == 1 and report["failed"] == ["1 template"]
     name = calls[0][4]
-    failed = sweeps.ExpRecord("rev", name, {}, {}, "failed")
-    plan = sweeps.plan_sweep(SWEEPS.get("templates"), sweeps.load_params(params_file), [failed], "demo")
+    base = sweeps.load_params(params_file)
+    failed = sweeps.ExpRecord("rev", name, {}, {}, "failed")  # a failed run leaves no ref: same name, no force
+    plan = sweeps.plan_sweep(SWEEPS.get("templates"), base, [failed], "demo")
+    assert plan[0].status == "todo" and "--force" not in sweeps.exp_run_args(plan[0], queue=False, dvc="dvc")
+    empty = sweeps.ExpRecord("rev", name, {}, {}, "success")  # finished without metrics: its ref holds the name
+    plan = sweeps.plan_sweep(SWEEPS.get("templates"), base, [empty], "demo")
     assert plan[0].rerun_name and "--force" in sweeps.exp_run_args(plan[0], queue=False, dvc="dvc")
     assert not plan[1].rerun_name
 
