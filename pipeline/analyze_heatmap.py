@@ -92,8 +92,9 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
         model = load_dpseg(checkpoint, device).eval()
         templates = int(model.cfg.templates)
         image_tower, text_tower = model.image_encoder, model.text_encoder
-        size = size or int(config.get("extra", {}).get("size") or model.encoder_spec.image_size)
-        encode_size = config.get("extra", {}).get("encode_size")
+        extra = config.get("extra", {})
+        size = size or int(extra.get("recipe", {}).get("crop_size") or model.encoder_spec.image_size)  # as trained
+        encode_size = extra.get("encode_size")
     if encoder is None:
         raise UserError("give --encoder (one of the bank's: " + (", ".join(bank.encoders()) or "none") + ")")
     info = bank_encoder_info(bank, encoder)

@@ -35,6 +35,7 @@ from dpseg.registry import Registry
 PROMPT_MODE = "train.prompt_mode"
 FUSION = "train.fusion"
 GUIDANCE = "train.visual_guidance"
+GUIDANCE_STAGES = "train.model_overrides.guidance_stages"  # any DPSegConfig field goes through model_overrides
 TRAIN_TEMPLATES = "train.templates"
 BANK_TEMPLATES = "bank.templates"
 GENERATOR = "bank.generator"
@@ -74,8 +75,8 @@ def _dual(fusion: str, guidance: str = "prompt") -> dict[str, Any]:
 SWEEPS.register("prompts", Sweep(
     "prompts", "Table 2", "Prompt strategy (a) and cost-volume fusion (b)",
     (
-        # text-only has no visual prompts for the stage cost volumes: the decoder gets the upsampled cost (SED)
-        Point("text", {PROMPT_MODE: "text", FUSION: "avg-embeddings", GUIDANCE: "upsampled-cost"}, "a: prompts"),
+        # text only = SED: no visual prompts, so no visual cost volumes in the decoder either
+        Point("text", {PROMPT_MODE: "text", FUSION: "avg-embeddings", GUIDANCE: "none"}, "a: prompts"),
         Point("visual", {PROMPT_MODE: "visual", FUSION: "avg-embeddings", GUIDANCE: "prompt"}, "a: prompts"),
         Point("dual", _dual("avg-embeddings"), "a: prompts"),
         Point("dual, concat costs", _dual("concat-costs"), "b: fusion"),
@@ -85,13 +86,16 @@ SWEEPS.register("prompts", Sweep(
 ))
 
 SWEEPS.register("guidance", Sweep(
-    "guidance", "Table 3", "Decoder guidance: multi-scale visual cost volumes vs the upsampled initial cost volume",
+    "guidance", "Table 3", "Decoder guidance: visual cost volumes per stage, or the upsampled initial cost volume",
     (
-        Point("visual cost volumes (Eq. 2) at strides 16/8/4", _dual("avg-embeddings", "prompt")),
+        Point("no visual cost volumes", _dual("avg-embeddings", "none")),
+        Point("stage 1 (stride 16)", {**_dual("avg-embeddings"), GUIDANCE_STAGES: [True, False, False]}),
+        Point("stages 1-2 (strides 16, 8)", {**_dual("avg-embeddings"), GUIDANCE_STAGES: [True, True, False]}),
+        Point("stages 1-3 (strides 16, 8, 4)", _dual("avg-embeddings")),  # the model's default: every stage
         Point("upsampled initial cost volume", _dual("avg-embeddings", "upsampled-cost")),
     ),
-    notes="The model offers two guidance modes (dpseg.model.config.VISUAL_GUIDANCE); per-stage on/off is not a "
-          "model option, so Table 3's per-stage rows are not swept.",
+    notes="Per-stage switches are DPSegConfig.guidance_stages (through train.model_overrides); the full row "
+          "leaves it at its default, every stage.",
 ))
 
 TEMPLATE_COUNTS = (1, 10, 20, 40, 80)
@@ -143,15 +147,33 @@ def profile_of(params: dict[str, Any]) -> str | None:
     return None
 
 
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def check_keys(points: Sequence[Point], params: dict[str, Any]) -> None:
-    missing = sorted({k for p in points for k in p.params if k not in params})
+    """Every key a sweep sets must be in params.yaml, or sit under a mapping that is (an empty
+    `model_overrides: {}` takes any model field)."""
+    def known(key: str) -> bool:
+        if key in params:
+            return True
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if "." not in parent:  # a section's own key (train.fusion) must be there
+            return False
+        return isinstance(params.get(parent), dict) or any(k.startswith(parent + ".") for k in params)
+
+    missing = sorted({k for p in points for k in p.params if not known(k)})
     if missing:
         raise UserError(f"params.yaml has no {', '.join(missing)}; the sweep sets these keys (pipeline/sweeps.py "
                         "names them): add them to params.yaml or update the sweep")
 
 
 def expected_params(base: dict[str, Any], point: Point) -> dict[str, Any]:
-    return {**base, **point.params}
+    """params.yaml with the point applied, flat. A point key under an empty mapping replaces it
+    (DVC records `model_overrides: {guidance_stages: ...}` as the nested key alone)."""
+    covered = {parent for key in point.params for parent in _parents(key)}
+    return {**{k: v for k, v in base.items() if k not in covered}, **point.params}
 
 
 def normalise(value: Any) -> Any:

@@ -20,6 +20,7 @@ train:
   fusion: avg-embeddings
   visual_guidance: prompt
   templates: 4
+  model_overrides: {}
 """
 
 
@@ -37,14 +38,17 @@ def sets(name, profile="demo"):
 def test_each_sweep_expands_to_the_paper_tables_parameter_sets():
     mode, fusion, guide = "train.prompt_mode", "train.fusion", "train.visual_guidance"
     assert sets("prompts") == [
-        {mode: "text", fusion: "avg-embeddings", guide: "upsampled-cost"},
+        {mode: "text", fusion: "avg-embeddings", guide: "none"},
         {mode: "visual", fusion: "avg-embeddings", guide: "prompt"},
         {mode: "dual", fusion: "avg-embeddings", guide: "prompt"},
         {mode: "dual", fusion: "concat-costs", guide: "prompt"},
         {mode: "dual", fusion: "avg-costs", guide: "prompt"},
     ]
-    assert sets("guidance") == [{mode: "dual", fusion: "avg-embeddings", guide: "prompt"},
-                                {mode: "dual", fusion: "avg-embeddings", guide: "upsampled-cost"}]
+    dual = {mode: "dual", fusion: "avg-embeddings"}
+    stages = "train.model_overrides.guidance_stages"
+    assert sets("guidance") == [{**dual, guide: "none"}, {**dual, guide: "prompt", stages: [True, False, False]},
+                                {**dual, guide: "prompt", stages: [True, True, False]}, {**dual, guide: "prompt"},
+                                {**dual, guide: "upsampled-cost"}]
     assert sets("templates") == [{"bank.templates": 80, "train.templates": k} for k in (1, 10, 20, 40, 80)]
     noise = [{"bank.generator": f"noise:{r}"} for r in (0.2, 0.6, 0.8)]
     assert sets("banks", "demo") == [{}, *noise]
@@ -58,7 +62,7 @@ def test_every_model_setting_a_sweep_asks_for_is_a_valid_model_config():
 
     for name in ("prompts", "guidance", "templates"):
         for params in sets(name):
-            model = {k.split(".")[1]: v for k, v in params.items() if k.startswith("train.")}
+            model = {k.split(".")[-1]: v for k, v in params.items() if k.startswith("train.")}
             DPSegConfig(encoder="tiny", **model)  # raises on a combination the model refuses
 
 
@@ -91,7 +95,7 @@ def exp(name, params, metrics=None, executor="success", error=None):
 def tree(**train):
     return {"profile": "demo", "bank": {"generator": "procedural", "templates": 4, "vocab": ["shapes"]},
             "train": {"prompt_mode": "dual", "fusion": "avg-embeddings", "visual_guidance": "prompt", "templates": 4,
-                      **train}}
+                      "model_overrides": {}, **train}}
 
 
 def metrics(seen, unseen):
@@ -105,7 +109,7 @@ def fake_show():
     baseline (templates 8), and a workspace row whose metrics must not count."""
     baseline = state("abc1234", tree(), metrics(50.0, 20.0), name="main")
     baseline["experiments"] = [
-        exp("t", tree(prompt_mode="text", visual_guidance="upsampled-cost"), metrics(40.0, 10.0)),
+        exp("t", tree(prompt_mode="text", visual_guidance="none"), metrics(40.0, 10.0)),
         exp("v", tree(prompt_mode="visual"), None, executor="queued"),
         exp("prompts-dual-concat-costs-000000", tree(fusion="concat-costs"), None, executor="failed",
             error={"msg": "boom", "type": "ReproductionError"}),
@@ -135,9 +139,10 @@ def test_plan_resumes_only_what_has_no_results(params_file):
         ("dual, average costs", "todo")]  # 'old' ran with templates 8; the workspace row never counts
     assert plan[0].record.name == "t" and plan[2].record.name == "main"
     # values compare by meaning: '4' in a record is the 4 of params.yaml
-    stringly = sweeps.ExpRecord("r", "s", {k: str(v) for k, v in sweeps.expected_params(base, plan[3].point).items()
-                                           if not isinstance(v, list)} | {"bank.vocab": ["shapes"]},
-                                {"m.json:miou": 1.0}, "success")
+    expected = sweeps.expected_params(base, plan[3].point)
+    spelled = {k: v if isinstance(v, (list, dict)) else str(v) for k, v in expected.items()}
+    stringly = sweeps.ExpRecord("r", "s", spelled, {"m.json:miou": 1.0}, "success")
+    assert stringly.params["train.templates"] == "4"
     assert sweeps.plan_sweep(SWEEPS.get("prompts"), base, [stringly], "demo")[3].status == "done"
 
 
@@ -189,10 +194,29 @@ def test_a_failing_experiment_stops_a_sequential_sweep_and_reruns_reuse_its_name
     assert not plan[1].rerun_name
 
 
+def test_a_model_override_replaces_the_empty_mapping_it_goes_under(params_file):
+    base = sweeps.load_params(params_file)
+    assert base["train.model_overrides"] == {}
+    point = SWEEPS.get("guidance").points[1]
+    expected = sweeps.expected_params(base, point)
+    assert "train.model_overrides" not in expected
+    assert expected["train.model_overrides.guidance_stages"] == [True, False, False]
+    assert sweeps.set_args(point)[-1] == "train.model_overrides.guidance_stages=[true, false, false]"
+    # as DVC records that experiment: the nested key, no empty mapping
+    ran = tree(model_overrides={"guidance_stages": [True, False, False]})
+    record = sweeps.parse_exp_show([{**state("abc", tree()), "experiments": [exp("s1", ran, metrics(1.0, 2.0))]}])[1]
+    plan = sweeps.plan_sweep(SWEEPS.get("guidance"), base, [record], "demo")
+    assert [p.status for p in plan] == ["todo", "done", "todo", "todo", "todo"]
+
+
 def test_missing_params_keys_are_one_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text("bank:\n  generator: procedural\n")
     with pytest.raises(UserError, match="params.yaml has no .*train.fusion"):
         sweeps.run_sweep("prompts", tmp_path / "params.yaml", runner=None, records_reader=lambda: [],
+                         echo=lambda _: None)
+    (tmp_path / "params.yaml").write_text("train:\n  prompt_mode: dual\n  fusion: x\n  visual_guidance: none\n")
+    with pytest.raises(UserError, match="guidance_stages"):  # no model_overrides mapping to put it under
+        sweeps.run_sweep("guidance", tmp_path / "params.yaml", runner=None, records_reader=lambda: [],
                          echo=lambda _: None)
     with pytest.raises(UserError, match="no .*params.yaml here"):
         sweeps.load_params(tmp_path / "nowhere" / "params.yaml")
