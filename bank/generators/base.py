@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,7 +28,8 @@ class Request:
 class Generated:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1]; may hold NaN (the build checks)
     alpha: torch.Tensor | None = None  # (B, 1, H, W) in [0, 1] for generators that make RGBA
-    failures: list[str | None] | None = None  # per image: a failure the generator itself knows of
+    failures: list[str | None] | None = None  # per image: a failure the generator itself knows of ("nsfw")
+    notes: list[str | None] | None = None  # per image: a recovery the generator made ("fp32-decode")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class GeneratorOptions:
     """What a user may set; None = the generator's documented default."""
 
     model: str | None = None
+    model_config: str | None = None  # single-file checkpoints: a diffusers config folder or hub id (`config=`)
     resolution: int | None = None
     steps: int | None = None
     guidance: float | None = None
@@ -62,7 +65,7 @@ class Generator(ABC):
 
     @classmethod
     @abstractmethod
-    def create(cls, options: GeneratorOptions) -> "Generator": ...
+    def create(cls, options: GeneratorOptions) -> Generator: ...
 
     @abstractmethod
     def generate(self, requests: Sequence[Request]) -> Generated: ...
@@ -94,6 +97,11 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
+def runtime_of(options: GeneratorOptions, dtype: torch.dtype) -> dict[str, Any]:
+    """What is recorded but not hashed: where and how the images were made."""
+    return {"device": str(options.device), "dtype": str(dtype).removeprefix("torch."), "compile": list(options.compile)}
+
+
 GENERATORS: Registry[type[Generator]] = Registry("generator")
 
 
@@ -102,7 +110,8 @@ def create_generator(spec: str, options: GeneratorOptions | None = None) -> Gene
     import bank.generators  # noqa: F401  (registers the built-in generators)
 
     if spec.startswith("noise:") or spec == "noise":
-        raise UserError(f"generator {spec!r} is derived from another bank: use `dpseg bank derive --from DIR --noise R --out DIR2`")
+        raise UserError(f"generator {spec!r} is derived from another bank: "
+                        f"use `dpseg bank derive --from DIR --noise R --out DIR2`")
     cls = GENERATORS.get(spec)
     return cls.create(options or GeneratorOptions())
 

@@ -11,19 +11,35 @@ Transparency", Zhang & Agrawala 2024), built from the published method for diffu
    (alpha, RGB foreground); the median over the 8 flips/rotations is taken.
 3. The RGBA result is composited on a fixed background (`background`, grey 0.5) for the bank
    image and the prompt encoder; the alpha matte is stored next to it.
+
+The pipeline is called for latents (it then skips its safety checker), so the checker, when
+loaded, is run here on the composited image; an fp16 decode that overflows is redone in fp32.
+Defaults are the reference's SD1.5 setting (512 px, DPM++ 2M Karras, CFG 7, 20 steps), not
+sd15's: the LoRA was trained and published for that setting, and a bank of it should be the
+transparent images the method makes, not a variant at the paper's 768 px.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bank.generators.base import GENERATORS, Generated, GeneratorOptions, Request, pick, torch_dtype
-from bank.generators.diffusion import DiffusionGenerator, compile_modules, quiet_loading, set_scheduler
+from bank.generators.base import GENERATORS, Generated, GeneratorOptions, Request, pick, runtime_of, torch_dtype
+from bank.generators.diffusion import (
+    FP32_DECODE,
+    DiffusionGenerator,
+    compile_modules,
+    decode_fp32,
+    overflowed,
+    quiet_loading,
+    run_safety_checker,
+    set_scheduler,
+    vae_decode,
+)
 from bank.generators.sd15 import DEFAULT_MODEL, load_sd_pipeline
 from dpseg.errors import UserError
 
@@ -126,12 +142,14 @@ class TransparentDecoder(nn.Module):
                            downsample_padding=1, downsample_type="conv", **common)
             for i in range(levels)
         )
-        self.mid_block = UNetMidBlock2D(in_channels=ch[-1], temb_channels=None, resnet_eps=1e-5, resnet_act_fn="silu",
-                                        resnet_groups=norm_num_groups, attention_head_dim=attention_head_dim, add_attention=True)
+        self.mid_block = UNetMidBlock2D(in_channels=ch[-1], temb_channels=None, resnet_eps=1e-5,
+                                        resnet_act_fn="silu", resnet_groups=norm_num_groups,
+                                        attention_head_dim=attention_head_dim, add_attention=True)
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList(
             get_up_block("AttnUpBlock2D" if i < 3 else "UpBlock2D", num_layers=layers_per_block + 1,
-                         in_channels=rev[min(i + 1, levels - 1)], out_channels=rev[i], prev_output_channel=rev[max(i - 1, 0)],
+                         in_channels=rev[min(i + 1, levels - 1)], out_channels=rev[i],
+                         prev_output_channel=rev[max(i - 1, 0)],
                          add_upsample=i < levels - 1, upsample_type="conv", **common)
             for i in range(levels)
         )
@@ -184,8 +202,9 @@ def _layer_file(source: str, name: str) -> str:
 class LayerDiffuseGenerator(DiffusionGenerator):
     id = "layerdiffuse"
     makes_alpha = True
-    defaults = {"model": DEFAULT_MODEL, "layer_weights": LAYER_REPO, "resolution": 768, "steps": 25, "guidance": 7.5,
-                "scheduler": "dpm++", "negative_prompt": "", "safety_checker": False, "background": 0.5, "rank": 256}
+    defaults = {"model": DEFAULT_MODEL, "layer_weights": LAYER_REPO, "resolution": 512, "steps": 20, "guidance": 7.0,
+                "scheduler": "dpm++-karras", "negative_prompt": "", "safety_checker": False, "background": 0.5,
+                "rank": 256}
 
     def __init__(self, pipe, decoder: TransparentDecoder, settings, runtime):
         super().__init__(pipe, settings, runtime)
@@ -198,45 +217,63 @@ class LayerDiffuseGenerator(DiffusionGenerator):
         d = cls.defaults
         extra = options.extra or {}
         if pick(options.resolution, d["resolution"]) % 64:
-            raise UserError("layerdiffuse needs --resolution a multiple of 64 (its transparent decoder halves the size 6 times)")
+            raise UserError("layerdiffuse needs --resolution a multiple of 64 "
+                            "(its transparent decoder halves the size 6 times)")
         model = pick(options.model, d["model"])
         layer = pick(extra.get("layer_weights"), d["layer_weights"])
         dtype = torch_dtype(options.dtype, options.device)
         quiet_loading()
-        pipe = load_sd_pipeline(model, dtype, options.device, pick(options.safety_checker, False))
+        pipe = load_sd_pipeline(model, dtype, options.device, pick(options.safety_checker, False), options.model_config)
         rank = int(extra.get("rank", d["rank"]))
         patch_unet(pipe.unet, load_file(_layer_file(layer, ATTN_FILE)), rank)
         decoder = TransparentDecoder(**extra.get("decoder_config", {}))
         try:
             decoder.load_state_dict(load_file(_layer_file(layer, DECODER_FILE)), strict=True)
         except RuntimeError as err:
-            raise UserError(f"{DECODER_FILE} does not match the transparent decoder: {str(err).splitlines()[0]}") from None
+            first = str(err).splitlines()[0]
+            raise UserError(f"{DECODER_FILE} does not match the transparent decoder: {first}") from None
         decoder.to(device=options.device, dtype=dtype).eval()
         settings = {
             "model": extra.get("model_id", model), "layer_weights": extra.get("layer_id", layer),
             "resolution": pick(options.resolution, d["resolution"]), "steps": pick(options.steps, d["steps"]),
-            "guidance": float(pick(options.guidance, d["guidance"])), "scheduler": pick(options.scheduler, d["scheduler"]),
+            "guidance": float(pick(options.guidance, d["guidance"])),
+            "scheduler": pick(options.scheduler, d["scheduler"]),
             "negative_prompt": pick(options.negative_prompt, d["negative_prompt"]),
             "safety_checker": getattr(pipe, "safety_checker", None) is not None,
             "background": float(extra.get("background", d["background"])),
         }
         set_scheduler(pipe, settings["scheduler"])
         compile_modules(pipe, options.compile)
-        runtime = {"device": str(options.device), "dtype": str(dtype).removeprefix("torch."), "compile": list(options.compile)}
-        return cls(pipe, decoder, settings, runtime)
+        return cls(pipe, decoder, settings, runtime_of(options, dtype))
 
     @torch.no_grad()
     def generate(self, requests: Sequence[Request]) -> Generated:
+        # 1. transparent latents from the patched UNet (the pipeline stops before its VAE and checker)
         kwargs = self.call_kwargs(requests)
         kwargs["output_type"] = "latent"
         latents = self.pipe(**kwargs).images
+        # 2. the ordinary VAE decode; an fp16 overflow (NaN from finite latents) is decoded again in fp32
         vae = self.pipe.vae
+        pixels = (vae_decode(vae, latents) * 0.5 + 0.5).clamp(0, 1)
+        notes: list[str | None] = [None] * len(requests)
+        redo = overflowed(pixels, latents)
+        if redo:
+            pixels = pixels.clone()
+            pixels[redo] = decode_fp32(vae, latents[redo]).to(pixels.dtype)
+            for i in redo:
+                notes[i] = FP32_DECODE
+        # 3. the transparent decoder, one image at a time (its 8-fold median is memory hungry)
         z = latents / vae.config.scaling_factor
-        pixels = (vae.decode(z.to(vae.dtype)).sample * 0.5 + 0.5).clamp(0, 1)
+        width = self.decoder.conv_in.weight.dtype
         rgb, alpha = [], []
-        for i in range(len(requests)):  # one image at a time: the 8-fold decoder is memory hungry
-            y = self.decoder.decode(pixels[i : i + 1].to(self.decoder.conv_in.weight.dtype), z[i : i + 1].to(self.decoder.conv_in.weight.dtype))
+        for i in range(len(requests)):
+            y = self.decoder.decode(pixels[i : i + 1].to(width), z[i : i + 1].to(width))
             a, fg = y[:, :1].float(), y[:, 1:].float()
             rgb.append(fg * a + self.settings["background"] * (1 - a))
             alpha.append(a)
-        return Generated(images=torch.cat(rgb), alpha=torch.cat(alpha))
+        images = torch.cat(rgb)
+        # 4. the safety checker on what is stored (the pipeline skipped it for latents)
+        failures = None
+        if getattr(self.pipe, "safety_checker", None) is not None:
+            failures = ["nsfw" if flag else None for flag in run_safety_checker(self.pipe, images)]
+        return Generated(images=images, alpha=torch.cat(alpha), failures=failures, notes=notes if redo else None)

@@ -10,8 +10,8 @@ entry's own seed. r = 0 gives the source image, r = 1 pure noise (mean grey, std
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ class NoiseGenerator(Generator):
         table, _ = read_manifest(self.source)
         self.entries = {r["prompt"]: r for r in table.to_pylist()}
         g = config["generator"]
-        super().__init__({"source_generator": g["id"], "source_settings_hash": g["settings_hash"], "source_seed": config["seed"],
-                          "ratio": float(ratio), "blend": BLEND}, {"device": "cpu", "dtype": "float32", "compile": []})
+        super().__init__({"source_generator": g["id"], "source_settings_hash": g["settings_hash"],
+                          "source_seed": config["seed"], "ratio": float(ratio), "blend": BLEND},
+                         {"device": "cpu", "dtype": "float32", "compile": []})
         self.id = f"noise:{ratio:g}"
         self.ratio = float(ratio)
         self._readers: dict = {}
@@ -58,9 +59,12 @@ class NoiseGenerator(Generator):
 
         from bank.store import ShardReader
 
-        reader = self._readers.get(row["shard"]) or self._readers.setdefault(row["shard"], ShardReader(self.source.root / row["shard"]))
-        with Image.open(io.BytesIO(reader.read(row["key"], "png"))) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        reader = self._readers.get(row["shard"])
+        if reader is None:
+            reader = self._readers.setdefault(row["shard"], ShardReader(self.source.root / row["shard"]))
+        from bank.store import decode_png  # a broken PNG is one line naming its shard and entry
+
+        rgb = decode_png(reader.read(row["key"], "png"), f"{reader.path}: entry {row['key']}")
         alpha = None
         if "alpha.png" in reader.members[row["key"]]:
             with Image.open(io.BytesIO(reader.read(row["key"], "alpha.png"))) as im:

@@ -3,7 +3,7 @@ instant; the offline demo's generator."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ class ProceduralGenerator(Generator):
 
     @classmethod
     def create(cls, options: GeneratorOptions):
-        return cls({"renderer": "dpseg.data.shapes/v1", "resolution": pick(options.resolution, cls.defaults["resolution"])},
+        resolution = pick(options.resolution, cls.defaults["resolution"])
+        return cls({"renderer": "dpseg.data.shapes/v1", "resolution": resolution},
                    {"device": "cpu", "dtype": "uint8", "compile": []})
 
     def generate(self, requests: Sequence[Request]) -> Generated:

@@ -4,10 +4,11 @@ with real weights (random images): for speed measurements where weights cannot b
 
 from __future__ import annotations
 
-from bank.generators.base import GENERATORS, GeneratorOptions, pick, torch_dtype
+from bank.generators.base import GENERATORS, GeneratorOptions, pick, runtime_of, torch_dtype
 from bank.generators.diffusion import DiffusionGenerator, compile_modules, set_scheduler
 from bank.generators.sd15 import SD15Generator
 from bank.generators.sd_configs import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd_pipeline
+from dpseg.errors import UserError
 
 
 @GENERATORS.register("sd15-random")
@@ -17,6 +18,8 @@ class SD15RandomGenerator(DiffusionGenerator):
 
     @classmethod
     def create(cls, options: GeneratorOptions):
+        if options.safety_checker:
+            raise UserError("sd15-random has no safety checker (random weights): drop --safety-checker")
         d = cls.defaults
         dtype = torch_dtype(options.dtype, options.device)
         pipe = build_sd_pipeline(SD15_UNET, SD15_VAE, SD15_TEXT, seed=0, device=options.device, dtype=dtype)
@@ -31,5 +34,4 @@ class SD15RandomGenerator(DiffusionGenerator):
         }
         set_scheduler(pipe, settings["scheduler"])
         compile_modules(pipe, options.compile)
-        runtime = {"device": str(options.device), "dtype": str(dtype).removeprefix("torch."), "compile": list(options.compile)}
-        return cls(pipe, settings, runtime)
+        return cls(pipe, settings, runtime_of(options, dtype))
