@@ -29,13 +29,18 @@ def checkpoint_facts(config: dict) -> dict[str, Any]:
     return {
         "bank": bank_path or extra.get("bank_path") or recipe.get("bank"),
         "encoder": encoder_name or config["encoder"]["name"],
-        "encoder_weights": str(extra.get("encoder_weights") or config.get("encoder_weights") or "random"),
+        "encoder_weights": _weights_id(config.get("encoder_weights") or extra.get("encoder_weights")),
         "encode_size": extra.get("encode_size") or recipe.get("encode_size"),
         "size": extra.get("size") or extra.get("crop_size") or recipe.get("crop_size") or recipe.get("size"),
         "templates": int(config["model"].get("templates", 80)),
         "step": extra.get("step"),
         "class_names": extra.get("class_names"),
     }
+
+
+def _weights_id(weights) -> str:
+    # the bank records random towers as "random"; recipes may say none/None
+    return "random" if weights is None or str(weights).lower() in ("none", "random") else str(weights)
 
 
 def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
@@ -106,11 +111,18 @@ class EvalContext:
                                            collate_fn=collate_eval, persistent_workers=False)
 
 
-def open_checkpoint(path: str, device: torch.device):
-    from dpseg.model.checkpoint import load_dpseg, read_checkpoint_config
+def read_facts(path: str) -> tuple[dict, dict]:
+    from dpseg.model.checkpoint import read_checkpoint_config
 
     config = read_checkpoint_config(path)
-    return config, checkpoint_facts(config), load_dpseg(path, device).eval()
+    return config, checkpoint_facts(config)
+
+
+def open_checkpoint(path: str, device: torch.device):
+    from dpseg.model.checkpoint import load_dpseg
+
+    config, facts = read_facts(path)
+    return config, facts, load_dpseg(path, device).eval()
 
 
 def prepare_context(settings) -> EvalContext:
@@ -120,8 +132,8 @@ def prepare_context(settings) -> EvalContext:
     from dpseg.data.transforms import EvalTransform
 
     device = resolve_device(settings.device)
-    # 1. checkpoint and the facts it records
-    config, facts, model = open_checkpoint(settings.checkpoint, device)
+    # 1. the facts the checkpoint records (the model loads once they are checked)
+    _, facts = read_facts(settings.checkpoint)
     bank_dir = settings.bank or facts["bank"]
     if not bank_dir:
         raise UserError(f"checkpoint {settings.checkpoint} records no bank; pass --bank DIR")
@@ -129,13 +141,18 @@ def prepare_context(settings) -> EvalContext:
     bank = Bank(bank_dir)
     info = bank_encoder_info(bank, facts["encoder"], facts["encoder_weights"])
     encode_size = int(settings.encode_size or facts["encode_size"] or info.get("encode_size") or info["prompt_size"])
-    size = int(settings.size or facts["size"] or model.encoder_spec.image_size)
+    from dpseg.clip.encoders import ENCODERS
+
+    size = int(settings.size or facts["size"] or ENCODERS.get(facts["encoder"]).image_size)
     if size % 32:
         raise UserError(f"model input size {size} must be a multiple of 32; pass --size")
     # 3. dataset and class subset (other classes become ignore)
     dataset = SegmentationDataset(settings.dataset, settings.split, EvalTransform(size))
     keep = resolve_subset(dataset.info, settings.classes)
     names = [dataset.class_names[i] for i in keep]
+    from dpseg.model.checkpoint import load_dpseg
+
+    model = load_dpseg(settings.checkpoint, device).eval()
 
     def remap(label):
         return remap_labels(label, keep, dataset.num_classes, dataset.ignore_index)

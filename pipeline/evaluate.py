@@ -210,7 +210,7 @@ def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: lis
 
 def _identity(resolved: dict) -> str:
     # what the numbers depend on: a rerun with the same identity resumes, another one is refused
-    ignore = {"batch_size", "save_predictions", "write_overlays"}
+    ignore = {"out", "batch_size", "save_predictions", "write_overlays"}
     payload = json.dumps({k: v for k, v in resolved.items() if k not in ignore}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
