@@ -75,16 +75,24 @@ def bank_has(bank, encoder: str, names: list[str]) -> list[bool]:
     return [primary_name(n) in cats for n in names]
 
 
-def generate_missing(bank, missing: list[str], encoder: str, weights: str) -> None:
-    """The bank's generator makes the missing classes' prompt images; `bank.build` stores them."""
-    from bank.build import BuildOptions, build_bank
+def generate_missing(bank, missing: list[str], encoder: str, weights: str, encode_size: int) -> None:
+    """The bank's generator, with the bank's own settings, makes the missing classes' prompt
+    images; `bank.build` stores and encodes them (a bank holds one generator setting)."""
+    from dataclasses import fields
 
+    from bank.build import BuildOptions, build_bank
+    from bank.generators.base import GeneratorOptions
+
+    recorded = bank.config["generator"].get("settings") or {}
+    known = {f.name for f in fields(GeneratorOptions)} - {"device", "dtype", "compile", "extra"}
+    options = GeneratorOptions(**{k: v for k, v in recorded.items() if k in known})
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "missing.txt"
         vocab.write_text("".join(f"{n}\n" for n in missing))
         opts = BuildOptions(out=bank.root, generator=bank.generator, vocab=[str(vocab)], encoder=encoder,
-                            encoder_weights=None if weights == "random" else weights,
-                            templates=int(bank.config["templates"]), seed=int(bank.config["seed"]), progress=False)
+                            encoder_weights=None if weights == "random" else weights, encode_size=encode_size,
+                            templates=int(bank.config["templates"]), seed=int(bank.config["seed"]),
+                            generator_options=options, progress=False)
         build_bank(opts)
 
 
@@ -115,7 +123,7 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
         have = bank_has(bank, facts["encoder"], names)
         if settings.generate and not all(have):
             generate_missing(bank, [n for n, h in zip(names, have, strict=True) if not h], facts["encoder"],
-                             facts["encoder_weights"])
+                             facts["encoder_weights"], encode_size)
             bank = Bank(bank_dir)
             have = bank_has(bank, facts["encoder"], names)
         text_only = [n for n, h in zip(names, have, strict=True) if not h]
