@@ -198,10 +198,12 @@ def format_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def set_args(point: Point) -> list[str]:
+def set_args(point: Point, new_keys: Sequence[str] = ()) -> list[str]:
+    """`-S key=value` per parameter; a key params.yaml does not have yet is appended
+    (`+key=value`, as DVC's Hydra overrides require)."""
     args: list[str] = []
     for key, value in point.params.items():
-        args += ["-S", f"{key}={format_value(value)}"]
+        args += ["-S", f"{'+' if key in new_keys else ''}{key}={format_value(value)}"]
     return args
 
 
@@ -275,6 +277,7 @@ class PlannedPoint:
     status: str  # done | pending (queued/running) | todo
     record: ExpRecord | None = None
     rerun_name: bool = False  # a finished experiment without metrics carries this name: overwrite it
+    new_keys: tuple[str, ...] = ()  # keys params.yaml lacks (under an empty mapping): appended
 
 
 def plan_sweep(sweep: Sweep, base: dict[str, Any], records: list[ExpRecord], profile: str | None) -> list[PlannedPoint]:
@@ -285,18 +288,19 @@ def plan_sweep(sweep: Sweep, base: dict[str, Any], records: list[ExpRecord], pro
     for point in points:
         expected = expected_params(base, point)
         name = experiment_name(sweep.name, point, expected)
+        new_keys = tuple(k for k in point.params if k not in base)
         same = [r for r in records if matches(expected, r)]
         done = next((r for r in same if r.has_results), None)
         pending = next((r for r in same if r.state in ("queued", "running")), None)
         if done:
-            planned.append(PlannedPoint(point, name, expected, "done", done))
+            planned.append(PlannedPoint(point, name, expected, "done", done, new_keys=new_keys))
         elif pending:
-            planned.append(PlannedPoint(point, name, expected, "pending", pending))
+            planned.append(PlannedPoint(point, name, expected, "pending", pending, new_keys=new_keys))
         else:
             # a finished experiment (a git ref) without metrics holds the name: overwrite it; a failed
             # one left no ref, so forcing (which also reruns every unchanged stage) is not needed
             taken = any(r.name == name and r.state == "success" for r in records)
-            planned.append(PlannedPoint(point, name, expected, "todo", None, rerun_name=taken))
+            planned.append(PlannedPoint(point, name, expected, "todo", None, rerun_name=taken, new_keys=new_keys))
     return planned
 
 
@@ -337,7 +341,7 @@ def exp_run_args(planned: PlannedPoint, queue: bool, dvc: str | None = None) -> 
     args += ["--queue"] if queue else ["--temp"]  # --temp: the workspace (params.yaml) stays as it is
     if planned.rerun_name:
         args.append("--force")
-    return args + set_args(planned.point)
+    return args + set_args(planned.point, planned.new_keys)
 
 
 def run_sweep(name: str, params_file: str | Path = "params.yaml", queue_only: bool = False, queue: bool = False,
@@ -370,7 +374,7 @@ def run_sweep(name: str, params_file: str | Path = "params.yaml", queue_only: bo
                 break  # a broken pipeline fails every point alike; rerun resumes here
         else:
             item.status = "pending" if queue or queue_only else "ran"
-    if queue and not queue_only and any(i.status == "pending" for i in planned) and not failed:
+    if queue and not queue_only and any(i.status == "pending" for i in planned):  # what did queue still runs
         args = [dvc, "queue", "start", "--jobs", str(jobs)]
         echo("start  " + " ".join(args))
         runner(args)
@@ -421,7 +425,8 @@ def sweep_table(name: str, params_file: str | Path = "params.yaml", records: lis
         where = (p.record.name or p.record.rev[:7]) if p.status == "done" else p.status
         setting = ", ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in p.point.params.items())
         setting = setting or "(params.yaml)"
-        lines.append(f"| {p.point.group or ''} {p.point.label} | " + " | ".join([setting, *values, where]) + " |")
+        row = f"{p.point.group} {p.point.label}".strip()
+        lines.append(f"| {row} | " + " | ".join([setting, *values, where]) + " |")
     if sweep.notes:
         lines += ["", sweep.notes]
     return "\n".join(lines) + "\n"

@@ -202,6 +202,12 @@ def test_a_model_override_replaces_the_empty_mapping_it_goes_under(params_file):
     assert "train.model_overrides" not in expected
     assert expected["train.model_overrides.guidance_stages"] == [True, False, False]
     assert sweeps.set_args(point)[-1] == "train.model_overrides.guidance_stages=[true, false, false]"
+    # DVC (Hydra) appends a key params.yaml lacks only when told: +key=value
+    planned = sweeps.plan_sweep(SWEEPS.get("guidance"), base, [], "demo")[1]
+    assert planned.new_keys == ("train.model_overrides.guidance_stages",)
+    args = sweeps.exp_run_args(planned, queue=True, dvc="dvc")
+    assert args[-2:] == ["-S", "+train.model_overrides.guidance_stages=[true, false, false]"]
+    assert args[-4:-2] == ["-S", "train.visual_guidance=prompt"]
     # as DVC records that experiment: the nested key, no empty mapping
     ran = tree(model_overrides={"guidance_stages": [True, False, False]})
     record = sweeps.parse_exp_show([{**state("abc", tree()), "experiments": [exp("s1", ran, metrics(1.0, 2.0))]}])[1]
