@@ -66,6 +66,7 @@ def build_bank(opts: BuildOptions, generator: Generator | None = None, encoder: 
 def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, device: str, categories: list[str]):
     # 1. settings: the generator and encoder, and the bank they must match
     if generator is None:
+        _check_resolution(opts.generator, opts.generator_options.resolution)  # before loading any weights
         generator = create_generator(opts.generator, _with_device(opts.generator_options, device))
     if encoder is None:
         encoder = PromptEncoder(opts.encoder, opts.encoder_weights, device, opts.encode_size)
@@ -116,7 +117,7 @@ def check_out_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose a new or existing bank folder")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK) or not probe.stat().st_mode & 0o222:  # root ignores permissions
         raise UserError(f"--out {out}: {probe} is not writable by this user; choose another folder or fix its permissions")
 
 
@@ -134,7 +135,7 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
             t0 = time.time()
             # 6a. one request per entry, each with its own seed
             seeds = [e.seed for e in batch]
-            out = generator.generate([Request(e.prompt, s, e.category, e.template) for e, s in zip(batch, seeds)])
+            out = _generate(generator, [Request(e.prompt, s, e.category, e.template) for e, s in zip(batch, seeds)])
             images, alpha = out.images, out.alpha
             # 6b. check every image; the generator may also report failures of its own
             results = checks.check_images(images)
@@ -142,6 +143,7 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
             for i, reason in enumerate(forced):
                 if reason:
                     results[i] = checks.CheckResult(False, reason, results[i].mean, results[i].std)
+            notes = list(out.notes or [None] * len(batch))  # e.g. "fp32-decode": recorded per entry
             attempts = [1] * len(batch)
             # 6c. retry failed images with derived seeds (a generator-reported failure is final)
             for attempt in range(1, opts.retries + 1):
@@ -152,14 +154,16 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
                 for i in redo:
                     seeds[i] = retry_seed(batch[i].seed, attempt)
                     attempts[i] += 1
-                again = generator.generate([Request(batch[i].prompt, seeds[i], batch[i].category, batch[i].template) for i in redo])
+                again = _generate(generator, [Request(batch[i].prompt, seeds[i], batch[i].category, batch[i].template) for i in redo])
                 images, alpha = images.clone(), None if alpha is None else alpha.clone()
                 for j, i in enumerate(redo):
                     images[i] = again.images[j].to(images.device)
                     if alpha is not None:
                         alpha[i] = again.alpha[j].to(alpha.device)
-                for i, result in zip(redo, checks.check_images(again.images)):
-                    results[i] = result
+                for j, (i, result) in enumerate(zip(redo, checks.check_images(again.images))):
+                    reason = (again.failures or [None] * len(redo))[j]  # "nsfw" stays nsfw on a retry
+                    results[i] = checks.CheckResult(False, reason, result.mean, result.std) if reason else result
+                    notes[i] = (again.notes or [None] * len(redo))[j]
             # 6d. quantise to uint8 (what is stored is exactly what is encoded)
             good = [i for i, r in enumerate(results) if r.ok]
             pixels = checks.to_uint8(images)
@@ -174,6 +178,8 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
             for i, entry in enumerate(batch):
                 meta = _entry_meta(entry, generator, seeds[i], attempts[i], results[i], rank, seconds,
                                    pixels.shape[1:3], alpha is not None)
+                if notes[i]:
+                    meta["note"] = notes[i]
                 if results[i].ok:
                     f = {k: v[row_of[i]] for k, v in feats.items()}
                     items.append((meta, pixels[i].numpy(), None if mattes is None else mattes[i].numpy(), f))
@@ -187,6 +193,27 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
         bar.close()
         writer.close()
     return stats
+
+
+def _check_resolution(generator_id: str, resolution: int | None) -> None:
+    import bank.generators  # noqa: F401  (registers the built-in generators)
+    from bank.generators.base import GENERATORS
+
+    if resolution is None or generator_id not in GENERATORS:
+        return
+    if "steps" in getattr(GENERATORS.get(generator_id), "defaults", {}) and resolution % 8:  # latent diffusion: 8x VAE
+        raise UserError(f"--resolution {resolution}: generator {generator_id!r} makes images in multiples of 8 px; "
+                        f"use {max(8, resolution // 8 * 8)} or {resolution // 8 * 8 + 8}")
+
+
+def _generate(generator: Generator, requests: list[Request]):
+    try:
+        return generator.generate(requests)
+    except (ValueError, TypeError) as err:  # the pipeline refused the settings (a size, a scheduler option)
+        from dpseg.errors import first_line
+
+        raise UserError(f"generator {generator.id!r} cannot make these images ({first_line(err)}); "
+                        f"check its flags (settings {generator.settings})") from None
 
 
 def _entry_meta(entry: Entry, generator: Generator, used_seed: int, attempts: int, result: checks.CheckResult,

@@ -165,8 +165,10 @@ def _verify_features(store: BankStore, config: dict, ok_cells: set, by_shard: di
             problems.append(f"features.zarr/{group}: unreadable ({type(err).__name__}: {first_line(err, 80)}); {fix}")
             continue
         for shard in by_shard:
-            if not store.part_path(group, shard).is_file() and any(r["status"] == "ok" for r in by_shard[shard]):
-                problems.append(f"staging/{group}: no feature part for {shard}; {fix}")
+            if not any(r["status"] == "ok" for r in by_shard[shard]) or store.part_keys(group, shard) is not None:
+                continue
+            state = "unreadable feature part" if store.part_path(group, shard).is_file() else "no feature part"
+            problems.append(f"staging/{group}: {state} for {shard}; {fix}")
     return problems
 
 

@@ -26,10 +26,16 @@ BLOCK = 512
 def shard_damage(path: Path) -> str | None:
     """What is wrong with one shard's tar structure (None: whole). Reads headers only: a tar cut
     inside a member, or right after one (no end-of-archive marker), is truncated."""
+    members: list[tarfile.TarInfo] = []
     try:
         size = path.stat().st_size
         with tarfile.open(path, "r:") as tar:
-            members = tar.getmembers()
+            while (member := tar.next()) is not None:
+                members.append(member)
+    except tarfile.ReadError as err:
+        if members and "unexpected end of data" in str(err):  # tarfile's word for a cut inside the last member's data
+            return f"truncated: the file ends inside member {members[-1].name}"
+        return f"unreadable ({type(err).__name__}: {err})"
     except (tarfile.TarError, OSError, EOFError) as err:
         return f"unreadable ({type(err).__name__}: {err})"
     end = 0

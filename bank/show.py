@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from bank.merge import read_manifest
-from bank.store import BankStore, ShardReader
+from bank.store import BankStore, ShardReader, decode_png
 from dpseg.clip.templates import primary_name
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes
@@ -34,8 +34,8 @@ def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 
             x, y = (i % cols) * tile, (i // cols) * (tile + label)
             if r["status"] == "ok":
                 reader = readers.setdefault(r["shard"], ShardReader(store.root / r["shard"]))
-                with Image.open(io.BytesIO(reader.read(r["key"], "png"))) as im:
-                    sheet.paste(im.convert("RGB").resize((tile, tile)), (x, y))
+                pixels = decode_png(reader.read(r["key"], "png"), f"{reader.path}: entry {r['key']}")
+                sheet.paste(Image.fromarray(pixels).convert("RGB").resize((tile, tile)), (x, y))
             else:
                 draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline="red")
                 draw.text((x + 4, y + tile // 2), f"failed: {r['reason']}", fill="red")
@@ -44,6 +44,8 @@ def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 
         for reader in readers.values():
             reader.close()
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"-o {out} is a folder; give the contact sheet's file name, e.g. -o {out / (name + '.png')}")
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     sheet.save(buf, format="png")

@@ -281,7 +281,12 @@ class ShardWriter:
         """Adds one sample; returns the shard name when this filled and committed a shard."""
         if self.file is None:
             self._open()
-        self.tar.write({"__key__": key, **files})
+        try:
+            self.tar.write({"__key__": key, **files})
+        except OSError as err:  # a full disk: name the file (the shard is dropped by abort(), never kept half-written)
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
+            raise
         if features is not None:
             self.keys.append(key)
             for name in FEATURE_NAMES:
@@ -332,7 +337,18 @@ class ShardReader:
             self.members.setdefault(key, {})[ext] = m
 
     def read(self, key: str, ext: str) -> bytes:
-        return self.tar.extractfile(self.members[key][ext]).read()
+        member = self.members.get(key, {}).get(ext)
+        if member is None:
+            raise UserError(f"shard {self.path} has no {ext!r} member for entry {key}; run `dpseg bank verify` on the bank, "
+                            f"then the same `dpseg bank build` command to make the entry anew")
+        try:
+            data = self.tar.extractfile(member).read()
+        except (tarfile.TarError, OSError):
+            data = b""
+        if len(data) != member.size:
+            raise UserError(f"shard {self.path} is truncated inside entry {key}; run the same `dpseg bank build` command "
+                            f"again to make its entries anew")
+        return data
 
     def meta(self, key: str) -> dict[str, Any]:
         return json.loads(self.read(key, "json"))

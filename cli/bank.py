@@ -30,6 +30,7 @@ def build(
     batch_size: int = typer.Option(8, min=1, help="Images per generator call (does not change any image)."),
     seed: int = typer.Option(0, help="Base seed; each entry's seed is a stable hash of (prompt, settings, seed)."),
     model: Optional[str] = typer.Option(None, help="Weights: hub id, local diffusers folder or .safetensors file."),
+    model_config: Optional[str] = typer.Option(None, help="Single .safetensors file: its diffusers config folder or hub id."),
     encoder_weights: str = typer.Option("default", help="Encoder weights: 'default' (its open_clip tag), a file/folder, or 'none' (random)."),
     encode_size: Optional[int] = typer.Option(None, help="Size prompt images are resized to before the prompt tower (default: the encoder's segmentation input size, 768 for convnext-b/l; 320 is the paper's ablation)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (under accelerate launch: each rank's GPU)."),
@@ -50,6 +51,7 @@ def build(
     from bank.generators.base import GeneratorOptions
 
     options = GeneratorOptions(model=model, resolution=resolution, steps=steps, guidance=guidance, scheduler=scheduler,
+                               model_config=model_config,
                                negative_prompt=negative_prompt, safety_checker=safety_checker, t5=t5, device=device,
                                dtype=dtype, compile=tuple(c for item in compile for c in item.split(",") if c),
                                extra={"layer_weights": layer_weights} if layer_weights else {})

@@ -73,7 +73,7 @@ def test_round_trip_shards_manifest_features(tmp_path, vocab, tiny_sd, encoder):
     contents = bank_contents(tmp_path / "b")
     assert sorted({(c, t) for c, t, _, _ in contents.values()}) == [(c, t) for c in ("building", "cat", "dog") for t in range(3)]
     # features in the zarr equal an independent encoding of the stored PNGs
-    group = zarr.open_group(str(tmp_path / "b" / "features.zarr" / "tiny"), mode="r")
+    group = zarr.open_group(str(tmp_path / "b" / "features.zarr" / "tiny@128"), mode="r")
     cats = group.attrs["categories"]
     assert cats == ["cat", "dog", "building"] and group.attrs["templates"] == 3
     assert group.attrs["generator"]["id"] == "tiny-sd" and group.attrs["encoder"]["encoder"] == "tiny"
@@ -161,7 +161,7 @@ def test_black_and_nan_images_are_retried_then_failed(tmp_path, vocab, encoder):
         assert dog["status"] == "failed" and dog["reason"] == "nan" and dog["attempts"] == 3
         with ShardReader(tmp_path / "b" / dog["shard"]) as reader:
             assert "png" not in reader.members[dog["key"]]  # never stored as a valid image
-    valid = zarr.open_group(str(tmp_path / "b" / "features.zarr" / "tiny"), mode="r")["valid"][:]
+    valid = zarr.open_group(str(tmp_path / "b" / "features.zarr" / "tiny@128"), mode="r")["valid"][:]
     assert valid.tolist() == [[True, True], [False, False], [True, True]]
     with pytest.raises(UserError, match="'dog'"):
         Bank(tmp_path / "b").prototypes(["cat", "dog"], "tiny")

@@ -93,7 +93,7 @@ def test_encode_adds_a_features_group_from_stored_images(built, cli):
     result = cli("bank", "encode", out, "--encoder", "tiny-b", "--encoder-weights", "none", "--no-progress")
     assert result.exit_code == 0, result.output
     assert json.loads(cli("bank", "info", out, "--json").output)["encoders"] == ["tiny", "tiny-b"]
-    group = zarr.open_group(str(out / "features.zarr" / "tiny-b"), mode="r")
+    group = zarr.open_group(str(out / "features.zarr" / "tiny-b@128"), mode="r")
     enc = PromptEncoder("tiny-b", None)
     table = read_manifest(BankStore(out))[0].to_pylist()
     r = table[4]
@@ -121,7 +121,7 @@ def test_verify_lists_a_truncated_shard_and_a_lost_feature_part(built, cli, tmp_
     shutil.copytree(out, copy)
     shard = sorted(copy.glob("images-*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:700])
-    (copy / "staging" / "tiny" / sorted(copy.glob("images-*.tar"))[1].name.replace(".tar", ".safetensors")).unlink()
+    (copy / "staging" / "tiny@128" / sorted(copy.glob("images-*.tar"))[1].name.replace(".tar", ".safetensors")).unlink()
     result = cli("bank", "verify", copy)
     assert result.exit_code == 1
     assert shard.name in result.output and "no feature part" in result.output
@@ -193,8 +193,8 @@ def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path, cl
             data = b"\x89PNG garbage" if m.name == first_png else data
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    shutil.rmtree(copy / "staging" / "tiny")
-    shutil.rmtree(copy / "features.zarr" / "tiny")
+    shutil.rmtree(copy / "staging" / "tiny@128")
+    shutil.rmtree(copy / "features.zarr" / "tiny@128")
     one_line_error(cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--no-progress"),
                    shard.name, "not a readable PNG")
     shard.write_bytes(b"not a tar at all" * 100)

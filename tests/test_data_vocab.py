@@ -109,3 +109,19 @@ def test_cli_vocab_list_json_and_show(cli):
 
 def test_cli_unknown_vocab_is_one_error_line(cli, one_line_error):
     one_line_error(cli("data", "vocab", "show", "nope"), "unknown vocabulary 'nope'")
+
+
+def test_names_are_nfc_normalised_so_one_word_typed_two_ways_is_one_class(tmp_path):
+    from bank.plan import resolve_categories
+
+    composed, decomposed = "na\u00efve art", "nai\u0308ve art"
+    assert composed != decomposed
+    (tmp_path / "a.txt").write_text(decomposed + "\n", "utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([composed, "cat"]), "utf-8")
+    assert load_vocab(str(tmp_path / "a.txt")) == [composed]
+    assert primary_name(decomposed + ", naive") == composed
+    categories, _ = resolve_categories([str(tmp_path / "a.txt"), str(tmp_path / "b.json")])
+    assert categories == [composed, "cat"]
+    (tmp_path / "both.txt").write_text(f"{composed}\n{decomposed}\n", "utf-8")
+    with pytest.raises(UserError, match="appears twice"):
+        load_vocab(str(tmp_path / "both.txt"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 # open_clip stores them as callables; we want the format strings ("a bad photo of a {}.")
@@ -12,7 +14,8 @@ assert NUM_TEMPLATES == 80, "open_clip changed its ImageNet template list"
 
 def split_synonyms(class_name: str) -> list[str]:
     """'building, edifice' -> ['building', 'edifice'] (the public lists join synonyms by ', ')."""
-    names = [part.strip() for part in class_name.split(",")]
+    # NFC: a name typed with combining accents is the same category (and bank entry) as its precomposed form
+    names = [part.strip() for part in unicodedata.normalize("NFC", class_name).split(",")]
     names = [n for n in names if n]
     if not names:
         raise ValueError(f"empty class name: {class_name!r}")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, features
 
 from dpseg.errors import UserError
-from dpseg.io import atomic_write_bytes, atomic_write_json
+from dpseg.io import atomic_write_bytes, atomic_write_json, current_umask
 
 FORMAT = "dpseg-prepared"
 VERSION = 1
@@ -73,6 +73,7 @@ def atomic_save_image(path: Path, image: Image.Image, **options) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; other users must read a dataset
         image.save(tmp, **options)
         os.replace(tmp, path)
     except BaseException:
@@ -107,6 +108,9 @@ def read_layout(root: str | Path) -> LayoutInfo:
             skipped=meta.get("skipped", {}),
             extra=meta.get("extra", {}),
         )
+    except PermissionError as err:  # a healthy dataset this user may not read: never advise deleting it
+        raise LayoutError(f"cannot read {err.filename or str(root)!r} (permission denied); ask its owner for read access "
+                          f"(files are written with the umask's mode, 0644 under umask 022)") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise LayoutError(f"prepared dataset {str(root)!r} is damaged ({err}); delete it and prepare again") from None
 
@@ -147,6 +151,9 @@ class PreparedWriter:
             if path.exists():
                 try:
                     data = json.loads(path.read_text("utf-8"))
+                except PermissionError:
+                    raise LayoutError(f"cannot read {str(path)!r} (permission denied); choose another --out or ask "
+                                      f"its owner for access") from None
                 except (OSError, ValueError) as err:
                     raise LayoutError(f"{str(path)!r} is unreadable ({err}); delete {str(self.root)!r} and prepare again") from None
                 return data.get(key) if key else data

@@ -8,6 +8,7 @@ numbers must match the anchor code; `dpseg.clip.templates.primary_name` strips n
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -113,6 +114,8 @@ def _validate(data: object, what: str) -> list[str]:
         raise VocabularyError(f"{what} must be a list of class-name strings")
     if not data:
         raise VocabularyError(f"{what} holds no class names")
+    # one spelling per name: "naïve" typed precomposed or as "i" + combining diaeresis is one class
+    data = [unicodedata.normalize("NFC", n) for n in data]
     empty = [i for i, n in enumerate(data) if not n.replace(",", "").strip()]
     if empty:
         raise VocabularyError(f"{what}: entry {empty[0]} is an empty class name")
