@@ -16,6 +16,7 @@ the same params counts too.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -58,8 +59,12 @@ class Sweep:
     notes: str = ""
 
     def expand(self, profile: str | None = None) -> list[Point]:
-        """The points to run under `profile` (points restricted to other profiles dropped)."""
-        return [p for p in self.points if not p.profiles or profile in p.profiles]
+        """The points to run under `profile` (points restricted to other profiles dropped; "paper"
+        covers paper-b and paper-l)."""
+        def allowed(p: Point) -> bool:
+            return not p.profiles or any(profile == q or str(profile).startswith(q + "-") for q in p.profiles)
+
+        return [p for p in self.points if allowed(p)]
 
     def skipped(self, profile: str | None = None) -> list[Point]:
         return [p for p in self.points if p not in self.expand(profile)]
@@ -265,8 +270,53 @@ def parse_exp_show(rows: list[dict]) -> list[ExpRecord]:
     return records
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _train_defaults() -> dict[str, Any]:
+    try:
+        from pipeline.train import TrainRecipe
+    except ImportError:
+        return {}
+    out = {}
+    for f in dataclasses.fields(TrainRecipe):
+        if f.default is not dataclasses.MISSING:
+            out[f"train.{f.name}"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f"train.{f.name}"] = f.default_factory()
+    return out
+
+
+def canonical(flat: dict[str, Any]) -> dict[str, Any]:
+    """The parameters an experiment actually ran with: params.yaml's nulls filled by its profile
+    (pipeline.profiles.resolve) and training's own defaults, so `prompt_mode: null` under a
+    profile whose default is dual equals an explicit `dual`. Params the profiles cannot resolve
+    (another schema) are compared as written."""
+    try:
+        from pipeline.profiles import resolve
+    except ImportError:
+        return flat
+    try:
+        resolved = flatten(resolve(unflatten(flat)))
+    except (UserError, TypeError, AttributeError):
+        return flat
+    for key, value in _train_defaults().items():
+        if key not in resolved and not any(k.startswith(key + ".") for k in resolved):
+            resolved[key] = value
+    return resolved
+
+
 def matches(expected: dict[str, Any], record: ExpRecord) -> bool:
-    return all(k in record.params and normalise(record.params[k]) == normalise(v) for k, v in expected.items())
+    want, have = canonical(expected), canonical(record.params)
+    return all(k in have and normalise(have[k]) == normalise(v) for k, v in want.items())
 
 
 @dataclass

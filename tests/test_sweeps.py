@@ -4,6 +4,7 @@ experiment records, the dvc commands a sweep issues (never run), and the Markdow
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from dpseg.errors import UserError
 from pipeline import sweeps
@@ -257,3 +258,22 @@ def test_cli_lists_sweeps_and_refuses_bad_input(cli, one_line_error, params_file
     one_line_error(cli("analyze", "sweep", "prompts", "--queue", "--queue-only"), "exclude each other")
     monkeypatch.chdir(params_file.parent)  # not a git/DVC repository: `dvc exp show` fails, in one line
     one_line_error(cli("analyze", "sweep", "templates", "--dry-run"), "dvc exp show", "git+DVC repo")
+
+
+def test_nulls_resolved_by_the_profile_match_explicit_values(tmp_path):
+    """params.yaml leaves most keys null (the profile's value): the baseline commit of such a file
+    is the dual / all-stages row, though it never spells 'dual'."""
+    nulls = {"profile": "demo", "bank": {"generator": None, "templates": None},
+             "train": {"prompt_mode": None, "fusion": None, "visual_guidance": None, "templates": None,
+                       "model_overrides": {}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(nulls))
+    base = sweeps.load_params(tmp_path / "params.yaml")
+    baseline = sweeps.parse_exp_show([state("abc", nulls, metrics(50.0, 20.0), name="main")])
+    prompts = sweeps.plan_sweep(SWEEPS.get("prompts"), base, baseline, "demo")
+    assert [p.status for p in prompts] == ["todo", "todo", "done", "todo", "todo"]
+    templates = sweeps.plan_sweep(SWEEPS.get("templates"), base, baseline, "demo")
+    # train.templates null means "the bank's count", known only from the bank: 80 is not assumed
+    assert [p.status for p in templates] == ["todo"] * 5
+    banks = sweeps.plan_sweep(SWEEPS.get("banks"), base, baseline, "demo")
+    assert [p.status for p in banks] == ["done", "todo", "todo", "todo"]
+    assert len(SWEEPS.get("banks").expand("paper-b")) == len(SWEEPS.get("banks").expand("paper-l")) == 6
