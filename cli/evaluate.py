@@ -105,6 +105,8 @@ def bench_eval_command(
     classes: str = typer.Option("150,459,847", help="Comma-separated class counts."),
     class_chunk: int = typer.Option(64, min=1, help="Class chunk of the bounded-memory mode."),
     ratio_classes: int = typer.Option(150, min=1, help="Class count of the two-pass / one-pass ratio."),
+    templates: int = typer.Option(80, min=1, max=80, help="Prompt templates M (cost-volume channels)."),
+    batch: int = typer.Option(2, min=1, help="Images per step."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     repeats: int = typer.Option(3, min=1),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
@@ -114,7 +116,8 @@ def bench_eval_command(
     from pipeline.bench_eval import bench_eval
 
     result = bench_eval(encoder=encoder, size=size or None, classes=[int(c) for c in classes.split(",") if c.strip()],
-                        class_chunk=class_chunk, ratio_classes=ratio_classes, device=device, repeats=repeats)
+                        class_chunk=class_chunk, ratio_classes=ratio_classes, device=device, repeats=repeats,
+                        templates=templates, batch=batch)
     if out:
         atomic_write_json(out, result)
     typer.echo(json.dumps(result, indent=2))

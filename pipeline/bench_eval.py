@@ -40,7 +40,7 @@ def _detect_map(batch: int, size: int, classes: int, device) -> torch.Tensor:
 
 
 def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | None, batch: int, repeats: int,
-          device: str, detect_classes: int) -> dict:
+          device: str, detect_classes: int, templates: int) -> dict:
     from dpseg.metrics import predict_labels
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.refine import RefineSettings, refine_batch, replace_prompts
@@ -48,7 +48,7 @@ def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | N
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_dpseg(DPSegConfig(encoder=encoder), weights=None, device=dev).eval()
+    model = build_dpseg(DPSegConfig(encoder=encoder, templates=templates), weights=None, device=dev).eval()
     size = size or model.encoder_spec.image_size
     images01 = torch.rand(batch, 3, size, size, device=dev)
     text, visual = random_prompts(model, num_classes, device=dev)
@@ -120,12 +120,12 @@ def _run_isolated(kwargs: dict) -> dict:
 
 def bench_eval(encoder: str = "tiny", size: int | None = None, classes: list[int] = (150, 459, 847),
                class_chunk: int = 64, ratio_classes: int = 150, batch: int = 2, device: str = "cpu",
-               repeats: int = 3, detect_classes: int = 8, isolate: bool = True) -> dict:
+               repeats: int = 3, detect_classes: int = 8, templates: int = 80, isolate: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     run = _run_isolated if isolate and device == "cpu" else (lambda kw: _case(**kw))
     common = {"encoder": encoder, "size": size, "batch": batch, "repeats": repeats, "device": device,
-              "detect_classes": detect_classes}
+              "detect_classes": detect_classes, "templates": templates}
     cases = [(ratio_classes, None)] + [(n, chunk) for n in classes for chunk in (None, class_chunk)]
     results = [run({**common, "num_classes": n, "class_chunk": c})
                for n, c in tqdm(cases, desc="bench eval", unit="case")]
@@ -137,7 +137,8 @@ def bench_eval(encoder: str = "tiny", size: int | None = None, classes: list[int
         "bench": "eval",
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "encoder": encoder, "weights": "random",
-        "size": ratio["size"], "batch": batch, "repeats": repeats,
+        "size": ratio["size"], "batch": batch, "repeats": repeats, "templates": templates,
+        "class_chunk": class_chunk,
         "two_pass_over_one_pass": ratio["two_over_one"], "goal_two_pass_over_one_pass": 1.35,
         "ratio_case": ratio, "scaling": scaling,
         "chunked_working_mem_mib_per_class": [round(v, 3) for v in per_class],
