@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -56,12 +56,12 @@ def _recipe_parameters() -> list[inspect.Parameter]:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if f.name == "model_overrides":
-            annotation, option = Optional[str], typer.Option(None, flag, help=HELP[f.name])
+            annotation, option = str | None, typer.Option(None, flag, help=HELP[f.name])
         elif isinstance(default, bool):
             annotation, option = bool, typer.Option(default, f"{flag}/--no-{flag[2:]}", help=HELP[f.name])
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            annotation = Optional[kind] if default is None else kind
+            annotation = kind | None if default is None else kind
             option = typer.Option(default, flag, help=HELP[f.name])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
@@ -76,7 +76,8 @@ def _recipe_from(kwargs: dict):
         try:
             parsed = json.loads(overrides)
         except json.JSONDecodeError as err:
-            raise UserError(f"--model-overrides is not a JSON object ({err.msg}); e.g. '{{\"cost_dim\": 64}}'") from None
+            raise UserError(f"--model-overrides is not a JSON object ({err.msg}); "
+                            "e.g. '{\"cost_dim\": 64}'") from None
         if not isinstance(parsed, dict):
             raise UserError("--model-overrides must be a JSON object, e.g. '{\"cost_dim\": 64}'")
         kwargs["model_overrides"] = parsed
@@ -89,6 +90,8 @@ def train_command(**kwargs):
 
     as_json, progress = kwargs.pop("json_output"), kwargs.pop("progress")
     summary = train(_recipe_from(kwargs), progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the main rank reports
+        return
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:

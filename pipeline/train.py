@@ -195,7 +195,8 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if done % r.log_every == 0 or done == r.steps:
-            record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "seconds": round(time.perf_counter() - began, 3)}
+            seconds = round(time.perf_counter() - began, 3)
+            record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "seconds": seconds}
             if grad_norm is not None:
                 record["grad_norm"] = round(float(grad_norm), 6)
             log.write(record)

@@ -70,7 +70,8 @@ def resolve(recipe, world_size: int) -> Resolved:
         raise UserError(f"--out {out} is a file; pass a folder for the run")
     # 1b. the dataset and the classes trained on
     if not r.dataset:
-        raise UserError("--dataset is required: a prepared dataset folder (e.g. from `dpseg data synth --out data/shapes`)")
+        raise UserError("--dataset is required: a prepared dataset folder "
+                        "(e.g. from `dpseg data synth --out data/shapes`)")
     dataset = SegmentationDataset(r.dataset, "train")
     keep = resolve_subset(dataset.info, r.classes)
     names = [dataset.class_names[i] for i in keep]
@@ -83,8 +84,9 @@ def resolve(recipe, world_size: int) -> Resolved:
 
         bank = Bank(r.bank)
     elif uses_bank:
-        raise UserError(f"--prompt-mode {r.prompt_mode} with --visual-guidance {r.visual_guidance} reads visual prompts: "
-                        "pass --bank DIR (or train text-only: --prompt-mode text --visual-guidance upsampled-cost)")
+        raise UserError(f"--prompt-mode {r.prompt_mode} with --visual-guidance {r.visual_guidance} reads visual "
+                        "prompts: pass --bank DIR (or train text-only: --prompt-mode text "
+                        "--visual-guidance upsampled-cost)")
     # 1d. encoder, weights, templates, encode size: the bank's unless given
     if r.encoder is None:
         have = bank.encoders() if bank is not None else []
@@ -104,14 +106,11 @@ def resolve(recipe, world_size: int) -> Resolved:
     if r.encoder_weights is None:
         r.encoder_weights = bank_weights or "default"
     elif bank_weights is not None and not same_weights(r.encoder, r.encoder_weights, bank_weights):
-        raise UserError(f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was encoded with "
-                        f"({bank_weights}): the visual prompts would not match the image features; pass "
+        raise UserError(f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was "
+                        f"encoded with ({bank_weights}): the visual prompts would not match the image features; pass "
                         f"--encoder-weights {bank_weights} or re-encode the bank")
-    bank_size = info.get("prompt_size")
-    if r.encode_size is not None and bank_size is not None and int(bank_size) != r.encode_size:
-        raise UserError(f"bank {bank.root} encoded its {r.encoder!r} prompts at {bank_size} px, the recipe asks for "
-                        f"{r.encode_size}: pass --encode-size {bank_size}, or encode the bank at {r.encode_size}")
-    encode_size = r.encode_size or (int(bank_size) if bank_size else None)
+    # the bank's size unless asked (its only one, or the encoder's input size): a mismatch is the reader's one line
+    encode_size = r.encode_size if bank is None or r.encode_size is not None else bank.encode_size(r.encoder)
     if r.templates is None:
         r.templates = int(bank.config["templates"]) if bank is not None else 80
     fields = {"encoder": r.encoder, "templates": r.templates, "prompt_mode": r.prompt_mode, "fusion": r.fusion,
@@ -133,10 +132,7 @@ def resolve(recipe, world_size: int) -> Resolved:
 
 
 def read_prototypes(bank, names, encoder, templates, encode_size):
-    import inspect
-
-    kwargs = {"encode_size": encode_size} if "encode_size" in inspect.signature(bank.prototypes).parameters else {}
-    return bank.prototypes(names, encoder, templates, **kwargs)
+    return bank.prototypes(names, encoder, templates, encode_size=encode_size)
 
 
 def same_weights(encoder: str, given: str, recorded: str) -> bool:
