@@ -9,17 +9,18 @@ and its feature part are on disk, so a run killed at any point resumes where it 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bank import checks
 from bank.encode import PromptEncoder, check_encoder_compatible, encode_shards, record_encoder
 from bank.generators.base import Generator, GeneratorOptions, Request, create_generator
 from bank.merge import merge, read_manifest
 from bank.plan import Entry, in_job_shard, plan_entries, resolve_categories, retry_seed
-from bank.runtime import distributed_state, rank_device
 from bank.repair import repair
+from bank.runtime import distributed_state, rank_device
 from bank.store import SCHEMA_VERSION, BankStore, scan_shard, shard_number
 from bank.writer import BackgroundWriter
 from dpseg.errors import UserError
@@ -44,8 +45,13 @@ class BuildOptions:
     progress: bool = True
 
 
-def build_bank(opts: BuildOptions, generator: Generator | None = None, encoder: PromptEncoder | None = None,
-               state=None, categories: list[str] | None = None) -> dict[str, Any]:
+def build_bank(
+    opts: BuildOptions,
+    generator: Generator | None = None,
+    encoder: PromptEncoder | None = None,
+    state=None,
+    categories: list[str] | None = None,
+) -> dict[str, Any]:
     """Builds (or resumes) the bank at `opts.out`; `generator`/`encoder` may be passed in already
     loaded (benchmarks, derived banks)."""
     if not 0 <= opts.shard_index < opts.num_shards:
@@ -102,8 +108,15 @@ def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, devi
         per_rank = gather_object([stats])
         stats = {k: sum(s[k] for s in per_rank) for k in stats}
     # 7. merge into manifest.parquet and features.zarr (one process; the lock serialises job arrays)
-    report = {"bank": str(store.root), "planned": len(planned), "already_done": len(planned) - len(todo),
-              "todo": len(todo), "ranks": state.num_processes, "seconds": round(time.time() - started, 3), **stats}
+    report = {
+        "bank": str(store.root),
+        "planned": len(planned),
+        "already_done": len(planned) - len(todo),
+        "todo": len(todo),
+        "ranks": state.num_processes,
+        "seconds": round(time.time() - started, 3),
+        **stats,
+    }
     if state.is_main_process:
         report["repaired"] = repaired
         report["merge"] = merge(store)
@@ -118,11 +131,20 @@ def check_out_folder(out: Path) -> None:
         raise UserError(f"--out {out} is a file, not a folder; choose a new or existing bank folder")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK | os.X_OK) or not probe.stat().st_mode & 0o222:  # root ignores permissions
-        raise UserError(f"--out {out}: {probe} is not writable by this user; choose another folder or fix its permissions")
+        raise UserError(
+            f"--out {out}: {probe} is not writable by this user; choose another folder or fix its permissions"
+        )
 
 
-def generate_entries(store: BankStore, generator: Generator, encoder: PromptEncoder, entries: Sequence[Entry],
-                     opts: BuildOptions, rank: int = 0, progress: bool = True) -> dict[str, int]:
+def generate_entries(
+    store: BankStore,
+    generator: Generator,
+    encoder: PromptEncoder,
+    entries: Sequence[Entry],
+    opts: BuildOptions,
+    rank: int = 0,
+    progress: bool = True,
+) -> dict[str, int]:
     """The core loop, one batch at a time; returns counts of ok / failed / retried images."""
     from tqdm.auto import tqdm
 
@@ -135,7 +157,8 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
             t0 = time.time()
             # 6a. one request per entry, each with its own seed
             seeds = [e.seed for e in batch]
-            out = _generate(generator, [Request(e.prompt, s, e.category, e.template) for e, s in zip(batch, seeds)])
+            requests = [Request(e.prompt, s, e.category, e.template) for e, s in zip(batch, seeds, strict=True)]
+            out = _generate(generator, requests)
             images, alpha = out.images, out.alpha
             # 6b. check every image; the generator may also report failures of its own
             results = checks.check_images(images)
@@ -154,13 +177,15 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
                 for i in redo:
                     seeds[i] = retry_seed(batch[i].seed, attempt)
                     attempts[i] += 1
-                again = _generate(generator, [Request(batch[i].prompt, seeds[i], batch[i].category, batch[i].template) for i in redo])
+                again = _generate(
+                    generator, [Request(batch[i].prompt, seeds[i], batch[i].category, batch[i].template) for i in redo]
+                )
                 images, alpha = images.clone(), None if alpha is None else alpha.clone()
                 for j, i in enumerate(redo):
                     images[i] = again.images[j].to(images.device)
                     if alpha is not None:
                         alpha[i] = again.alpha[j].to(alpha.device)
-                for j, (i, result) in enumerate(zip(redo, checks.check_images(again.images))):
+                for j, (i, result) in enumerate(zip(redo, checks.check_images(again.images), strict=False)):
                     reason = (again.failures or [None] * len(redo))[j]  # "nsfw" stays nsfw on a retry
                     results[i] = checks.CheckResult(False, reason, result.mean, result.std) if reason else result
                     notes[i] = (again.notes or [None] * len(redo))[j]
@@ -176,8 +201,17 @@ def generate_entries(store: BankStore, generator: Generator, encoder: PromptEnco
             # 6f. hand the entries to the writer thread (PNG + tar + feature part off this thread)
             items = []
             for i, entry in enumerate(batch):
-                meta = _entry_meta(entry, generator, seeds[i], attempts[i], results[i], rank, seconds,
-                                   pixels.shape[1:3], alpha is not None)
+                meta = _entry_meta(
+                    entry,
+                    generator,
+                    seeds[i],
+                    attempts[i],
+                    results[i],
+                    rank,
+                    seconds,
+                    pixels.shape[1:3],
+                    alpha is not None,
+                )
                 if notes[i]:
                     meta["note"] = notes[i]
                 if results[i].ok:
@@ -202,8 +236,10 @@ def _check_resolution(generator_id: str, resolution: int | None) -> None:
     if resolution is None or generator_id not in GENERATORS:
         return
     if "steps" in getattr(GENERATORS.get(generator_id), "defaults", {}) and resolution % 8:  # latent diffusion: 8x VAE
-        raise UserError(f"--resolution {resolution}: generator {generator_id!r} makes images in multiples of 8 px; "
-                        f"use {max(8, resolution // 8 * 8)} or {resolution // 8 * 8 + 8}")
+        raise UserError(
+            f"--resolution {resolution}: generator {generator_id!r} makes images in multiples of 8 px; "
+            f"use {max(8, resolution // 8 * 8)} or {resolution // 8 * 8 + 8}"
+        )
 
 
 def _generate(generator: Generator, requests: list[Request]):
@@ -212,19 +248,43 @@ def _generate(generator: Generator, requests: list[Request]):
     except (ValueError, TypeError) as err:  # the pipeline refused the settings (a size, a scheduler option)
         from dpseg.errors import first_line
 
-        raise UserError(f"generator {generator.id!r} cannot make these images ({first_line(err)}); "
-                        f"check its flags (settings {generator.settings})") from None
+        raise UserError(
+            f"generator {generator.id!r} cannot make these images ({first_line(err)}); "
+            f"check its flags (settings {generator.settings})"
+        ) from None
 
 
-def _entry_meta(entry: Entry, generator: Generator, used_seed: int, attempts: int, result: checks.CheckResult,
-                rank: int, seconds: float, size, has_alpha: bool) -> dict[str, Any]:
+def _entry_meta(
+    entry: Entry,
+    generator: Generator,
+    used_seed: int,
+    attempts: int,
+    result: checks.CheckResult,
+    rank: int,
+    seconds: float,
+    size,
+    has_alpha: bool,
+) -> dict[str, Any]:
     return {
-        "key": entry.key, "category": entry.category, "template": entry.template_index, "prompt": entry.prompt,
-        "seed": entry.seed, "used_seed": used_seed, "attempts": attempts, "status": "ok" if result.ok else "failed",
-        "reason": result.reason, "check": {"mean": result.mean, "std": result.std},
-        "generator": generator.id, "settings_hash": generator.settings_hash, "alpha": has_alpha and result.ok,
-        "height": int(size[0]), "width": int(size[1]), "rank": rank, "generated_at": time.time(),
-        "seconds": round(seconds, 4), "runtime": generator.runtime,
+        "key": entry.key,
+        "category": entry.category,
+        "template": entry.template_index,
+        "prompt": entry.prompt,
+        "seed": entry.seed,
+        "used_seed": used_seed,
+        "attempts": attempts,
+        "status": "ok" if result.ok else "failed",
+        "reason": result.reason,
+        "check": {"mean": result.mean, "std": result.std},
+        "generator": generator.id,
+        "settings_hash": generator.settings_hash,
+        "alpha": has_alpha and result.ok,
+        "height": int(size[0]),
+        "width": int(size[1]),
+        "rank": rank,
+        "generated_at": time.time(),
+        "seconds": round(seconds, 4),
+        "runtime": generator.runtime,
     }
 
 
@@ -247,33 +307,58 @@ def _durable_keys(store: BankStore) -> set[str]:
     return keys
 
 
-def _open_bank(store: BankStore, generator: Generator, encoder: PromptEncoder, opts: BuildOptions,
-               categories: list[str]) -> dict[str, Any]:
+def _open_bank(
+    store: BankStore, generator: Generator, encoder: PromptEncoder, opts: BuildOptions, categories: list[str]
+) -> dict[str, Any]:
     """Creates bank.json or checks that this build matches it; adds new categories/templates."""
     with store.lock():
-        leftovers = [p for p in store.root.iterdir() if p.name not in (".lock", "tmp") and not p.name.startswith(".build-")]
+        leftovers = [
+            p for p in store.root.iterdir() if p.name not in (".lock", "tmp") and not p.name.startswith(".build-")
+        ]
         if not store.exists() and leftovers:
-            raise UserError(f"{store.root} exists and is not a bank (no bank.json); choose an empty or new --out folder")
+            raise UserError(
+                f"{store.root} exists and is not a bank (no bank.json); choose an empty or new --out folder"
+            )
         if store.exists() and not store.shards() and not (store.root / "staging").exists():
             # an earlier build failed before making any entry: its settings bind nothing, this build's replace them
             config = store.read_config()
-            config.update({"generator": generator.describe(), "seed": opts.seed, "categories": [], "templates": 0,
-                           "vocabularies": [], "encoders": {}})
+            config.update(
+                {
+                    "generator": generator.describe(),
+                    "seed": opts.seed,
+                    "categories": [],
+                    "templates": 0,
+                    "vocabularies": [],
+                    "encoders": {},
+                }
+            )
         elif store.exists():
             config = store.read_config()
             want = generator.describe()
             have = config["generator"]
-            if (have["id"], have["settings_hash"]) != (want["id"], want["settings_hash"]) or config["seed"] != opts.seed:
+            if (have["id"], have["settings_hash"]) != (want["id"], want["settings_hash"]) or config[
+                "seed"
+            ] != opts.seed:
                 raise UserError(
-                    f"{store.root} holds a bank of generator {have['id']!r} (settings {have['settings']}, seed {config['seed']}); "
+                    f"{store.root} holds a bank of generator {have['id']!r} (settings {have['settings']}, "
+                    f"seed {config['seed']}); "
                     f"this build asks for {want['id']!r} (settings {want['settings']}, seed {opts.seed}). "
                     f"Use a new --out folder, or the bank's own settings to extend it"
                 )
             check_encoder_compatible(config, encoder.info)
         else:
-            config = {"schema": SCHEMA_VERSION, "generator": generator.describe(), "seed": opts.seed, "categories": [],
-                      "templates": 0, "vocabularies": [], "encoders": {}, "checks": checks.thresholds(),
-                      "image_format": "png", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            config = {
+                "schema": SCHEMA_VERSION,
+                "generator": generator.describe(),
+                "seed": opts.seed,
+                "categories": [],
+                "templates": 0,
+                "vocabularies": [],
+                "encoders": {},
+                "checks": checks.thresholds(),
+                "image_format": "png",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
         config["categories"] += [c for c in categories if c not in set(config["categories"])]
         config["templates"] = max(int(config["templates"]), opts.templates)
         config["vocabularies"] += [v for v in opts.vocab if v not in config["vocabularies"]]

@@ -31,7 +31,7 @@ def check_images(images: torch.Tensor) -> list[CheckResult]:
     safe = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
     mean, std, peak = safe.mean(dim=1), safe.std(dim=1), safe.amax(dim=1)
     results = []
-    for f, m, s, p in zip(finite.tolist(), mean.tolist(), std.tolist(), peak.tolist()):
+    for f, m, s, p in zip(finite.tolist(), mean.tolist(), std.tolist(), peak.tolist(), strict=False):
         reason = "nan" if not f else "black" if p <= MAX_BLACK else "constant" if s < MIN_STD else None
         results.append(CheckResult(reason is None, reason, round(m, 5), round(s, 5)))
     return results

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +43,12 @@ class PromptEncoder:
         self.tower = towers.prompt
         del towers  # the trainable image tower and the text tower are not needed here
         self.info = {
-            "encoder": name, "weights": str(self.weights_of(name, weights)), "encode_size": size, "prompt_size": size,
-            "embed_dim": self.tower.embed_dim, "channels": {str(s): self.tower.channels_at(s) for s in PROMPT_STRIDES},
+            "encoder": name,
+            "weights": str(self.weights_of(name, weights)),
+            "encode_size": size,
+            "prompt_size": size,
+            "embed_dim": self.tower.embed_dim,
+            "channels": {str(s): self.tower.channels_at(s) for s in PROMPT_STRIDES},
         }
 
     @staticmethod
@@ -58,7 +63,9 @@ class PromptEncoder:
             images = images.copy()
         x = torch.as_tensor(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
         x = self.tower.normalize(self.tower.resize(x, self.encode_size))
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
         with autocast:
             out = self.tower.encode_prompts(x)
         feats = {"embedding": out.embedding, **{f"pooled_{s}": out.pooled[s] for s in PROMPT_STRIDES}}
@@ -69,8 +76,9 @@ class PromptEncoder:
         return {name: np.zeros((0, dims[name]), np.float16) for name in FEATURE_NAMES}
 
 
-def encode_shards(store: BankStore, encoder: PromptEncoder, shards: Sequence[str], batch_size: int,
-                  progress: bool = True) -> int:
+def encode_shards(
+    store: BankStore, encoder: PromptEncoder, shards: Sequence[str], batch_size: int, progress: bool = True
+) -> int:
     """Writes the feature part of each shard from its stored images; returns images encoded."""
     from tqdm.auto import tqdm
 
@@ -104,9 +112,17 @@ def record_encoder(config: dict, info: dict) -> None:
     entry["encode_sizes"] = sorted(set(entry.get("encode_sizes", [])) | {int(info["encode_size"])})
 
 
-def encode_bank(root, encoder_name: str, weights: str | None = "default", device: str = "cpu", batch_size: int = 32,
-                progress: bool = True, state=None, encoder: "PromptEncoder | None" = None,
-                encode_size: int | None = None) -> dict[str, Any]:
+def encode_bank(
+    root,
+    encoder_name: str,
+    weights: str | None = "default",
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+    state=None,
+    encoder: PromptEncoder | None = None,
+    encode_size: int | None = None,
+) -> dict[str, Any]:
     """`dpseg bank encode`: features for `encoder_name` at `encode_size` from the stored images
     (resumable, split over `accelerate launch` ranks), then merged into features.zarr. `encoder`
     may be passed in already loaded (benchmarks)."""
@@ -125,8 +141,13 @@ def encode_bank(root, encoder_name: str, weights: str | None = "default", device
     mine = todo[state.process_index :: state.num_processes]
     encoded = encode_shards(store, encoder, mine, batch_size, progress and state.is_main_process)
     state.wait_for_everyone()
-    report = {"encoder": encoder_name, "encode_size": encoder.encode_size, "group": encoder.group, "shards": len(todo),
-              "images": encoded}
+    report = {
+        "encoder": encoder_name,
+        "encode_size": encoder.encode_size,
+        "group": encoder.group,
+        "shards": len(todo),
+        "images": encoded,
+    }
     if state.is_main_process:
         with store.lock():
             config = store.read_config()
@@ -142,6 +163,7 @@ def check_encoder_compatible(config: dict, info: dict) -> None:
     known = config.get("encoders", {}).get(info["encoder"])
     if known and known.get("weights") != info["weights"]:
         raise UserError(
-            f"this bank's {info['encoder']!r} features were computed with weights {known['weights']!r}, not {info['weights']!r}; "
+            f"this bank's {info['encoder']!r} features were computed with weights {known['weights']!r}, "
+            f"not {info['weights']!r}; "
             f"pass --encoder-weights {known['weights']} or encode into a copy of the bank"
         )

@@ -23,7 +23,7 @@ def info(root: str | Path) -> dict[str, Any]:
     config = store.read_config()
     table, merged = read_manifest(store)
     status = table.column("status").to_pylist()
-    ok_categories = {c for c, s in zip(table.column("category").to_pylist(), status) if s == "ok"}
+    ok_categories = {c for c, s in zip(table.column("category").to_pylist(), status, strict=False) if s == "ok"}
     from bank.reader import Bank
 
     groups = Bank(root).groups()
@@ -44,9 +44,14 @@ def info(root: str | Path) -> dict[str, Any]:
         "seed": config["seed"],
         "encoders": encoders,
         "encode_sizes": {e: sorted(size for name, size in groups.values() if name == e) for e in encoders},
-        "features": {g: {"encoder": name, "encode_size": size,
-                         "weights": config.get("encoders", {}).get(name, {}).get("weights")}
-                     for g, (name, size) in groups.items()},
+        "features": {
+            g: {
+                "encoder": name,
+                "encode_size": size,
+                "weights": config.get("encoders", {}).get(name, {}).get("weights"),
+            }
+            for g, (name, size) in groups.items()
+        },
         "shards": len(store.shards()),
         "unmerged_shards": len(unmerged),
         "vocabularies": config.get("vocabularies", []),
@@ -70,12 +75,19 @@ def verify(root: str | Path, quick: bool = False) -> list[str]:
         if n > 1:
             problems.append(f"manifest: entry {key} appears {n} times")
     gen = config["generator"]
-    expected = {e.key: e for e in plan_entries(config["categories"], int(config["templates"]), gen["id"],
-                                               gen["settings_hash"], config["seed"])}
+    expected = {
+        e.key: e
+        for e in plan_entries(
+            config["categories"], int(config["templates"]), gen["id"], gen["settings_hash"], config["seed"]
+        )
+    }
     for r in rows:
         e = expected.get(r["key"])
         if e is None:
-            problems.append(f"manifest: entry {r['key']} ({r['category']!r} #{r['template']}) is not an entry of this bank's settings")
+            problems.append(
+                f"manifest: entry {r['key']} ({r['category']!r} #{r['template']}) "
+                f"is not an entry of this bank's settings"
+            )
         elif (e.category, e.template_index, e.prompt, e.seed) != (r["category"], r["template"], r["prompt"], r["seed"]):
             problems.append(f"manifest: entry {r['key']} does not match its planned category/template/prompt/seed")
         if r["status"] not in ("ok", "failed"):
@@ -150,11 +162,17 @@ def _verify_features(store: BankStore, config: dict, ok_cells: set, by_shard: di
     import zarr
 
     problems = []
-    groups = [feature_group(name, size) for name, info in config.get("encoders", {}).items()
-              for size in info.get("encode_sizes", [])]
+    groups = [
+        feature_group(name, size)
+        for name, info in config.get("encoders", {}).items()
+        for size in info.get("encode_sizes", [])
+    ]
     if not store.features_path.is_dir():
-        return [f"features.zarr is missing (groups {', '.join(groups)}); run the same `dpseg bank build` command again"] \
-            if ok_cells else []
+        return (
+            [f"features.zarr is missing (groups {', '.join(groups)}); run the same `dpseg bank build` command again"]
+            if ok_cells
+            else []
+        )
     for group in groups:
         name, size = split_group(group)
         fix = f"repair with: dpseg bank encode {store.root} --encoder {name} --encode-size {size}"
@@ -192,12 +210,16 @@ def _verify_group(g, group: str, ok_cells: set, fix: str) -> list[str]:
     for i, t in np.argwhere(want & ~valid)[:20]:
         problems.append(f"features.zarr/{group}: entry ({categories[i]!r}, template {t}) has no features; {fix}")
     for i, t in np.argwhere(valid & ~want)[:20]:
-        problems.append(f"features.zarr/{group}: features for ({categories[i]!r}, template {t}) have no manifest entry; "
-                        f"run the same `dpseg bank build` command again to merge")
+        problems.append(
+            f"features.zarr/{group}: features for ({categories[i]!r}, template {t}) have no manifest entry; "
+            f"run the same `dpseg bank build` command again to merge"
+        )
     for name in FEATURE_NAMES:
         arr = g[name]
         if arr.shape[:2] != valid.shape:
-            problems.append(f"features.zarr/{group}/{name}: shape {arr.shape} does not match valid {valid.shape}; {fix}")
+            problems.append(
+                f"features.zarr/{group}/{name}: shape {arr.shape} does not match valid {valid.shape}; {fix}"
+            )
             continue
         if not np.isfinite(arr[:][valid]).all():
             problems.append(f"features.zarr/{group}/{name}: entries marked valid hold no values (a lost chunk); {fix}")

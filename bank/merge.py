@@ -23,14 +23,31 @@ from dpseg.io import atomic_write_bytes
 class DamagedBank(UserError):
     """Part of a bank cannot be read; the message names it and the command that repairs it."""
 
-MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("category", pa.string()), ("template", pa.int16()), ("prompt", pa.string()),
-    ("seed", pa.int64()), ("used_seed", pa.int64()), ("attempts", pa.int16()), ("status", pa.string()),
-    ("reason", pa.string()), ("check_mean", pa.float32()), ("check_std", pa.float32()),
-    ("generator", pa.string()), ("settings_hash", pa.string()), ("shard", pa.string()), ("alpha", pa.bool_()),
-    ("width", pa.int32()), ("height", pa.int32()), ("rank", pa.int32()),
-    ("generated_at", pa.timestamp("ms", tz="UTC")), ("seconds", pa.float32()),
-])
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("category", pa.string()),
+        ("template", pa.int16()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("used_seed", pa.int64()),
+        ("attempts", pa.int16()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("check_mean", pa.float32()),
+        ("check_std", pa.float32()),
+        ("generator", pa.string()),
+        ("settings_hash", pa.string()),
+        ("shard", pa.string()),
+        ("alpha", pa.bool_()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("rank", pa.int32()),
+        ("generated_at", pa.timestamp("ms", tz="UTC")),
+        ("seconds", pa.float32()),
+    ]
+)
 ZARR_CHUNK_TEMPLATES = 80  # a chunk holds all (up to 80) templates of ...
 ZARR_CHUNK_CATEGORIES = 8  # ... 8 whole categories (zarr's per-chunk cost dominated reads of 1-category chunks)
 
@@ -38,12 +55,26 @@ ZARR_CHUNK_CATEGORIES = 8  # ... 8 whole categories (zarr's per-chunk cost domin
 def _row(meta: dict[str, Any], shard: str) -> dict[str, Any]:
     checks = meta.get("check") or {}
     return {
-        "key": meta["key"], "category": meta["category"], "template": meta["template"], "prompt": meta["prompt"],
-        "seed": meta["seed"], "used_seed": meta["used_seed"], "attempts": meta["attempts"], "status": meta["status"],
-        "reason": meta.get("reason"), "check_mean": checks.get("mean"), "check_std": checks.get("std"),
-        "generator": meta["generator"], "settings_hash": meta["settings_hash"], "shard": shard,
-        "alpha": bool(meta.get("alpha")), "width": meta.get("width"), "height": meta.get("height"),
-        "rank": meta.get("rank"), "generated_at": int(meta["generated_at"] * 1000), "seconds": meta.get("seconds"),
+        "key": meta["key"],
+        "category": meta["category"],
+        "template": meta["template"],
+        "prompt": meta["prompt"],
+        "seed": meta["seed"],
+        "used_seed": meta["used_seed"],
+        "attempts": meta["attempts"],
+        "status": meta["status"],
+        "reason": meta.get("reason"),
+        "check_mean": checks.get("mean"),
+        "check_std": checks.get("std"),
+        "generator": meta["generator"],
+        "settings_hash": meta["settings_hash"],
+        "shard": shard,
+        "alpha": bool(meta.get("alpha")),
+        "width": meta.get("width"),
+        "height": meta.get("height"),
+        "rank": meta.get("rank"),
+        "generated_at": int(meta["generated_at"] * 1000),
+        "seconds": meta.get("seconds"),
     }
 
 
@@ -59,13 +90,17 @@ def read_manifest(store: BankStore) -> tuple[pa.Table, list[str]]:
         if missing:
             raise ValueError(f"columns {sorted(missing)} missing")
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError alike for garbage
-        raise DamagedBank(f"{store.manifest_path} is unreadable ({first_line(err, 120)}); run the same `dpseg bank "
-                          f"build` command again to rebuild it from the image shards") from None
+        raise DamagedBank(
+            f"{store.manifest_path} is unreadable ({first_line(err, 120)}); run the same `dpseg bank "
+            f"build` command again to rebuild it from the image shards"
+        ) from None
     return table, merged
 
 
 def write_manifest(store: BankStore, table: pa.Table, merged: list[str]) -> None:
-    table = table.replace_schema_metadata({"dpseg.merged_shards": json.dumps(merged), "dpseg.schema": str(SCHEMA_VERSION)})
+    table = table.replace_schema_metadata(
+        {"dpseg.merged_shards": json.dumps(merged), "dpseg.schema": str(SCHEMA_VERSION)}
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(store.manifest_path, sink.getvalue().to_pybytes())
@@ -95,8 +130,14 @@ def open_features_group(store: BankStore, group_name: str, info: dict, config: d
                 arr.resize(shape)  # categories and templates only grow
         else:
             chunks = (ZARR_CHUNK_CATEGORIES, ZARR_CHUNK_TEMPLATES) + (() if name == "valid" else (dims[name],))
-            arr = group.create_array(name, shape=shape, chunks=chunks, dtype="bool" if name == "valid" else "float16",
-                                     fill_value=False if name == "valid" else np.nan, compressors=compressors)
+            arr = group.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype="bool" if name == "valid" else "float16",
+                fill_value=False if name == "valid" else np.nan,
+                compressors=compressors,
+            )
         arrays[name] = arr
     return group, arrays
 
@@ -118,9 +159,18 @@ def merge(store: BankStore) -> dict[str, Any]:
                 new_rows.append(_row(meta, shard))
         if new_rows:
             table = pa.concat_tables([table, pa.Table.from_pylist(new_rows, schema=MANIFEST_SCHEMA)])
-        ok = {k: (c, t, sh) for k, c, t, s, sh in zip(
-            table.column("key").to_pylist(), table.column("category").to_pylist(), table.column("template").to_pylist(),
-            table.column("status").to_pylist(), table.column("shard").to_pylist()) if s == "ok"}
+        ok = {
+            k: (c, t, sh)
+            for k, c, t, s, sh in zip(
+                table.column("key").to_pylist(),
+                table.column("category").to_pylist(),
+                table.column("template").to_pylist(),
+                table.column("status").to_pylist(),
+                table.column("shard").to_pylist(),
+                strict=False,
+            )
+            if s == "ok"
+        }
         # 2. new feature parts -> features.zarr/<encoder>@<size>; a damaged group is rebuilt from all parts
         categories = list(config["categories"])
         row_of = {c: i for i, c in enumerate(categories)}
@@ -136,8 +186,13 @@ def merge(store: BankStore) -> dict[str, Any]:
         crash_point("merge")
         # 3. the manifest, atomically (the merge's commit point)
         write_manifest(store, table, merged + new_shards)
-        return {"new_shards": len(new_shards), "new_entries": len(new_rows), "duplicates": duplicates, "features": written,
-                "rebuilt_groups": rebuilt}
+        return {
+            "new_shards": len(new_shards),
+            "new_entries": len(new_rows),
+            "duplicates": duplicates,
+            "features": written,
+            "rebuilt_groups": rebuilt,
+        }
 
 
 def _drop_group(store: BankStore, group: str) -> None:
@@ -176,7 +231,9 @@ def _group_damaged(store: BankStore, group: str, categories: list[str], template
 
 
 def _merge_group(store, group, info, config, categories, row_of, ok) -> int:
-    parts = sorted(p.name.replace(".safetensors", ".tar") for p in (store.root / "staging" / group).glob("images-*.safetensors"))
+    parts = sorted(
+        p.name.replace(".safetensors", ".tar") for p in (store.root / "staging" / group).glob("images-*.safetensors")
+    )
     if not parts and not store.features_path.joinpath(group).exists():
         return 0
     try:
@@ -210,8 +267,15 @@ def _merge_group(store, group, info, config, categories, row_of, ok) -> int:
             block = arrays[name].oindex[touched]
             block[where, cols] = True if name == "valid" else np.stack(values[name])
             arrays[name].oindex[touched] = block
-    handle.attrs.update({
-        "schema": SCHEMA_VERSION, "encoder": info, "encode_size": info["encode_size"], "generator": config["generator"],
-        "templates": int(config["templates"]), "categories": categories, "merged_parts": sorted(done | set(merged_now)),
-    })
+    handle.attrs.update(
+        {
+            "schema": SCHEMA_VERSION,
+            "encoder": info,
+            "encode_size": info["encode_size"],
+            "generator": config["generator"],
+            "templates": int(config["templates"]),
+            "categories": categories,
+            "merged_parts": sorted(done | set(merged_now)),
+        }
+    )
     return len(rows)

@@ -4,11 +4,12 @@ entries with their prompt, stable seed and key."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from dpseg.clip.templates import primary_name, templates as first_templates
+from dpseg.clip.templates import primary_name
+from dpseg.clip.templates import templates as first_templates
 from dpseg.errors import UserError
 
 SEED_MASK = 2**63 - 1
@@ -43,8 +44,9 @@ def entry_key(generator_id: str, settings_hash: str, prompt: str, seed: int) -> 
     return _digest("entry", generator_id, settings_hash, prompt, seed).hex()[:24]
 
 
-def plan_entries(categories: Sequence[str], num_templates: int, generator_id: str, settings_hash: str,
-                 base_seed: int) -> list[Entry]:
+def plan_entries(
+    categories: Sequence[str], num_templates: int, generator_id: str, settings_hash: str, base_seed: int
+) -> list[Entry]:
     try:
         chosen = first_templates(num_templates)
     except ValueError as err:
@@ -54,7 +56,9 @@ def plan_entries(categories: Sequence[str], num_templates: int, generator_id: st
         for t, template in enumerate(chosen):
             prompt = template.format(category)
             seed = entry_seed(prompt, settings_hash, base_seed)
-            entries.append(Entry(entry_key(generator_id, settings_hash, prompt, seed), category, t, template, prompt, seed))
+            entries.append(
+                Entry(entry_key(generator_id, settings_hash, prompt, seed), category, t, template, prompt, seed)
+            )
     return entries
 
 

@@ -12,10 +12,10 @@ naming the command that repairs it; the reader never returns NaN or a fill value
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ class Bank:
             root = zarr.open_group(str(self.store.features_path), mode="r")
             names = [name for name, _ in root.groups()]
         except Exception as err:
-            raise UserError(f"{self.store.features_path} is unreadable ({type(err).__name__}); repair it with: "
-                            f"{self.encode_command(next(iter(self.config.get('encoders', {})), 'ENCODER'))}") from None
+            raise UserError(
+                f"{self.store.features_path} is unreadable ({type(err).__name__}); repair it with: "
+                f"{self.encode_command(next(iter(self.config.get('encoders', {})), 'ENCODER'))}"
+            ) from None
         out = {}
         for name in names:
             try:
@@ -84,7 +86,9 @@ class Bank:
         default = ENCODERS.get(encoder).image_size if encoder in ENCODERS else None
         if default in sizes:
             return default
-        raise UserError(f"bank {self.root} holds {encoder!r} features at encode sizes {sizes}; pass encode_size= one of them")
+        raise UserError(
+            f"bank {self.root} holds {encoder!r} features at encode sizes {sizes}; pass encode_size= one of them"
+        )
 
     def encode_command(self, encoder: str, encode_size: int | None = None) -> str:
         size = f" --encode-size {encode_size}" if encode_size else ""
@@ -92,9 +96,11 @@ class Bank:
 
     def _missing_encoder(self, encoder: str, encode_size: int | None):
         have = ", ".join(self.groups()) or "none"
-        raise UserError(f"bank {self.root} has no features for encoder {encoder!r}"
-                        f"{'' if encode_size is None else f' at encode size {encode_size}'} (it has: {have}); "
-                        f"add them with: {self.encode_command(encoder, encode_size)}")
+        raise UserError(
+            f"bank {self.root} has no features for encoder {encoder!r}"
+            f"{'' if encode_size is None else f' at encode size {encode_size}'} (it has: {have}); "
+            f"add them with: {self.encode_command(encoder, encode_size)}"
+        )
 
     def _group(self, encoder: str, encode_size: int | None = None):
         import zarr
@@ -105,8 +111,10 @@ class Bank:
         elif int(encode_size) not in sizes:
             if sizes:
                 raise UserError(
-                    f"bank {self.root}: the {encoder!r} prompt images were encoded at {', '.join(map(str, sizes))} px, the "
-                    f"model asks for {encode_size} px; add features at that size with: {self.encode_command(encoder, encode_size)}")
+                    f"bank {self.root}: the {encoder!r} prompt images were encoded at {', '.join(map(str, sizes))} px, "
+                    f"the model asks for {encode_size} px; add features at that size with: "
+                    f"{self.encode_command(encoder, encode_size)}"
+                )
             self._missing_encoder(encoder, encode_size)
         group = feature_group(encoder, encode_size)
         try:
@@ -127,16 +135,26 @@ class Bank:
 
     def _damaged(self, where: str, encoder: str, encode_size: int, err: BaseException | None = None) -> UserError:
         why = f" ({type(err).__name__})" if err is not None else ""
-        return UserError(f"bank {self.root}: features.zarr/{where} is damaged{why}; repair it with: "
-                         f"{self.encode_command(encoder, encode_size)} (or the same `dpseg bank build` command)")
+        return UserError(
+            f"bank {self.root}: features.zarr/{where} is damaged{why}; repair it with: "
+            f"{self.encode_command(encoder, encode_size)} (or the same `dpseg bank build` command)"
+        )
 
     def build_command(self, encoder: str, templates: int) -> str:
         g = self.config["generator"]
-        return (f"dpseg bank build --out {self.root} --generator {g['id']} --encoder {encoder} --templates {templates} "
-                f"--seed {self.config['seed']} --vocab VOCAB (a vocabulary or file that lists them)")
+        return (
+            f"dpseg bank build --out {self.root} --generator {g['id']} --encoder {encoder} --templates {templates} "
+            f"--seed {self.config['seed']} --vocab VOCAB (a vocabulary or file that lists them)"
+        )
 
-    def prototypes(self, class_names: Sequence[str], encoder: str, templates: int | None = None,
-                   device: str | torch.device = "cpu", encode_size: int | None = None) -> Prototypes:
+    def prototypes(
+        self,
+        class_names: Sequence[str],
+        encoder: str,
+        templates: int | None = None,
+        device: str | torch.device = "cpu",
+        encode_size: int | None = None,
+    ) -> Prototypes:
         """Rows in the order of `class_names` (synonyms "a, b" are looked up by their first name).
         An entry that failed its image check is filled with the mean of its category's valid
         templates (`filled` marks them); a category with no valid entry is an error. With
@@ -154,20 +172,29 @@ class Bank:
         if m < 1:
             raise UserError(f"templates must be between 1 and the {have} bank {self.root} holds, got {m}")
         if m > have:
-            raise UserError(f"bank {self.root} holds {have} templates per class, {m} were asked for; extend it with: "
-                            f"{self.build_command(encoder, m)}")
+            raise UserError(
+                f"bank {self.root} holds {have} templates per class, {m} were asked for; extend it with: "
+                f"{self.build_command(encoder, m)}"
+            )
         wanted = [primary_name(n) for n in class_names]
         try:
             valid_all = group["valid"][:, :m]
         except Exception as err:
             raise self._damaged(f"{where}/valid", encoder, size, err) from None
-        missing = [n for n, p in zip(class_names, wanted) if p not in row_of or not valid_all[row_of[p]].any()]
+        missing = [
+            n for n, p in zip(class_names, wanted, strict=True) if p not in row_of or not valid_all[row_of[p]].any()
+        ]
         if missing:
-            self._check_lost_valid([row_of[primary_name(n)] for n in missing if primary_name(n) in row_of], group, m, where,
-                                   encoder, size)
-            shown = ", ".join(repr(n) for n in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-            raise UserError(f"bank {self.root} has no {encoder!r} prompts for {len(missing)} classes: {shown}; add them with: "
-                            f"{self.build_command(encoder, m)}")
+            self._check_lost_valid(
+                [row_of[primary_name(n)] for n in missing if primary_name(n) in row_of], group, m, where, encoder, size
+            )
+            shown = ", ".join(repr(n) for n in missing[:20]) + (
+                f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            )
+            raise UserError(
+                f"bank {self.root} has no {encoder!r} prompts for {len(missing)} classes: {shown}; add them with: "
+                f"{self.build_command(encoder, m)}"
+            )
         rows = np.array([row_of[p] for p in wanted], dtype=np.int64)
         unique, inverse = np.unique(rows, return_inverse=True)
         valid = valid_all[unique]
@@ -192,9 +219,10 @@ class Bank:
             return block[take].to(device=device, dtype=torch.float32)
 
         with ThreadPoolExecutor(len(FEATURE_NAMES)) as pool:  # the four arrays are read concurrently
-            out = dict(zip(FEATURE_NAMES, pool.map(load, FEATURE_NAMES)))
+            out = dict(zip(FEATURE_NAMES, pool.map(load, FEATURE_NAMES), strict=False))
         return Prototypes(
-            names=list(class_names), embedding=out["embedding"],
+            names=list(class_names),
+            embedding=out["embedding"],
             pooled={s: out[f"pooled_{s}"] for s in PROMPT_STRIDES},
             filled=torch.from_numpy(~valid[inverse]).to(device),
         )

@@ -50,5 +50,9 @@ def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 
     buf = io.BytesIO()
     sheet.save(buf, format="png")
     atomic_write_bytes(out, buf.getvalue())
-    return {"category": name, "images": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] != "ok" for r in rows),
-            "out": str(out)}
+    return {
+        "category": name,
+        "images": sum(r["status"] == "ok" for r in rows),
+        "failed": sum(r["status"] != "ok" for r in rows),
+        "out": str(out),
+    }

@@ -25,8 +25,9 @@ import os
 import re
 import tarfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def split_group(group: str) -> tuple[str, int]:
 
 
 def shard_name(number: int) -> str:
-    return "images-%06d.tar" % number
+    return f"images-{number:06d}.tar"
 
 
 def shard_number(name: str) -> int:
@@ -102,11 +103,16 @@ class BankStore:
     def exists(self) -> bool:
         return self.config_path.is_file()
 
-    def require(self) -> "BankStore":
+    def require(self) -> BankStore:
         if not self.root.exists():
-            raise UserError(f"no bank at {self.root}: the folder does not exist; build one with `dpseg bank build --out {self.root} ...`")
+            raise UserError(
+                f"no bank at {self.root}: the folder does not exist; "
+                f"build one with `dpseg bank build --out {self.root} ...`"
+            )
         if not self.exists():
-            raise UserError(f"{self.root} is not a bank (no {BANK_JSON}); build one with `dpseg bank build --out {self.root} ...`")
+            raise UserError(
+                f"{self.root} is not a bank (no {BANK_JSON}); build one with `dpseg bank build --out {self.root} ...`"
+            )
         return self
 
     # ---- bank.json ----------------------------------------------------------------------
@@ -124,10 +130,14 @@ class BankStore:
                 f"{self.root} is a bank of schema 1, whose features do not record the size prompt images were encoded "
                 f"at; build it again into a new folder (same flags, same images): dpseg bank build --out NEW_FOLDER "
                 f"--generator {g.get('id')} --seed {config.get('seed')} --templates {config.get('templates')} "
-                f"--vocab {','.join(config.get('vocabularies', [])) or 'VOCAB'} --encoder {next(iter(config.get('encoders', {})), 'ENCODER')} "
-                f"(generator settings {g.get('settings')})")
+                f"--vocab {','.join(config.get('vocabularies', [])) or 'VOCAB'} "
+                f"--encoder {next(iter(config.get('encoders', {})), 'ENCODER')} "
+                f"(generator settings {g.get('settings')})"
+            )
         if config.get("schema") != SCHEMA_VERSION:
-            raise UserError(f"{self.root} has bank schema {config.get('schema')!r}; this dpseg reads schema {SCHEMA_VERSION}")
+            raise UserError(
+                f"{self.root} has bank schema {config.get('schema')!r}; this dpseg reads schema {SCHEMA_VERSION}"
+            )
         return config
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -156,8 +166,10 @@ class BankStore:
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
-                raise UserError(f"another `dpseg bank build` ({holder}) is writing the same entries into {self.root}; "
-                                f"wait for it to finish (then run this again to check), or stop it") from None
+                raise UserError(
+                    f"another `dpseg bank build` ({holder}) is writing the same entries into {self.root}; "
+                    f"wait for it to finish (then run this again to check), or stop it"
+                ) from None
             f.seek(0)
             f.truncate()
             f.write(f"pid {os.getpid()}")
@@ -215,8 +227,9 @@ class BankStore:
         return stale
 
     # ---- feature parts ------------------------------------------------------------------
-    def write_part(self, group: str, shard: str, keys: list[str], features: dict[str, np.ndarray],
-                   meta: dict[str, Any]) -> Path:
+    def write_part(
+        self, group: str, shard: str, keys: list[str], features: dict[str, np.ndarray], meta: dict[str, Any]
+    ) -> Path:
         from safetensors.numpy import save
 
         path = self.part_path(group, shard)
@@ -327,8 +340,10 @@ class ShardReader:
             self.tar = tarfile.open(path, "r:")
             members = self.tar.getmembers()
         except (tarfile.TarError, OSError) as err:
-            raise UserError(f"shard {path} is unreadable ({err}); restore it, or move it out of the bank and build "
-                            f"again (its entries are then made anew)") from None
+            raise UserError(
+                f"shard {path} is unreadable ({err}); restore it, or move it out of the bank and build "
+                f"again (its entries are then made anew)"
+            ) from None
         self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
         for m in members:
             if not m.isfile():
@@ -339,15 +354,19 @@ class ShardReader:
     def read(self, key: str, ext: str) -> bytes:
         member = self.members.get(key, {}).get(ext)
         if member is None:
-            raise UserError(f"shard {self.path} has no {ext!r} member for entry {key}; run `dpseg bank verify` on the bank, "
-                            f"then the same `dpseg bank build` command to make the entry anew")
+            raise UserError(
+                f"shard {self.path} has no {ext!r} member for entry {key}; run `dpseg bank verify` on the bank, "
+                f"then the same `dpseg bank build` command to make the entry anew"
+            )
         try:
             data = self.tar.extractfile(member).read()
         except (tarfile.TarError, OSError):
             data = b""
         if len(data) != member.size:
-            raise UserError(f"shard {self.path} is truncated inside entry {key}; run the same `dpseg bank build` command "
-                            f"again to make its entries anew")
+            raise UserError(
+                f"shard {self.path} is truncated inside entry {key}; run the same `dpseg bank build` command "
+                f"again to make its entries anew"
+            )
         return data
 
     def meta(self, key: str) -> dict[str, Any]:
@@ -356,7 +375,7 @@ class ShardReader:
     def close(self) -> None:
         self.tar.close()
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,7 +15,9 @@ NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses (the file holds more)
 
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable unicode table, in CLIP's vocab order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):

@@ -26,7 +26,9 @@ class BackgroundWriter:
         self.thread = threading.Thread(target=self._run, name="bank-writer", daemon=True)
         self.thread.start()
 
-    def put(self, items: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, np.ndarray] | None]]) -> None:
+    def put(
+        self, items: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, np.ndarray] | None]]
+    ) -> None:
         """items: (meta, image (H, W, 3) uint8 or None if failed, alpha (H, W) uint8 or None, features)."""
         self._raise()
         self.queue.put(items)
@@ -35,7 +37,7 @@ class BackgroundWriter:
         try:
             while (items := self.queue.get()) is not None:
                 encoded = list(self.pool.map(self._encode, items))  # order kept: shards are deterministic
-                for (meta, image, _, features), files in zip(items, encoded):
+                for (meta, image, _, features), files in zip(items, encoded, strict=False):
                     self.shards.add(meta["key"], files, features if image is not None else None)
         except BaseException as err:  # surfaced in the main thread
             self.error = err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -17,29 +16,53 @@ def _echo_json(report: dict) -> None:
 
 @app.command()
 def build(
-    generator: str = typer.Option(..., help="Registered generator: sd15, sd3, layerdiffuse, tiny-sd, procedural, sd15-random."),
-    vocab: List[str] = typer.Option(..., help="Vocabulary name(s) (coco-stuff, ade-150, ...; comma-separated or repeated) or a .txt/.json file."),
-    encoder: str = typer.Option(..., help="CLIP encoder whose prompt tower encodes the images: convnext-b, convnext-l, tiny."),
+    generator: str = typer.Option(
+        ..., help="Registered generator: sd15, sd3, layerdiffuse, tiny-sd, procedural, sd15-random."
+    ),
+    vocab: list[str] = typer.Option(
+        ..., help="Vocabulary name(s) (coco-stuff, ade-150, ...; comma-separated or repeated) or a .txt/.json file."
+    ),
+    encoder: str = typer.Option(
+        ..., help="CLIP encoder whose prompt tower encodes the images: convnext-b, convnext-l, tiny."
+    ),
     out: Path = typer.Option(..., help="Bank folder (created, or resumed/extended when it exists)."),
     templates: int = typer.Option(80, min=1, max=80, help="Use the first K of the 80 templates."),
-    resolution: Optional[int] = typer.Option(None, min=8, help="Image size (default per generator: 768 for sd15/sd3/layerdiffuse)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Denoising steps (default 25; sd3 28)."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default 7.5; sd3 7.0)."),
-    scheduler: Optional[str] = typer.Option(None, help="dpm++ (default), ddim, euler or native."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (default none)."),
+    resolution: int | None = typer.Option(
+        None, min=8, help="Image size (default per generator: 768 for sd15/sd3/layerdiffuse)."
+    ),
+    steps: int | None = typer.Option(None, min=1, help="Denoising steps (default 25; sd3 28)."),
+    guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (default 7.5; sd3 7.0)."),
+    scheduler: str | None = typer.Option(None, help="dpm++ (default), ddim, euler or native."),
+    negative_prompt: str | None = typer.Option(None, help="Negative prompt (default none)."),
     batch_size: int = typer.Option(8, min=1, help="Images per generator call (does not change any image)."),
     seed: int = typer.Option(0, help="Base seed; each entry's seed is a stable hash of (prompt, settings, seed)."),
-    model: Optional[str] = typer.Option(None, help="Weights: hub id, local diffusers folder or .safetensors file."),
-    model_config: Optional[str] = typer.Option(None, help="Single .safetensors file: its diffusers config folder or hub id."),
-    encoder_weights: str = typer.Option("default", help="Encoder weights: 'default' (its open_clip tag), a file/folder, or 'none' (random)."),
-    encode_size: Optional[int] = typer.Option(None, help="Size prompt images are resized to before the prompt tower (default: the encoder's segmentation input size, 768 for convnext-b/l; 320 is the paper's ablation)."),
+    model: str | None = typer.Option(None, help="Weights: hub id, local diffusers folder or .safetensors file."),
+    model_config: str | None = typer.Option(
+        None, help="Single .safetensors file: its diffusers config folder or hub id."
+    ),
+    encoder_weights: str = typer.Option(
+        "default", help="Encoder weights: 'default' (its open_clip tag), a file/folder, or 'none' (random)."
+    ),
+    encode_size: int | None = typer.Option(
+        None,
+        help="Size prompt images are resized to before the prompt tower (default: the encoder's segmentation "
+        "input size, 768 for convnext-b/l; 320 is the paper's ablation).",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda (under accelerate launch: each rank's GPU)."),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
-    compile: List[str] = typer.Option([], "--compile", help="torch.compile 'unet' and/or 'vae' (speed only; images equal up to float error)."),
-    safety_checker: Optional[bool] = typer.Option(None, "--safety-checker/--no-safety-checker", help="SD's safety checker (default: as the model ships it)."),
-    t5: Optional[bool] = typer.Option(None, "--t5/--no-t5", help="sd3: use the T5 text encoder (default on)."),
-    layer_weights: Optional[str] = typer.Option(None, help="layerdiffuse: folder (or hub repo) with the LayerDiffuse SD1.5 files."),
-    shard_size: int = typer.Option(256, min=1, help="Images per tar shard (work lost to a kill is at most one shard per rank)."),
+    compile: list[str] = typer.Option(
+        [], "--compile", help="torch.compile 'unet' and/or 'vae' (speed only; images equal up to float error)."
+    ),
+    safety_checker: bool | None = typer.Option(
+        None, "--safety-checker/--no-safety-checker", help="SD's safety checker (default: as the model ships it)."
+    ),
+    t5: bool | None = typer.Option(None, "--t5/--no-t5", help="sd3: use the T5 text encoder (default on)."),
+    layer_weights: str | None = typer.Option(
+        None, help="layerdiffuse: folder (or hub repo) with the LayerDiffuse SD1.5 files."
+    ),
+    shard_size: int = typer.Option(
+        256, min=1, help="Images per tar shard (work lost to a kill is at most one shard per rank)."
+    ),
     shard_index: int = typer.Option(0, min=0, help="This job's index in a scheduler job array."),
     num_shards: int = typer.Option(1, min=1, help="Jobs in the job array (work split by entry key, no rendezvous)."),
     retries: int = typer.Option(2, min=0, help="Retries with derived seeds for black/NaN/constant images."),
@@ -50,22 +73,49 @@ def build(
     from bank.build import BuildOptions, build_bank
     from bank.generators.base import GeneratorOptions
 
-    options = GeneratorOptions(model=model, resolution=resolution, steps=steps, guidance=guidance, scheduler=scheduler,
-                               model_config=model_config,
-                               negative_prompt=negative_prompt, safety_checker=safety_checker, t5=t5, device=device,
-                               dtype=dtype, compile=tuple(c for item in compile for c in item.split(",") if c),
-                               extra={"layer_weights": layer_weights} if layer_weights else {})
-    opts = BuildOptions(out=out, generator=generator, vocab=vocab, encoder=encoder, encoder_weights=_weights(encoder_weights),
-                        encode_size=encode_size, templates=templates, seed=seed, batch_size=batch_size, shard_size=shard_size, shard_index=shard_index,
-                        num_shards=num_shards, retries=retries, generator_options=options, progress=progress)
+    options = GeneratorOptions(
+        model=model,
+        resolution=resolution,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler,
+        model_config=model_config,
+        negative_prompt=negative_prompt,
+        safety_checker=safety_checker,
+        t5=t5,
+        device=device,
+        dtype=dtype,
+        compile=tuple(c for item in compile for c in item.split(",") if c),
+        extra={"layer_weights": layer_weights} if layer_weights else {},
+    )
+    opts = BuildOptions(
+        out=out,
+        generator=generator,
+        vocab=vocab,
+        encoder=encoder,
+        encoder_weights=_weights(encoder_weights),
+        encode_size=encode_size,
+        templates=templates,
+        seed=seed,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        retries=retries,
+        generator_options=options,
+        progress=progress,
+    )
     report = build_bank(opts)
     if "merge" not in report:
         return  # not the main rank
     if as_json:
         _echo_json(report)
     else:
-        typer.echo(f"bank {out}: {report['ok']} images made, {report['failed']} failed, {report['already_done']} already there "
-                   f"({report['planned']} planned, {report['recovered_images']} re-encoded after a kill)")
+        typer.echo(
+            f"bank {out}: {report['ok']} images made, {report['failed']} failed, "
+            f"{report['already_done']} already there "
+            f"({report['planned']} planned, {report['recovered_images']} re-encoded after a kill)"
+        )
 
 
 @app.command()
@@ -73,7 +123,9 @@ def encode(
     bank_dir: Path = typer.Argument(..., help="Bank folder."),
     encoder: str = typer.Option(..., help="Encoder to add features for."),
     encoder_weights: str = typer.Option("default", help="'default', a file/folder, or 'none' (random)."),
-    encode_size: Optional[int] = typer.Option(None, help="Size prompt images are resized to (default: the encoder's segmentation input size)."),
+    encode_size: int | None = typer.Option(
+        None, help="Size prompt images are resized to (default: the encoder's segmentation input size)."
+    ),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -82,10 +134,14 @@ def encode(
     also repairs damaged features of that group."""
     from bank.encode import encode_bank
 
-    report = encode_bank(bank_dir, encoder, _weights(encoder_weights), device, batch_size, progress, encode_size=encode_size)
+    report = encode_bank(
+        bank_dir, encoder, _weights(encoder_weights), device, batch_size, progress, encode_size=encode_size
+    )
     if "merge" in report:
-        typer.echo(f"bank {bank_dir}: {report['images']} images encoded with {encoder} at {report['encode_size']} px "
-                   f"({report['shards']} shards)")
+        typer.echo(
+            f"bank {bank_dir}: {report['images']} images encoded with {encoder} at {report['encode_size']} px "
+            f"({report['shards']} shards)"
+        )
 
 
 @app.command()
@@ -93,7 +149,7 @@ def derive(
     source: Path = typer.Option(..., "--from", help="Source bank folder."),
     noise: float = typer.Option(..., help="Noise ratio r in [0, 1] (docs/bank.md defines the blend)."),
     out: Path = typer.Option(..., help="New bank folder."),
-    encoder: List[str] = typer.Option([], help="Encoders to compute (default: the source bank's)."),
+    encoder: list[str] = typer.Option([], help="Encoders to compute (default: the source bank's)."),
     encoder_weights: str = typer.Option("source", help="'source' (as the source bank), 'default', a file, or 'none'."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto"),
@@ -102,10 +158,13 @@ def derive(
     """Derive a Gaussian-noise bank `noise:<r>` from an existing bank's images, then encode it."""
     from bank.derive import derive_noise_bank
 
-    report = derive_noise_bank(source, noise, out, encoder or None, _weights(encoder_weights), batch_size, device=device,
-                               progress=progress)
+    report = derive_noise_bank(
+        source, noise, out, encoder or None, _weights(encoder_weights), batch_size, device=device, progress=progress
+    )
     if "merge" in report:
-        typer.echo(f"bank {out}: noise:{noise:g} derived from {source}: {report['ok']} images, {report['failed']} failed")
+        typer.echo(
+            f"bank {out}: noise:{noise:g} derived from {source}: {report['ok']} images, {report['failed']} failed"
+        )
 
 
 @app.command()
@@ -120,8 +179,19 @@ def info(
     if as_json:
         _echo_json(report)
         return
-    for key in ("bank", "generator", "settings_hash", "entries", "failed", "missing", "categories", "templates",
-                "encoders", "features", "shards"):
+    for key in (
+        "bank",
+        "generator",
+        "settings_hash",
+        "entries",
+        "failed",
+        "missing",
+        "categories",
+        "templates",
+        "encoders",
+        "features",
+        "shards",
+    ):
         value = ", ".join(report[key]) if key == "features" else report[key]
         typer.echo(f"{key:<14} {value}")
 
@@ -139,13 +209,17 @@ def verify(
     if problems:
         for line in problems:
             typer.echo(line)
-        typer.echo(f"Error: bank {bank_dir} has {len(problems)} problems; the same `dpseg bank build` command repairs them",
-                   err=True)
+        typer.echo(
+            f"Error: bank {bank_dir} has {len(problems)} problems; the same `dpseg bank build` command repairs them",
+            err=True,
+        )
         raise typer.Exit(1)
     report = bank_info(bank_dir)
     done, planned = report["entries"] + report["failed"], report["planned"]
     if done == 0:
-        typer.echo(f"Error: bank {bank_dir} is empty (0 of {planned} entries); make them with `dpseg bank build`", err=True)
+        typer.echo(
+            f"Error: bank {bank_dir} is empty (0 of {planned} entries); make them with `dpseg bank build`", err=True
+        )
         raise typer.Exit(1)
     more = f", {report['missing']} not made yet" if report["missing"] else ""
     typer.echo(f"bank {bank_dir}: ok ({report['entries']} of {planned} entries, {report['failed']} failed{more})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -47,9 +46,9 @@ def vocab_show(
 @app.command("prepare")
 def prepare(
     name: str = typer.Argument(..., help="dataset: coco-stuff, ade-150, ade-847, pc-59, pc-459, voc-20 (or shapes)"),
-    src: Optional[Path] = typer.Option(None, "--src", help="folder holding the official raw download"),
+    src: Path | None = typer.Option(None, "--src", help="folder holding the official raw download"),
     out: Path = typer.Option(..., "--out", help="folder for the prepared layout (new, or a previous run to resume)"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="split(s) to prepare (default: the evaluated ones)"),
+    split: list[str] | None = typer.Option(None, "--split", help="split(s) to prepare (default: the evaluated ones)"),
     on_error: str = typer.Option("stop", "--on-error", help="a corrupt or missing file: stop, or skip it (recorded)"),
     workers: int = typer.Option(4, "--workers", min=1, help="parallel conversion threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -69,7 +68,7 @@ def prepare(
 def synth(
     out: Path = typer.Option(..., "--out", help="folder for the benchmark (prepared layout)"),
     images: int = typer.Option(DEFAULT_IMAGES, "--images", help="train images (seen categories only)"),
-    val_images: Optional[int] = typer.Option(None, "--val-images", help="val images, all categories (default: --images)"),
+    val_images: int | None = typer.Option(None, "--val-images", help="val images, all categories (default: --images)"),
     size: int = typer.Option(DEFAULT_SIZE, "--size", help="image side in pixels"),
     seed: int = typer.Option(DEFAULT_SEED, "--seed"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -77,7 +76,9 @@ def synth(
     """Write the synthetic `shapes` open-vocabulary benchmark (deterministic)."""
     from dpseg.data.synth import write_shapes_benchmark
 
-    _print_report(write_shapes_benchmark(out, images=images, size=size, seed=seed, val_images=val_images, progress=progress))
+    _print_report(
+        write_shapes_benchmark(out, images=images, size=size, seed=seed, val_images=val_images, progress=progress)
+    )
 
 
 @app.command("info")
@@ -86,7 +87,9 @@ def info(root: Path = typer.Argument(..., help="a prepared dataset folder")) -> 
     from dpseg.data.layout import read_layout
 
     layout = read_layout(root)
-    typer.echo(f"{layout.dataset}: vocabulary {layout.vocabulary} ({layout.num_classes} classes), ignore {layout.ignore_index}")
+    typer.echo(
+        f"{layout.dataset}: vocabulary {layout.vocabulary} ({layout.num_classes} classes), ignore {layout.ignore_index}"
+    )
     for split, ids in layout.splits.items():
         skipped = len(layout.skipped.get(split, []))
         typer.echo(f"  {split}: {len(ids)} images" + (f", {skipped} skipped" if skipped else ""))

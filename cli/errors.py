@@ -16,7 +16,7 @@ from dpseg.errors import UserError
 
 _FIXES = {
     errno.ENOSPC: "no space left on the device: free some space and run the same command again (it resumes; nothing "
-                  "half-written was kept)",
+    "half-written was kept)",
     errno.EDQUOT: "disk quota exceeded: free some space and run the same command again (it resumes)",
     errno.EROFS: "read-only file system: choose a writable folder",
     errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",

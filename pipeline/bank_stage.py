@@ -17,9 +17,23 @@ from bank.build import BuildOptions, build_bank
 from bank.generators.base import GeneratorOptions
 
 DEFAULTS: dict[str, Any] = {
-    "generator": "procedural", "vocab": ["shapes"], "encoder": "tiny", "encoder_weights": "none", "encode_size": None, "templates": 4,
-    "resolution": None, "steps": None, "guidance": None, "model": None, "seed": 0, "batch_size": 16, "shard_size": 256,
-    "device": "auto", "dtype": "auto", "compile": [], "out": "out/bank",
+    "generator": "procedural",
+    "vocab": ["shapes"],
+    "encoder": "tiny",
+    "encoder_weights": "none",
+    "encode_size": None,
+    "templates": 4,
+    "resolution": None,
+    "steps": None,
+    "guidance": None,
+    "model": None,
+    "seed": 0,
+    "batch_size": 16,
+    "shard_size": 256,
+    "device": "auto",
+    "dtype": "auto",
+    "compile": [],
+    "out": "out/bank",
 }
 
 
@@ -37,13 +51,29 @@ def run_bank_stage(params: dict[str, Any], progress: bool = True) -> dict[str, A
     weights = None if str(params["encoder_weights"]).lower() in ("none", "random") else params["encoder_weights"]
     vocab = params["vocab"] if isinstance(params["vocab"], list) else [params["vocab"]]
     target = Path(params["out"])
-    options = GeneratorOptions(model=params["model"], resolution=params["resolution"], steps=params["steps"],
-                               guidance=params["guidance"], device=params["device"], dtype=params["dtype"],
-                               compile=tuple(params["compile"]))
-    opts = BuildOptions(out=target, generator=params["generator"], vocab=vocab, encoder=params["encoder"],
-                        encoder_weights=weights, encode_size=params["encode_size"], templates=int(params["templates"]), seed=int(params["seed"]),
-                        batch_size=int(params["batch_size"]), shard_size=int(params["shard_size"]),
-                        generator_options=options, progress=progress)
+    options = GeneratorOptions(
+        model=params["model"],
+        resolution=params["resolution"],
+        steps=params["steps"],
+        guidance=params["guidance"],
+        device=params["device"],
+        dtype=params["dtype"],
+        compile=tuple(params["compile"]),
+    )
+    opts = BuildOptions(
+        out=target,
+        generator=params["generator"],
+        vocab=vocab,
+        encoder=params["encoder"],
+        encoder_weights=weights,
+        encode_size=params["encode_size"],
+        templates=int(params["templates"]),
+        seed=int(params["seed"]),
+        batch_size=int(params["batch_size"]),
+        shard_size=int(params["shard_size"]),
+        generator_options=options,
+        progress=progress,
+    )
     return build_bank(opts)
 
 

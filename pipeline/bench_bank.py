@@ -15,8 +15,9 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,20 +45,24 @@ def dedup_figure() -> dict[str, Any]:
 
     unique, counts = resolve_categories(PUBLIC_VOCABULARIES)
     total = sum(counts.values())
-    return {"vocabularies": counts, "class_names": total, "distinct_primary_names": len(unique),
-            "prompts_sum": total * NUM_TEMPLATES, "prompts_unique": len(unique) * NUM_TEMPLATES,
-            "ratio": round(len(unique) / total, 4)}
+    return {
+        "vocabularies": counts,
+        "class_names": total,
+        "distinct_primary_names": len(unique),
+        "prompts_sum": total * NUM_TEMPLATES,
+        "prompts_unique": len(unique) * NUM_TEMPLATES,
+        "ratio": round(len(unique) / total, 4),
+    }
 
 
-def prototype_read_figure(categories: int = 1000, templates: int = 80, encoder: str = "convnext-b",
-                          repeats: int = 3) -> dict[str, Any]:
+def prototype_read_figure(
+    categories: int = 1000, templates: int = 80, encoder: str = "convnext-b", repeats: int = 3
+) -> dict[str, Any]:
     """Writes random float16 features at the encoder's real sizes into a bank layout, then reads
     every category in a shuffled vocabulary order with the reader API."""
     from bank.merge import open_features_group
     from bank.reader import Bank
-    from bank.store import SCHEMA_VERSION, BankStore
-
-    from bank.store import feature_group
+    from bank.store import SCHEMA_VERSION, BankStore, feature_group
     from dpseg.clip.encoders import ENCODERS, encoder_dims
     from dpseg.clip.image import PROMPT_STRIDES
 
@@ -68,17 +73,37 @@ def prototype_read_figure(categories: int = 1000, templates: int = 80, encoder: 
         store = BankStore(root)
         names = [f"category {i}" for i in range(categories)]
         size = ENCODERS.get(encoder).image_size
-        info = {"encoder": encoder, "weights": "random", "embed_dim": embed, "channels": channels, "encode_size": size,
-                "prompt_size": size}
-        config = {"schema": SCHEMA_VERSION, "generator": {"id": "synthetic", "settings": {}, "settings_hash": "0"}, "seed": 0,
-                  "categories": names, "templates": templates, "encoders": {encoder: {**info, "encode_sizes": [size]}}}
+        info = {
+            "encoder": encoder,
+            "weights": "random",
+            "embed_dim": embed,
+            "channels": channels,
+            "encode_size": size,
+            "prompt_size": size,
+        }
+        config = {
+            "schema": SCHEMA_VERSION,
+            "generator": {"id": "synthetic", "settings": {}, "settings_hash": "0"},
+            "seed": 0,
+            "categories": names,
+            "templates": templates,
+            "encoders": {encoder: {**info, "encode_sizes": [size]}},
+        }
         store.write_config(config)
         group, arrays = open_features_group(store, feature_group(encoder, size), info, config, categories, templates)
         rng = np.random.default_rng(0)
         for name, arr in arrays.items():
             arr[:] = True if name == "valid" else rng.standard_normal(arr.shape, dtype=np.float32).astype(np.float16)
-        group.attrs.update({"encoder": info, "encode_size": size, "generator": config["generator"], "templates": templates,
-                            "categories": names, "schema": SCHEMA_VERSION})
+        group.attrs.update(
+            {
+                "encoder": info,
+                "encode_size": size,
+                "generator": config["generator"],
+                "templates": templates,
+                "categories": names,
+                "schema": SCHEMA_VERSION,
+            }
+        )
         order = [names[i] for i in rng.permutation(categories)]
         times = []
         for _ in range(repeats):
@@ -87,14 +112,21 @@ def prototype_read_figure(categories: int = 1000, templates: int = 80, encoder: 
             times.append(time.perf_counter() - start)
         assert protos.embedding.shape == (categories, templates, embed)
         size_mb = sum(int(np.prod(a.shape)) * 2 for n, a in arrays.items() if n != "valid") / 2**20
-        return {"categories": categories, "templates": templates, "encoder_dims": [embed, *channels.values()],
-                "float16_mb": round(size_mb, 1), "first_s": round(times[0], 4), "best_s": round(min(times), 4)}
+        return {
+            "categories": categories,
+            "templates": templates,
+            "encoder_dims": [embed, *channels.values()],
+            "float16_mb": round(size_mb, 1),
+            "first_s": round(times[0], 4),
+            "best_s": round(min(times), 4),
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def overhead_figure(generator, encoder, batch_size: int, batches: int, device: str, work: Path, tag: str,
-                    rounds: int = 2) -> dict[str, Any]:
+def overhead_figure(
+    generator, encoder, batch_size: int, batches: int, device: str, work: Path, tag: str, rounds: int = 2
+) -> dict[str, Any]:
     """Bare pipeline calls vs `build_bank` over the same number of new entries, same batch size;
     `rounds` alternations of (bare, bank), the fastest of each kept."""
     from bank import checks
@@ -122,30 +154,58 @@ def overhead_figure(generator, encoder, batch_size: int, batches: int, device: s
     for r in range(rounds):
         bare_times.append(_timed(bare, device))
         out = work / f"bank-{tag}-{r}"  # a new bank each round: all n entries are made
-        opts = BuildOptions(out=out, generator=generator.id, vocab=[f"bench:{tag}"], encoder=encoder.name,
-                            templates=batch_size, batch_size=batch_size, shard_size=256, progress=False,
-                            generator_options=GeneratorOptions(device=device))
-        bank_times.append(_timed(lambda: build_bank(opts, generator=generator, encoder=encoder, categories=categories), device))
+        opts = BuildOptions(
+            out=out,
+            generator=generator.id,
+            vocab=[f"bench:{tag}"],
+            encoder=encoder.name,
+            templates=batch_size,
+            batch_size=batch_size,
+            shard_size=256,
+            progress=False,
+            generator_options=GeneratorOptions(device=device),
+        )
+        bank_times.append(
+            _timed(lambda o=opts: build_bank(o, generator=generator, encoder=encoder, categories=categories), device)
+        )
     bare_s, bank_s = min(bare_times), min(bank_times)
-    return {"batch_size": batch_size, "images": n, "bare_s_per_image": round(bare_s / n, 5),
-            "bank_s_per_image": round(bank_s / n, 5), "ratio": round(bank_s / bare_s, 4), "rounds": rounds,
-            "bare_s_all": [round(t, 4) for t in bare_times], "bank_s_all": [round(t, 4) for t in bank_times], "bank": str(out)}
+    return {
+        "batch_size": batch_size,
+        "images": n,
+        "bare_s_per_image": round(bare_s / n, 5),
+        "bank_s_per_image": round(bank_s / n, 5),
+        "ratio": round(bank_s / bare_s, 4),
+        "rounds": rounds,
+        "bare_s_all": [round(t, 4) for t in bare_times],
+        "bank_s_all": [round(t, 4) for t in bank_times],
+        "bank": str(out),
+    }
 
 
-def bench_bank(generator: str = "tiny-sd", device: str = "cpu", dtype: str = "auto", resolution: int | None = None,
-               steps: int | None = None, batch_sizes: Sequence[int] = (4,), batches: int = 4, compile: Sequence[str] = (),
-               compiled_batch_sizes: Sequence[int] | None = None, encoder: str = "tiny", encoder_weights: str | None = None,
-               read_categories: int = 1000, read_templates: int = 80, rounds: int = 2,
-               progress: bool = True) -> dict[str, Any]:
+def bench_bank(
+    generator: str = "tiny-sd",
+    device: str = "cpu",
+    dtype: str = "auto",
+    resolution: int | None = None,
+    steps: int | None = None,
+    batch_sizes: Sequence[int] = (4,),
+    batches: int = 4,
+    compile: Sequence[str] = (),
+    compiled_batch_sizes: Sequence[int] | None = None,
+    encoder: str = "tiny",
+    encoder_weights: str | None = None,
+    read_categories: int = 1000,
+    read_templates: int = 80,
+    rounds: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    import bank.build  # noqa: F401  (imports are process start-up, not build time)
     from bank.encode import PromptEncoder, encode_bank
     from bank.generators.base import GeneratorOptions, create_generator
     from bank.generators.diffusion import compile_modules
-    from bank.runtime import resolve_device
-
-    import bank.build  # noqa: F401  (imports are process start-up, not build time)
-    from bank.runtime import distributed_state
+    from bank.runtime import distributed_state, resolve_device
 
     device = resolve_device(device)
     distributed_state(device)
@@ -154,8 +214,12 @@ def bench_bank(generator: str = "tiny-sd", device: str = "cpu", dtype: str = "au
     enc = PromptEncoder(encoder, encoder_weights, device)
     work = Path(tempfile.mkdtemp(prefix="dpseg-bench-bank-"))
     result: dict[str, Any] = {
-        "bench": "bank", "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "generator": gen.describe(), "encoder": enc.info, "batches": batches,
+        "bench": "bank",
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "generator": gen.describe(),
+        "encoder": enc.info,
+        "batches": batches,
     }
     try:
         cases = [(b, ()) for b in batch_sizes]
@@ -181,12 +245,19 @@ def bench_bank(generator: str = "tiny-sd", device: str = "cpu", dtype: str = "au
         bank_dir = Path(first["bank"])
         shutil.rmtree(bank_dir / "staging" / enc.group)  # encode everything again, from the stored images
         shutil.rmtree(bank_dir / "features.zarr" / enc.group)
-        encode_s = _timed(lambda: encode_bank(bank_dir, encoder, encoder_weights, device, 32, False, encoder=enc), device)
+        encode_s = _timed(
+            lambda: encode_bank(bank_dir, encoder, encoder_weights, device, 32, False, encoder=enc), device
+        )
         from bank.inspection import info
 
         images = info(bank_dir)["entries"]
-        result["encode"] = {"images": images, "seconds": round(encode_s, 4), "images_per_s": round(images / encode_s, 2),
-                            "note": "re-encodes every stored image with the loaded prompt tower: tar read + PNG decode + tower + part + merge"}
+        result["encode"] = {
+            "images": images,
+            "seconds": round(encode_s, 4),
+            "images_per_s": round(images / encode_s, 2),
+            "note": "re-encodes every stored image with the loaded prompt tower: "
+            "tar read + PNG decode + tower + part + merge",
+        }
         result["encode_images_per_s"] = result["encode"]["images_per_s"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -226,9 +297,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--out", default=None)
     a = p.parse_args(argv)
     weights = None if a.encoder_weights.lower() in ("none", "random") else a.encoder_weights
-    result = bench_bank(a.generator, a.device, a.dtype, a.resolution or None, a.steps, a.batch_sizes, a.batches,
-                        tuple(c for c in a.compile.split(",") if c), a.compiled_batch_sizes or None, a.encoder, weights,
-                        rounds=a.rounds)
+    result = bench_bank(
+        a.generator,
+        a.device,
+        a.dtype,
+        a.resolution or None,
+        a.steps,
+        a.batch_sizes,
+        a.batches,
+        tuple(c for c in a.compile.split(",") if c),
+        a.compiled_batch_sizes or None,
+        a.encoder,
+        weights,
+        rounds=a.rounds,
+    )
     if a.out:
         atomic_write_json(a.out, result)
     print(json.dumps(result, indent=2))

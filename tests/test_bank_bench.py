@@ -7,8 +7,22 @@ import json
 
 def test_bench_bank_writes_the_four_figures(tmp_path, cli):
     out = tmp_path / "bench.json"
-    result = cli("bench", "bank", "--resolution", "32", "--steps", "2", "--batch-sizes", "2", "--batches", "2",
-                 "--rounds", "1", "-o", out)
+    result = cli(
+        "bench",
+        "bank",
+        "--resolution",
+        "32",
+        "--steps",
+        "2",
+        "--batch-sizes",
+        "2",
+        "--batches",
+        "2",
+        "--rounds",
+        "1",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["overhead_ratio"] > 0 and report["overhead"][0]["images"] == 4

@@ -49,8 +49,18 @@ def vocab(tmp_path):
 
 
 def opts(out, vocab, **kw):
-    base = dict(out=Path(out), generator="tiny-sd", vocab=[vocab], encoder="tiny", encoder_weights=None, templates=3,
-                batch_size=4, shard_size=4, progress=False, generator_options=GeneratorOptions(resolution=32, steps=2))
+    base = dict(
+        out=Path(out),
+        generator="tiny-sd",
+        vocab=[vocab],
+        encoder="tiny",
+        encoder_weights=None,
+        templates=3,
+        batch_size=4,
+        shard_size=4,
+        progress=False,
+        generator_options=GeneratorOptions(resolution=32, steps=2),
+    )
     base.update(kw)
     return BuildOptions(**base)
 
@@ -71,7 +81,9 @@ def test_round_trip_shards_manifest_features(tmp_path, vocab, tiny_sd, encoder):
     report = build_bank(opts(tmp_path / "b", vocab), generator=tiny_sd, encoder=encoder)
     assert report["ok"] == 9 and report["failed"] == 0 and report["merge"]["new_entries"] == 9
     contents = bank_contents(tmp_path / "b")
-    assert sorted({(c, t) for c, t, _, _ in contents.values()}) == [(c, t) for c in ("building", "cat", "dog") for t in range(3)]
+    assert sorted({(c, t) for c, t, _, _ in contents.values()}) == [
+        (c, t) for c in ("building", "cat", "dog") for t in range(3)
+    ]
     # features in the zarr equal an independent encoding of the stored PNGs
     group = zarr.open_group(str(tmp_path / "b" / "features.zarr" / "tiny@128"), mode="r")
     cats = group.attrs["categories"]
@@ -80,7 +92,7 @@ def test_round_trip_shards_manifest_features(tmp_path, vocab, tiny_sd, encoder):
     assert group["embedding"].shape == (3, 3, encoder.info["embed_dim"]) and group["embedding"].dtype == np.float16
     assert group["pooled_8"].shape == (3, 3, encoder.info["channels"]["8"])
     assert group["valid"][:].all()
-    for key, (c, t, status, pixels) in contents.items():
+    for _key, (c, t, _status, pixels) in contents.items():
         expect = encoder(pixels[None])
         for name in ("embedding", "pooled_4", "pooled_8", "pooled_16"):
             np.testing.assert_allclose(group[name][cats.index(c), t], expect[name][0], rtol=1e-2, atol=1e-2)
@@ -173,11 +185,38 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli_build(out, vocab, env=None, extra=()):
     """`dpseg bank build` in a child process (the CLI, as a user runs it)."""
-    args = [sys.executable, "-m", "cli.main", "bank", "build", "--generator", "tiny-sd", "--vocab", vocab,
-            "--encoder", "tiny", "--encoder-weights", "none", "--out", str(out), "--templates", "3",
-            "--resolution", "32", "--steps", "2", "--batch-size", "4", "--shard-size", "2", "--no-progress", *extra]
-    return subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "bank",
+        "build",
+        "--generator",
+        "tiny-sd",
+        "--vocab",
+        vocab,
+        "--encoder",
+        "tiny",
+        "--encoder-weights",
+        "none",
+        "--out",
+        str(out),
+        "--templates",
+        "3",
+        "--resolution",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+    return subprocess.Popen(
+        args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.fixture(scope="module")

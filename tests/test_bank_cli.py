@@ -25,8 +25,25 @@ from bank.store import BankStore, ShardReader
 from dpseg.clip.encoders import ENCODERS, EncoderSpec
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD = ["--generator", "tiny-sd", "--encoder", "tiny", "--encoder-weights", "none", "--templates", "3",
-         "--resolution", "32", "--steps", "2", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+BUILD = [
+    "--generator",
+    "tiny-sd",
+    "--encoder",
+    "tiny",
+    "--encoder-weights",
+    "none",
+    "--templates",
+    "3",
+    "--resolution",
+    "32",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--shard-size",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +57,12 @@ def names(tmp_path_factory):
 def built(tmp_path_factory, names, cli):
     """The 'done when' path: CLI build, SIGKILL mid-run, resume, verify, info."""
     out = tmp_path_factory.mktemp("cli") / "bank"
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "bank", "build", "--vocab", str(names), "--out", str(out), *BUILD],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "bank", "build", "--vocab", str(names), "--out", str(out), *BUILD],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(out.glob("images-000001.tar")):
         time.sleep(0.01)
@@ -60,7 +81,12 @@ def test_killed_cli_build_resumes_verifies_and_counts_each_entry_once(built, cli
     assert result.exit_code == 0 and "ok" in result.output
     report = json.loads(cli("bank", "info", out, "--json").output)
     assert report["entries"] == 9 and report["categories"] == 3 and report["templates"] == 3
-    assert report["failed"] == 0 and report["missing"] == 0 and report["generator"] == "tiny-sd" and report["encoders"] == ["tiny"]
+    assert (
+        report["failed"] == 0
+        and report["missing"] == 0
+        and report["generator"] == "tiny-sd"
+        and report["encoders"] == ["tiny"]
+    )
     table, _ = read_manifest(BankStore(out))
     assert table.num_rows == 9 and len(set(table.column("key").to_pylist())) == 9
 
@@ -78,7 +104,9 @@ def test_derive_noise_bank_matches_the_documented_blend(built, cli, tmp_path):
         with ShardReader(src / s["shard"]) as a, ShardReader(tmp_path / "noisy" / r["shard"]) as b:
             x = np.asarray(Image.open(io.BytesIO(a.read(s["key"], "png")))).astype(np.float32) / 255
             y = np.asarray(Image.open(io.BytesIO(b.read(r["key"], "png")))).astype(np.float32)
-        eps = torch.randn((3, *x.shape[:2]), generator=torch.Generator().manual_seed(r["seed"])).permute(1, 2, 0).numpy()
+        eps = (
+            torch.randn((3, *x.shape[:2]), generator=torch.Generator().manual_seed(r["seed"])).permute(1, 2, 0).numpy()
+        )
         expect = np.clip(((1 - 0.3) * (2 * x - 1) + 0.3 * eps + 1) / 2, 0, 1) * 255
         assert np.abs(expect - y).max() <= 0.51
     # the blend itself: r = 0 is the identity
@@ -127,42 +155,129 @@ def test_verify_lists_a_truncated_shard_and_a_lost_feature_part(built, cli, tmp_
     assert shard.name in result.output and "no feature part" in result.output
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["bank", "build", "--generator", "nope", "--vocab", "voc-20", "--encoder", "tiny", "--out", "{tmp}/x"], ["unknown generator 'nope'", "tiny-sd"]),
-    (["bank", "build", "--generator", "noise:0.5", "--vocab", "voc-20", "--encoder", "tiny", "--out", "{tmp}/x"], ["bank derive"]),
-    (["bank", "build", "--generator", "procedural", "--vocab", "no-such-vocab", "--encoder", "tiny", "--out", "{tmp}/x"], ["no-such-vocab"]),
-    (["bank", "build", "--generator", "procedural", "--vocab", "shapes", "--encoder", "nope", "--out", "{tmp}/x"], ["unknown encoder 'nope'"]),
-    (["bank", "build", "--generator", "sd15", "--model", "{tmp}/missing.safetensors", "--vocab", "voc-20", "--encoder", "tiny",
-      "--out", "{tmp}/x", "--device", "cpu"], ["missing.safetensors"]),
-    (["bank", "info", "{tmp}/nothing"], ["no bank at", "bank build"]),
-    (["bank", "verify", "{tmp}/nothing"], ["no bank at"]),
-    (["bank", "show", "{tmp}/nothing", "--category", "cat", "-o", "{tmp}/s.png"], ["no bank at"]),
-    (["bank", "encode", "{tmp}/nothing", "--encoder", "tiny"], ["no bank at"]),
-    (["bank", "derive", "--from", "{tmp}/nothing", "--noise", "0.5", "--out", "{tmp}/y"], ["no bank at"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (
+            ["bank", "build", "--generator", "nope", "--vocab", "voc-20", "--encoder", "tiny", "--out", "{tmp}/x"],
+            ["unknown generator 'nope'", "tiny-sd"],
+        ),
+        (
+            ["bank", "build", "--generator", "noise:0.5", "--vocab", "voc-20", "--encoder", "tiny", "--out", "{tmp}/x"],
+            ["bank derive"],
+        ),
+        (
+            [
+                "bank",
+                "build",
+                "--generator",
+                "procedural",
+                "--vocab",
+                "no-such-vocab",
+                "--encoder",
+                "tiny",
+                "--out",
+                "{tmp}/x",
+            ],
+            ["no-such-vocab"],
+        ),
+        (
+            [
+                "bank",
+                "build",
+                "--generator",
+                "procedural",
+                "--vocab",
+                "shapes",
+                "--encoder",
+                "nope",
+                "--out",
+                "{tmp}/x",
+            ],
+            ["unknown encoder 'nope'"],
+        ),
+        (
+            [
+                "bank",
+                "build",
+                "--generator",
+                "sd15",
+                "--model",
+                "{tmp}/missing.safetensors",
+                "--vocab",
+                "voc-20",
+                "--encoder",
+                "tiny",
+                "--out",
+                "{tmp}/x",
+                "--device",
+                "cpu",
+            ],
+            ["missing.safetensors"],
+        ),
+        (["bank", "info", "{tmp}/nothing"], ["no bank at", "bank build"]),
+        (["bank", "verify", "{tmp}/nothing"], ["no bank at"]),
+        (["bank", "show", "{tmp}/nothing", "--category", "cat", "-o", "{tmp}/s.png"], ["no bank at"]),
+        (["bank", "encode", "{tmp}/nothing", "--encoder", "tiny"], ["no bank at"]),
+        (["bank", "derive", "--from", "{tmp}/nothing", "--noise", "0.5", "--out", "{tmp}/y"], ["no bank at"]),
+    ],
+)
 def test_bad_inputs_are_one_line_errors(tmp_path, args, needles, cli, one_line_error):
     one_line_error(cli(*[a.format(tmp=tmp_path) for a in args]), *needles)
 
 
 def test_bad_inputs_on_an_existing_bank(built, tmp_path, names, cli, one_line_error):
     out, _ = built
-    one_line_error(cli("bank", "show", out, "--category", "unicorn", "-o", tmp_path / "s.png"), "no entries for category 'unicorn'")
+    one_line_error(
+        cli("bank", "show", out, "--category", "unicorn", "-o", tmp_path / "s.png"), "no entries for category 'unicorn'"
+    )
     one_line_error(cli("bank", "derive", "--from", out, "--noise", "1.5", "--out", tmp_path / "n"), "[0, 1]")
-    one_line_error(cli("bank", "build", "--vocab", names, "--out", out, *BUILD[:-1], "--seed", "7"), "holds a bank of generator")
-    one_line_error(cli("bank", "build", "--vocab", names, "--out", out, *BUILD, "--shard-index", "3", "--num-shards", "2"), "--shard-index")
-    one_line_error(cli("bank", "encode", out, "--encoder", "tiny", "--encoder-weights", str(tmp_path / "w.safetensors")), "w.safetensors")
+    one_line_error(
+        cli("bank", "build", "--vocab", names, "--out", out, *BUILD[:-1], "--seed", "7"), "holds a bank of generator"
+    )
+    one_line_error(
+        cli("bank", "build", "--vocab", names, "--out", out, *BUILD, "--shard-index", "3", "--num-shards", "2"),
+        "--shard-index",
+    )
+    one_line_error(
+        cli("bank", "encode", out, "--encoder", "tiny", "--encoder-weights", str(tmp_path / "w.safetensors")),
+        "w.safetensors",
+    )
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "n").exists()
 
 
 @pytest.mark.slow
 def test_two_rank_cpu_build_with_accelerate_equals_one_process(built, tmp_path, names):
     out = tmp_path / "ranks"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cli.main", "bank", "build", "--vocab", str(names),
-           "--out", str(out), "--device", "cpu", "--json", *BUILD]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cli.main",
+        "bank",
+        "build",
+        "--vocab",
+        str(names),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--json",
+        *BUILD,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["ranks"] == 2 and report["ok"] == 9
     table = read_manifest(BankStore(out))[0].to_pylist()
     assert sorted({r["rank"] for r in table}) == [0, 1]
@@ -195,8 +310,11 @@ def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path, cl
             tar.addfile(m, io.BytesIO(data))
     shutil.rmtree(copy / "staging" / "tiny@128")
     shutil.rmtree(copy / "features.zarr" / "tiny@128")
-    one_line_error(cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--no-progress"),
-                   shard.name, "not a readable PNG")
+    one_line_error(
+        cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--no-progress"),
+        shard.name,
+        "not a readable PNG",
+    )
     shard.write_bytes(b"not a tar at all" * 100)
     (copy / "manifest.parquet").unlink()  # the shard must be scanned again
     one_line_error(cli("bank", "build", "--vocab", "voc-20", "--out", copy, *BUILD), shard.name, "unreadable")

@@ -19,8 +19,23 @@ from bank.store import BankStore
 from dpseg.errors import UserError
 
 CATS = ["red solid circle", "blue striped square"]
-BUILD = ["--generator", "procedural", "--encoder", "tiny", "--encoder-weights", "none", "--templates", "2",
-         "--resolution", "32", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+BUILD = [
+    "--generator",
+    "procedural",
+    "--encoder",
+    "tiny",
+    "--encoder-weights",
+    "none",
+    "--templates",
+    "2",
+    "--resolution",
+    "32",
+    "--batch-size",
+    "2",
+    "--shard-size",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +61,18 @@ def copy(built, tmp_path):
 
 def test_out_that_is_a_regular_file(tmp_path, names, cli, one_line_error):
     (tmp_path / "f").write_text("x")
-    one_line_error(cli("bank", "build", "--vocab", names, "--out", tmp_path / "f", *BUILD), str(tmp_path / "f"), "is a file")
+    one_line_error(
+        cli("bank", "build", "--vocab", names, "--out", tmp_path / "f", *BUILD), str(tmp_path / "f"), "is a file"
+    )
 
 
 def test_read_only_out(tmp_path, names, cli, one_line_error):
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)
     try:
-        one_line_error(cli("bank", "build", "--vocab", names, "--out", tmp_path / "ro" / "bank", *BUILD), "not writable")
+        one_line_error(
+            cli("bank", "build", "--vocab", names, "--out", tmp_path / "ro" / "bank", *BUILD), "not writable"
+        )
         one_line_error(cli("bank", "build", "--vocab", names, "--out", tmp_path / "ro", *BUILD), "not writable")
     finally:
         os.chmod(tmp_path / "ro", 0o755)
@@ -68,8 +87,11 @@ def test_garbage_manifest_info(copy, cli, one_line_error):
 
 
 def _chunk(copy: Path, array: str) -> Path:
-    return next(p for p in sorted((copy / "features.zarr" / "tiny@128" / array).rglob("*"))
-                if p.is_file() and p.name != "zarr.json")
+    return next(
+        p
+        for p in sorted((copy / "features.zarr" / "tiny@128" / array).rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    )
 
 
 def test_garbled_zarr_chunk_verify_and_reader(copy, cli):
@@ -117,9 +139,14 @@ def _flip_png(shard: Path) -> str:
 def test_flipped_png_show_and_derive(copy, tmp_path, cli, one_line_error):
     key = _flip_png(copy / "images-000000.tar")
     category = next(r["category"] for r in read_manifest(BankStore(copy))[0].to_pylist() if r["key"] == key)
-    one_line_error(cli("bank", "show", copy, "--category", category, "-o", tmp_path / "s.png"), key, "not a readable PNG")
-    one_line_error(cli("bank", "derive", "--from", copy, "--noise", "0.2", "--out", tmp_path / "n", "--no-progress"),
-                   key, "not a readable PNG")
+    one_line_error(
+        cli("bank", "show", copy, "--category", category, "-o", tmp_path / "s.png"), key, "not a readable PNG"
+    )
+    one_line_error(
+        cli("bank", "derive", "--from", copy, "--noise", "0.2", "--out", tmp_path / "n", "--no-progress"),
+        key,
+        "not a readable PNG",
+    )
     assert not (tmp_path / "s.png").exists()
 
 
@@ -132,8 +159,11 @@ def test_shard_missing_members_derive(copy, tmp_path, cli, one_line_error):
         for m, data in members:
             if m.name != dropped:
                 tar.addfile(m, __import__("io").BytesIO(data))
-    one_line_error(cli("bank", "derive", "--from", copy, "--noise", "0.2", "--out", tmp_path / "n", "--no-progress"),
-                   "has no 'png' member", dropped.split(".")[0])
+    one_line_error(
+        cli("bank", "derive", "--from", copy, "--noise", "0.2", "--out", tmp_path / "n", "--no-progress"),
+        "has no 'png' member",
+        dropped.split(".")[0],
+    )
 
 
 def test_show_into_a_folder(copy, tmp_path, cli, one_line_error):
@@ -142,24 +172,46 @@ def test_show_into_a_folder(copy, tmp_path, cli, one_line_error):
 
 def test_cuda_without_a_gpu(tmp_path, names, cli, one_line_error, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    one_line_error(cli("bank", "build", "--vocab", names, "--out", tmp_path / "b", *BUILD, "--device", "cuda"),
-                   "--device cuda", "--device cpu")
+    one_line_error(
+        cli("bank", "build", "--vocab", names, "--out", tmp_path / "b", *BUILD, "--device", "cuda"),
+        "--device cuda",
+        "--device cpu",
+    )
     one_line_error(cli("bank", "encode", tmp_path / "b", "--encoder", "tiny", "--device", "cuda"), "no bank at")
 
 
 def test_a_resolution_the_generator_cannot_make(tmp_path, names, cli, one_line_error):
-    args = ["--generator", "tiny-sd", "--encoder", "tiny", "--encoder-weights", "none", "--templates", "1",
-            "--resolution", "36", "--steps", "2", "--no-progress"]
-    one_line_error(cli("bank", "build", "--vocab", names, "--out", tmp_path / "b", *args), "--resolution 36", "multiples of 8")
+    args = [
+        "--generator",
+        "tiny-sd",
+        "--encoder",
+        "tiny",
+        "--encoder-weights",
+        "none",
+        "--templates",
+        "1",
+        "--resolution",
+        "36",
+        "--steps",
+        "2",
+        "--no-progress",
+    ]
+    one_line_error(
+        cli("bank", "build", "--vocab", names, "--out", tmp_path / "b", *args), "--resolution 36", "multiples of 8"
+    )
 
 
 def test_bad_encode_size(copy, cli, one_line_error):
-    one_line_error(cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--encode-size", "100"),
-                   "--encode-size", "multiple of 32")
+    one_line_error(
+        cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--encode-size", "100"),
+        "--encode-size",
+        "multiple of 32",
+    )
 
 
-def test_disk_full_names_the_path_keeps_nothing_half_written_and_resumes(tmp_path, names, built, cli, one_line_error,
-                                                                         monkeypatch):
+def test_disk_full_names_the_path_keeps_nothing_half_written_and_resumes(
+    tmp_path, names, built, cli, one_line_error, monkeypatch
+):
     from bank import store as store_module
 
     real_add, calls = store_module.ShardWriter.add, []
@@ -197,6 +249,10 @@ def test_files_honour_the_umask(built, tmp_path):
     finally:
         os.umask(old)
     # a bank built under umask 022 (the test process's) is readable by another user
-    for path in [built / "bank.json", built / "manifest.parquet", *built.glob("images-*.tar"),
-                 *(built / "staging").rglob("*.safetensors")]:
+    for path in [
+        built / "bank.json",
+        built / "manifest.parquet",
+        *built.glob("images-*.tar"),
+        *(built / "staging").rglob("*.safetensors"),
+    ]:
         assert path.stat().st_mode & 0o044 == 0o044, path

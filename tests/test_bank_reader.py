@@ -50,8 +50,14 @@ def make_bank(root, categories, templates=4, valid=None, encoder="tiny", sizes=(
     """Random features written straight into the bank layout, one group per encode size."""
     store = BankStore(root)
     info = {"encoder": encoder, "weights": "random", "embed_dim": 6, "channels": {"4": 2, "8": 3, "16": 5}}
-    config = {"schema": SCHEMA_VERSION, "generator": {"id": "tiny-sd", "settings": {}, "settings_hash": "h"}, "seed": 0,
-              "categories": categories, "templates": templates, "encoders": {encoder: {**info, "encode_sizes": list(sizes)}}}
+    config = {
+        "schema": SCHEMA_VERSION,
+        "generator": {"id": "tiny-sd", "settings": {}, "settings_hash": "h"},
+        "seed": 0,
+        "categories": categories,
+        "templates": templates,
+        "encoders": {encoder: {**info, "encode_sizes": list(sizes)}},
+    }
     store.write_config(config)
     data = {}
     for size in sizes:
@@ -65,11 +71,24 @@ def _write_group(store, encoder, size, info, config, categories, templates, vali
     rng = np.random.default_rng(size)
     data = {}
     for name, arr in arrays.items():
-        data[name] = np.ones(arr.shape, bool) if name == "valid" and valid is None else valid if name == "valid" else \
-            rng.standard_normal(arr.shape).astype(np.float16)
+        data[name] = (
+            np.ones(arr.shape, bool)
+            if name == "valid" and valid is None
+            else valid
+            if name == "valid"
+            else rng.standard_normal(arr.shape).astype(np.float16)
+        )
         arr[:] = data[name]
-    group.attrs.update({"categories": categories, "templates": templates, "encoder": info, "generator": config["generator"],
-                        "schema": SCHEMA_VERSION, "encode_size": size})
+    group.attrs.update(
+        {
+            "categories": categories,
+            "templates": templates,
+            "encoder": info,
+            "generator": config["generator"],
+            "schema": SCHEMA_VERSION,
+            "encode_size": size,
+        }
+    )
     return data
 
 
@@ -97,7 +116,9 @@ def test_reader_errors_name_the_fix(tmp_path):
     message = str(err.value)
     assert "2 classes" in message and "'unicorn'" in message and "'dragon, wyvern'" in message
     assert f"dpseg bank build --out {tmp_path} --generator tiny-sd --encoder tiny --templates 2" in message
-    with pytest.raises(UserError, match=f"no features for encoder 'convnext-b' .*dpseg bank encode {tmp_path} --encoder convnext-b"):
+    with pytest.raises(
+        UserError, match=f"no features for encoder 'convnext-b' .*dpseg bank encode {tmp_path} --encoder convnext-b"
+    ):
         bank.prototypes(["cat"], "convnext-b")
     with pytest.raises(UserError, match="holds 2 templates per class, 80 were asked"):
         bank.prototypes(["cat"], "tiny", templates=80)
@@ -156,7 +177,9 @@ def test_templates_outside_what_the_bank_holds_are_refused(tmp_path, templates):
 
 
 def _chunks(root, array):
-    return sorted(p for p in (root / "features.zarr" / "tiny@128" / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+    return sorted(
+        p for p in (root / "features.zarr" / "tiny@128" / array).rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
 
 
 @pytest.mark.parametrize("damage", ["delete-features", "garble-features", "delete-valid", "garble-valid", "drop-array"])
@@ -186,6 +209,9 @@ def test_an_old_schema_bank_is_refused_with_the_command_that_rebuilds_it(tmp_pat
     config = json.loads((tmp_path / "bank.json").read_text())
     config.update(schema=1, vocabularies=["voc-20"])
     (tmp_path / "bank.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="schema 1.*dpseg bank build --out NEW_FOLDER --generator tiny-sd --seed 0 "
-                                        "--templates 2 --vocab voc-20 --encoder tiny"):
+    with pytest.raises(
+        UserError,
+        match="schema 1.*dpseg bank build --out NEW_FOLDER --generator tiny-sd --seed 0 "
+        "--templates 2 --vocab voc-20 --encoder tiny",
+    ):
         Bank(tmp_path)

@@ -20,8 +20,23 @@ from bank.reader import Bank
 from bank.store import BankStore, ShardReader
 
 CATS = ["red solid circle", "blue striped square", "green dotted triangle"]
-BUILD = ["--generator", "procedural", "--encoder", "tiny", "--encoder-weights", "none", "--templates", "3",
-         "--resolution", "32", "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+BUILD = [
+    "--generator",
+    "procedural",
+    "--encoder",
+    "tiny",
+    "--encoder-weights",
+    "none",
+    "--templates",
+    "3",
+    "--resolution",
+    "32",
+    "--batch-size",
+    "2",
+    "--shard-size",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +144,18 @@ def killed_during_merge(copy: Path) -> None:
     write_manifest(store, table.filter(pa.array(keep)), merged[:-1])
 
 
-DAMAGES = [truncate_at_member, truncate_inside_member, unreadable_shard, shard_moved_out, deleted_feature_chunk,
-           garbled_valid_chunk, missing_zarr_array, garbage_manifest, garbled_feature_part, killed_during_merge]
+DAMAGES = [
+    truncate_at_member,
+    truncate_inside_member,
+    unreadable_shard,
+    shard_moved_out,
+    deleted_feature_chunk,
+    garbled_valid_chunk,
+    missing_zarr_array,
+    garbage_manifest,
+    garbled_feature_part,
+    killed_during_merge,
+]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[d.__name__ for d in DAMAGES])
@@ -179,8 +204,17 @@ def test_verify_says_empty_for_a_bank_without_entries(tmp_path, names, cli, one_
     from bank.build import BuildOptions, build_bank
 
     monkeypatch.setattr("bank.build.generate_entries", lambda *a, **k: {"ok": 0, "failed": 0, "retried": 0})
-    build_bank(BuildOptions(out=tmp_path / "b", generator="procedural", vocab=[str(names)], encoder="tiny",
-                            encoder_weights=None, templates=3, progress=False))
+    build_bank(
+        BuildOptions(
+            out=tmp_path / "b",
+            generator="procedural",
+            vocab=[str(names)],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=3,
+            progress=False,
+        )
+    )
     one_line_error(cli("bank", "verify", tmp_path / "b"), "is empty (0 of 9 entries)")
 
 
@@ -201,8 +235,18 @@ def test_a_build_that_failed_before_any_entry_does_not_bind_the_folder(tmp_path,
     from dpseg.errors import UserError
 
     with pytest.raises(UserError, match="cannot make these images"):
-        build_bank(BuildOptions(out=out, generator="procedural", vocab=[str(names)], encoder="tiny", encoder_weights=None,
-                                templates=3, progress=False), generator=Refusing())
+        build_bank(
+            BuildOptions(
+                out=out,
+                generator="procedural",
+                vocab=[str(names)],
+                encoder="tiny",
+                encoder_weights=None,
+                templates=3,
+                progress=False,
+            ),
+            generator=Refusing(),
+        )
     assert (out / "bank.json").exists() and not list(out.glob("images-*.tar"))
     result = cli("bank", "build", "--vocab", names, "--out", out, *BUILD)  # the corrected command
     assert result.exit_code == 0, result.output

@@ -20,9 +20,27 @@ REALSEG = Path(__file__).resolve().parent / "fixtures" / "realseg"  # in the rep
 
 # The published VOC colour per class index, written out (not computed like the converter)
 VOC_COLOURS = [
-    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
-    (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128),
+    (0, 0, 0),
+    (128, 0, 0),
+    (0, 128, 0),
+    (128, 128, 0),
+    (0, 0, 128),
+    (128, 0, 128),
+    (0, 128, 128),
+    (128, 128, 128),
+    (64, 0, 0),
+    (192, 0, 0),
+    (64, 128, 0),
+    (192, 128, 0),
+    (64, 0, 128),
+    (192, 0, 128),
+    (64, 128, 128),
+    (192, 128, 128),
+    (0, 64, 0),
+    (128, 64, 0),
+    (0, 192, 0),
+    (128, 192, 0),
+    (0, 64, 128),
 ]
 VOID = (224, 224, 192)
 
@@ -73,7 +91,9 @@ def build_ade_raw(root: Path) -> dict[str, np.ndarray]:
         (ade / kind / "validation").mkdir(parents=True)
     for ann in sorted((REALSEG / "ade20k" / "annotations").glob("*.png")):
         shutil.copy(ann, ade / "annotations" / "validation" / ann.name)
-        shutil.copy(REALSEG / "ade20k" / "images" / f"{ann.stem}.jpg", ade / "images" / "validation" / f"{ann.stem}.jpg")
+        shutil.copy(
+            REALSEG / "ade20k" / "images" / f"{ann.stem}.jpg", ade / "images" / "validation" / f"{ann.stem}.jpg"
+        )
         raw = np.asarray(Image.open(ann)).astype(np.int64)
         expected[ann.stem] = np.where(raw == 0, 255, raw - 1)
     return expected

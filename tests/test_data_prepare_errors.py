@@ -26,8 +26,13 @@ def ade_raw(root: Path, copies: int = 3) -> Path:
         (ade / kind / "validation").mkdir(parents=True)
     for i in range(copies):
         stem = f"ADE_val_{i + 1:08d}"
-        shutil.copy(REALSEG / "ade20k" / "images" / "ADE_val_00000002.jpg", ade / "images" / "validation" / f"{stem}.jpg")
-        shutil.copy(REALSEG / "ade20k" / "annotations" / "ADE_val_00000002.png", ade / "annotations" / "validation" / f"{stem}.png")
+        shutil.copy(
+            REALSEG / "ade20k" / "images" / "ADE_val_00000002.jpg", ade / "images" / "validation" / f"{stem}.jpg"
+        )
+        shutil.copy(
+            REALSEG / "ade20k" / "annotations" / "ADE_val_00000002.png",
+            ade / "annotations" / "validation" / f"{stem}.png",
+        )
     return ade
 
 
@@ -60,7 +65,9 @@ def test_skip_records_bad_and_missing_files(tmp_path):
     assert report.info.splits["val"] == ["ADE_val_00000002"]
     reasons = {p["id"]: (p["file"], p["reason"]) for p in report.skipped}
     assert set(reasons) == {"ADE_val_00000001", "ADE_val_00000003"}
-    assert reasons["ADE_val_00000003"][0].endswith("ADE_val_00000003.png") and "missing" in reasons["ADE_val_00000003"][1]
+    assert (
+        reasons["ADE_val_00000003"][0].endswith("ADE_val_00000003.png") and "missing" in reasons["ADE_val_00000003"][1]
+    )
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert {p["id"] for p in meta["skipped"]["val"]} == set(reasons)
 

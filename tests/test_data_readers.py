@@ -52,7 +52,9 @@ def test_uint16_labels_keep_their_ignore_value(tmp_path):
     assert dataset.ignore_index == 65535
     np.testing.assert_array_equal(dataset[0]["label"].numpy(), label.astype(np.int64))
     with pytest.raises(ValueError, match="neither train ids"):
-        writer.write_item("val", "y", Image.fromarray(np.zeros((1, 1, 3), np.uint8)), ".png", np.array([[847]], np.uint16))
+        writer.write_item(
+            "val", "y", Image.fromarray(np.zeros((1, 1, 3), np.uint8)), ".png", np.array([[847]], np.uint16)
+        )
 
 
 def test_layout_errors_name_the_folder_and_the_fix(tmp_path, bench):
@@ -98,7 +100,9 @@ def test_train_transform_keeps_image_and_label_aligned():
 
 def test_train_transform_pads_small_images_with_ignore():
     image, label = blocks(40, 30)
-    out = TrainTransform(crop_size=64, short_edge=30, color_jitter=False, flip=False, ignore_index=255)(image, label, np.random.default_rng(0))
+    out = TrainTransform(crop_size=64, short_edge=30, color_jitter=False, flip=False, ignore_index=255)(
+        image, label, np.random.default_rng(0)
+    )
     lab, img = out["label"].numpy(), out["image"].numpy()
     assert (lab[:, 30:] == 255).all() and (lab[40:] == 255).all() and (lab[:40, :30] != 255).all()
     assert (img[:, :, 30:] == 128).all()

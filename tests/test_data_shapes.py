@@ -4,6 +4,7 @@ template words, speed) and the benchmark (label/image agreement, determinism, CL
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +72,11 @@ def test_template_words_change_the_rendering():
         return sum(1 for k in range(1, count + 1) if (labels == k).sum() >= 4)
 
     plain = "a photo of a {}."
-    assert mean_over_seeds("a photo of the small {}.", fraction) < mean_over_seeds(plain, fraction) < mean_over_seeds("a close-up photo of a {}.", fraction)
+    assert (
+        mean_over_seeds("a photo of the small {}.", fraction)
+        < mean_over_seeds(plain, fraction)
+        < mean_over_seeds("a close-up photo of a {}.", fraction)
+    )
     assert mean_over_seeds(plain, instances) == 1
     assert mean_over_seeds("a photo of many {}.", instances) >= 2.5
     assert mean_over_seeds("a sketch of a {}.", fraction) < 0.2 * mean_over_seeds(plain, fraction) + 1e-9
@@ -127,7 +132,9 @@ def test_synth_writes_a_benchmark_the_readers_load(tmp_path):
     for path in (tmp_path / "a").rglob("*.png"):
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
     write_shapes_benchmark(tmp_path / "c", images=1, val_images=0, size=64, seed=6, progress=False)
-    assert (tmp_path / "c" / "images" / "train" / "000000.png").read_bytes() != (tmp_path / "a" / "images" / "train" / "000000.png").read_bytes()
+    assert (tmp_path / "c" / "images" / "train" / "000000.png").read_bytes() != (
+        tmp_path / "a" / "images" / "train" / "000000.png"
+    ).read_bytes()
 
 
 def test_synth_resumes_and_refuses_other_settings(tmp_path):
@@ -146,7 +153,9 @@ def test_synth_rejects_bad_arguments(tmp_path, kwargs, needle):
 
 
 def test_cli_synth(tmp_path, cli):
-    result = cli("data", "synth", "--out", tmp_path / "bench", "--images", "4", "--size", "48", "--seed", "1", "--no-progress")
+    result = cli(
+        "data", "synth", "--out", tmp_path / "bench", "--images", "4", "--size", "48", "--seed", "1", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     assert "train 4, val 4" in result.output
     info = cli("data", "info", tmp_path / "bench")
@@ -158,3 +167,21 @@ def test_prepare_shapes_is_synth_with_defaults(tmp_path, cli):
     assert result.exit_code == 0, result.output
     dataset = SegmentationDataset(tmp_path / "p", "val")
     assert len(dataset) == 64 and dataset.info.dataset == "shapes"
+
+
+def test_data_info_never_advises_deleting_a_dataset_it_cannot_read(tmp_path, cli, one_line_error, monkeypatch):
+    write_shapes_benchmark(tmp_path / "bench", images=2, size=32, seed=0, val_images=2, progress=False)
+    # written with the umask's mode (0644 under 022): another user can read it
+    assert (tmp_path / "bench" / "dataset.json").stat().st_mode & 0o044 == 0o044
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "bench" / "images").rglob("*.png"))
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):  # what another user without read access meets (root cannot be denied)
+        if self.name == "dataset.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    result = cli("data", "info", tmp_path / "bench")
+    one_line_error(result, "permission denied", "dataset.json")
+    assert "delete" not in result.stderr

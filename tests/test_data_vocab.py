@@ -35,9 +35,28 @@ def test_label_order_matches_the_published_lists():
     assert coco[:3] == ["person", "bicycle", "car"] and coco[-1] == "wood"
     assert coco.index("banner") == 80  # the 80 things first, then the 91 stuff classes
     voc = load_vocab("voc-20")
-    assert voc == ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-                   "train", "tvmonitor"]
+    assert voc == [
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
+    ]
     assert load_vocab("ade-847")[:3] == ["wall", "building, edifice", "sky"]
     assert load_vocab("pc-459")[:3] == ["accordion", "aeroplane", "airconditioner"]
     assert load_vocab("pc-59")[-1] == "wood"
@@ -50,7 +69,7 @@ def test_ade150_agrees_with_objectinfo150():
     official = [line.split("\t")[4] for line in lines]
     ours = load_vocab("ade-150")
     assert len(official) == len(ours) == 150
-    for index, (name, reference) in enumerate(zip(ours, official)):
+    for index, (name, reference) in enumerate(zip(ours, official, strict=False)):
         synonyms = [s.strip() for s in reference.split(",")]
         assert primary_name(name) in synonyms, (index, name, reference)
 
@@ -81,8 +100,13 @@ def test_unknown_name_lists_the_known_ones():
 
 @pytest.mark.parametrize(
     "content,needle",
-    [("{not json", "not valid JSON"), (json.dumps({"a": 1}), "list of class-name strings"), ("[]", "no class names"),
-     (json.dumps(["a", "a"]), "appears twice"), (json.dumps(["a", " , "]), "empty class name")],
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"a": 1}), "list of class-name strings"),
+        ("[]", "no class names"),
+        (json.dumps(["a", "a"]), "appears twice"),
+        (json.dumps(["a", " , "]), "empty class name"),
+    ],
 )
 def test_bad_vocabulary_files_are_user_errors(tmp_path, content, needle):
     path = tmp_path / "bad.json"

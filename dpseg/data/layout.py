@@ -62,7 +62,10 @@ class LayoutInfo:
         for ext in IMAGE_EXTS:
             if (path := folder / f"{item_id}{ext}").exists():
                 return path
-        raise LayoutError(f"{folder / item_id}.* is missing from prepared dataset {str(self.root)!r}; rerun `dpseg data prepare` to repair it")
+        raise LayoutError(
+            f"{folder / item_id}.* is missing from prepared dataset {str(self.root)!r}; "
+            f"rerun `dpseg data prepare` to repair it"
+        )
 
     def label_path(self, split: str, item_id: str) -> Path:
         return self.root / "labels" / split / f"{item_id}{label_format(self.num_classes)[2]}"
@@ -84,10 +87,17 @@ def atomic_save_image(path: Path, image: Image.Image, **options) -> None:
 def read_layout(root: str | Path) -> LayoutInfo:
     root = Path(root)
     if not root.is_dir():
-        raise LayoutError(f"prepared dataset folder {str(root)!r} does not exist; create it with `dpseg data prepare NAME --src RAW --out {root}` or `dpseg data synth --out {root}`")
+        raise LayoutError(
+            f"prepared dataset folder {str(root)!r} does not exist; create it with "
+            f"`dpseg data prepare NAME --src RAW --out {root}` or `dpseg data synth --out {root}`"
+        )
     meta_path = root / META
     if not meta_path.is_file():
-        hint = "a previous run was interrupted: rerun the same command to resume" if (root / STATE).exists() else "it is not a prepared dataset"
+        hint = (
+            "a previous run was interrupted: rerun the same command to resume"
+            if (root / STATE).exists()
+            else "it is not a prepared dataset"
+        )
         raise LayoutError(f"{str(root)!r} has no {META} ({hint})")
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
@@ -109,8 +119,10 @@ def read_layout(root: str | Path) -> LayoutInfo:
             extra=meta.get("extra", {}),
         )
     except PermissionError as err:  # a healthy dataset this user may not read: never advise deleting it
-        raise LayoutError(f"cannot read {err.filename or str(root)!r} (permission denied); ask its owner for read access "
-                          f"(files are written with the umask's mode, 0644 under umask 022)") from None
+        raise LayoutError(
+            f"cannot read {err.filename or str(root)!r} (permission denied); ask its owner for read access "
+            f"(files are written with the umask's mode, 0644 under umask 022)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise LayoutError(f"prepared dataset {str(root)!r} is damaged ({err}); delete it and prepare again") from None
 
@@ -138,7 +150,9 @@ class PreparedWriter:
             raise LayoutError(f"--out {str(self.root)!r} is a file, not a folder")
         previous = self._previous_settings()
         if previous is None and self.root.is_dir() and any(self.root.iterdir()):
-            raise LayoutError(f"--out {str(self.root)!r} is not empty and is not a prepared dataset; choose an empty or new folder")
+            raise LayoutError(
+                f"--out {str(self.root)!r} is not empty and is not a prepared dataset; choose an empty or new folder"
+            )
         if previous is not None and previous != self.settings:
             raise LayoutError(
                 f"{str(self.root)!r} already holds a prepared dataset with other settings ({previous}); "
@@ -152,10 +166,14 @@ class PreparedWriter:
                 try:
                     data = json.loads(path.read_text("utf-8"))
                 except PermissionError:
-                    raise LayoutError(f"cannot read {str(path)!r} (permission denied); choose another --out or ask "
-                                      f"its owner for access") from None
+                    raise LayoutError(
+                        f"cannot read {str(path)!r} (permission denied); choose another --out or ask "
+                        f"its owner for access"
+                    ) from None
                 except (OSError, ValueError) as err:
-                    raise LayoutError(f"{str(path)!r} is unreadable ({err}); delete {str(self.root)!r} and prepare again") from None
+                    raise LayoutError(
+                        f"{str(path)!r} is unreadable ({err}); delete {str(self.root)!r} and prepare again"
+                    ) from None
                 return data.get(key) if key else data
         return None
 
@@ -185,13 +203,17 @@ class PreparedWriter:
             atomic_save_image(target, image.convert("RGB"), format="PNG")
         else:
             atomic_save_image(target, image.convert("RGB"), format="JPEG", quality=95)
-        atomic_save_image(self.label_path(split, item_id), Image.fromarray(label.astype(self.dtype)), **self._label_options())
+        atomic_save_image(
+            self.label_path(split, item_id), Image.fromarray(label.astype(self.dtype)), **self._label_options()
+        )
 
     def _label_options(self) -> dict:
         if self.label_ext == ".png":
             return {"format": "PNG"}
         # deflate shrinks uint16 label maps ~30x; it needs Pillow built with libtiff
-        return {"format": "TIFF", "compression": "tiff_adobe_deflate"} if features.check("libtiff") else {"format": "TIFF"}
+        return (
+            {"format": "TIFF", "compression": "tiff_adobe_deflate"} if features.check("libtiff") else {"format": "TIFF"}
+        )
 
     def check_label(self, label: np.ndarray, item_id: str) -> None:
         # a converter bug must not produce labels that silently alias other classes
@@ -200,12 +222,19 @@ class PreparedWriter:
         values = np.unique(label)
         bad = values[(values >= self.num_classes) & (values != self.ignore)]
         if bad.size:
-            raise ValueError(f"{item_id}: label values {bad[:5].tolist()} are neither train ids (< {self.num_classes}) nor ignore ({self.ignore})")
+            raise ValueError(
+                f"{item_id}: label values {bad[:5].tolist()} are neither train ids (< {self.num_classes}) "
+                f"nor ignore ({self.ignore})"
+            )
 
     # -- end -----------------------------------------------------------------------------
-    def finish(self, splits: dict[str, list[str]], skipped: dict[str, list[dict]], extra: dict | None = None) -> LayoutInfo:
+    def finish(
+        self, splits: dict[str, list[str]], skipped: dict[str, list[dict]], extra: dict | None = None
+    ) -> LayoutInfo:
         for split, ids in splits.items():
-            atomic_write_bytes(self.root / "splits" / f"{split}.txt", "".join(f"{i}\n" for i in sorted(ids)).encode(), sync=False)
+            atomic_write_bytes(
+                self.root / "splits" / f"{split}.txt", "".join(f"{i}\n" for i in sorted(ids)).encode(), sync=False
+            )
         meta = {
             "format": FORMAT,
             "version": VERSION,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,13 +20,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str = "val", transform: Callable | None = None):
         self.info: LayoutInfo = read_layout(root)
         if split not in self.info.splits:
-            raise LayoutError(f"prepared dataset {str(root)!r} has no split {split!r}; it has {', '.join(self.info.splits)}")
+            raise LayoutError(
+                f"prepared dataset {str(root)!r} has no split {split!r}; it has {', '.join(self.info.splits)}"
+            )
         self.split = split
         self.ids = self.info.splits[split]
         self.transform = transform
         self.class_names: list[str] = load_vocab(self.info.vocabulary)
         if len(self.class_names) != self.info.num_classes:
-            raise LayoutError(f"{str(root)!r} was prepared for {self.info.num_classes} classes but vocabulary {self.info.vocabulary!r} has {len(self.class_names)}")
+            raise LayoutError(
+                f"{str(root)!r} was prepared for {self.info.num_classes} classes "
+                f"but vocabulary {self.info.vocabulary!r} has {len(self.class_names)}"
+            )
 
     @property
     def ignore_index(self) -> int:
@@ -47,13 +52,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = np.asarray(_open(image_path).convert("RGB"))
         label = np.asarray(_open(label_path)).astype(np.int64)
         if label.shape != image.shape[:2]:
-            raise LayoutError(f"{label_path} is {label.shape[::-1]} but its image is {image.shape[1::-1]}; prepare the dataset again")
+            raise LayoutError(
+                f"{label_path} is {label.shape[::-1]} but its image is {image.shape[1::-1]}; prepare the dataset again"
+            )
         return image, label
 
     def __getitem__(self, index: int) -> dict:
         image, label = self.load(index)
         if self.transform is None:
-            sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "label": torch.from_numpy(label)}
+            sample = {
+                "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "label": torch.from_numpy(label),
+            }
         else:
             sample = self.transform(image, label)
         return {**sample, "id": self.ids[index], "index": index}
@@ -65,4 +75,6 @@ def _open(path: Path) -> Image.Image:
         image.load()
         return image
     except (OSError, SyntaxError, ValueError) as err:
-        raise LayoutError(f"{path} is missing or unreadable ({err}); rerun `dpseg data prepare` to repair the dataset") from None
+        raise LayoutError(
+            f"{path} is missing or unreadable ({err}); rerun `dpseg data prepare` to repair the dataset"
+        ) from None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from dpseg.errors import UserError
 from dpseg.registry import Registry, UnknownNameError
@@ -50,7 +50,9 @@ def _packaged_list(name: str, count: int) -> Callable[[], list[str]]:
         text = resources.files("dpseg.data").joinpath("vocabularies", f"{name}.json").read_text("utf-8")
         names = _validate(json.loads(text), f"packaged vocabulary {name!r}")
         if len(names) != count:  # a damaged install must not silently shift labels
-            raise VocabularyError(f"packaged vocabulary {name!r} has {len(names)} names, expected {count}; reinstall dpseg")
+            raise VocabularyError(
+                f"packaged vocabulary {name!r} has {len(names)} names, expected {count}; reinstall dpseg"
+            )
         return names
 
     return load
@@ -93,7 +95,10 @@ def _looks_like_path(text: str) -> bool:
 def load_vocab_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise VocabularyError(f"vocabulary file {str(path)!r} does not exist; pass a registered name ({', '.join(vocab_names())}) or an existing .txt/.json file")
+        raise VocabularyError(
+            f"vocabulary file {str(path)!r} does not exist; "
+            f"pass a registered name ({', '.join(vocab_names())}) or an existing .txt/.json file"
+        )
     try:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -102,7 +107,9 @@ def load_vocab_file(path: str | Path) -> list[str]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise VocabularyError(f"vocabulary file {str(path)!r} is not valid JSON ({err}); expected a list of class names") from None
+            raise VocabularyError(
+                f"vocabulary file {str(path)!r} is not valid JSON ({err}); expected a list of class names"
+            ) from None
         return _validate(data, f"vocabulary file {str(path)!r}")
     # text: one class per line; blank lines and '#' comments are skipped
     lines = [line.strip() for line in text.splitlines()]
