@@ -17,7 +17,8 @@ def summary(
     templates: int = typer.Option(80, min=1, max=80, help="Prompt templates (cost-volume channels)."),
     prompt_mode: str = typer.Option("dual", help="text | visual | dual"),
     fusion: str = typer.Option("avg-embeddings", help="avg-embeddings | concat-costs | avg-costs"),
-    visual_guidance: str = typer.Option("prompt", help="prompt | upsampled-cost"),
+    visual_guidance: str = typer.Option("prompt", help="prompt | upsampled-cost | none"),
+    deep_supervision: bool = typer.Option(True, help="SED's aux heads at strides 32/16/8."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Build the network (random init, no download) and show its structure and shapes."""
@@ -25,7 +26,7 @@ def summary(
     from pipeline.model_summary import model_summary
 
     cfg = DPSegConfig(encoder=encoder, templates=templates, prompt_mode=prompt_mode, fusion=fusion,
-                      visual_guidance=visual_guidance)
+                      visual_guidance=visual_guidance, deep_supervision=deep_supervision)
     info = model_summary(cfg, classes, size)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -37,3 +38,11 @@ def summary(
     typer.echo("  shapes:")
     for name, shape in info["shapes"].items():
         typer.echo(f"    {name:<18} {shape}")
+    typer.echo("  aux heads (3x3 conv -> 1 logit per class, on detached states):")
+    for h in info["aux_heads"] or [{"stage": "-", "stride": "-", "in_channels": "none (deep supervision off)"}]:
+        typer.echo(f"    stage {h['stage']}  stride {h['stride']}  in {h['in_channels']}")
+    typer.echo("  fusion blocks (deconv, concat skip + guidance, 2x [3x3 conv, GroupNorm, ReLU]):")
+    for f in info["fusion_blocks"]:
+        typer.echo(f"    stage {f['stage']}  stride {f['stride']}  {f['in_channels']} -> deconv {f['deconv_channels']}"
+                   f" + skip {f['skip_channels']} + guidance {f['guidance_channels']} -> {f['out_channels']}"
+                   f"  (GroupNorm {f['groupnorm_groups']} groups)")

@@ -48,11 +48,15 @@ def _time(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, f
 
 def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[int] = (150,),
                 batches: list[int] = (1,), dtype: str = "fp32", device: str = "cpu",
-                warmup: int = 2, repeats: int = 5, class_chunk: int | None = None) -> dict:
+                warmup: int = 2, repeats: int = 5, class_chunk: int | None = None,
+                reject_topk: int | None = None) -> dict:
+    """Per (batch, classes): the whole forward, the image tower alone, and the decoder alone on
+    precomputed features; with `class_chunk`, the chunked decoder too (same run, so the ratio
+    is fair); with `reject_topk`, the decoder with SED's early rejection."""
     dev = torch.device(device)
     if dtype == "fp16" and dev.type == "cpu":
         raise ValueError("fp16 on the CPU is not supported here; use fp32 or bf16")
-    cfg = DPSegConfig(encoder=encoder, class_chunk=class_chunk)
+    cfg = DPSegConfig(encoder=encoder)
     model = build_dpseg(cfg, weights=None, device=dev).to(DTYPES[dtype]).eval()
     size = size or model.encoder_spec.image_size
     results = []
@@ -60,26 +64,64 @@ def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[in
     for batch, num_classes in tqdm(grid, desc="bench model", unit="case"):
         images = torch.randn(batch, 3, size, size, device=dev, dtype=DTYPES[dtype])
         text, visual = random_prompts(model, num_classes, device=dev, dtype=DTYPES[dtype])
+        row = {"batch": batch, "classes": num_classes}
         with torch.inference_mode():
-            trunk_ms, trunk_peak = _time(lambda: model.encode_image(images), dev, warmup, repeats)
-            model_ms, model_peak = _time(lambda: model(images, text=text, visual=visual), dev, warmup, repeats)
-        results.append({
-            "batch": batch, "classes": num_classes,
-            "model_ms": round(model_ms, 3), "model_ms_per_image": round(model_ms / batch, 3),
-            "trunk_ms": round(trunk_ms, 3), "trunk_ms_per_image": round(trunk_ms / batch, 3),
-            "decoder_share": round(1 - trunk_ms / model_ms, 4),
-            "peak_mem_mib_model": round(model_peak, 1), "peak_mem_mib_trunk": round(trunk_peak, 1),
-        })
+            features = model.encode_image(images)
+            cases = {
+                "trunk": lambda im=images: model.encode_image(im),
+                "model": lambda im=images, t=text, v=visual: model(im, text=t, visual=v),
+                "decoder": lambda f=features, t=text, v=visual: model(text=t, visual=v, features=f),
+            }
+            if class_chunk:
+                cases["decoder_chunked"] = lambda f=features, t=text, v=visual: model(
+                    text=t, visual=v, features=f, class_chunk=class_chunk)
+            for name, fn in cases.items():
+                ms, peak = _time(fn, dev, warmup, repeats)
+                row[f"{name}_ms"] = round(ms, 3)
+                row[f"{name}_ms_per_image"] = round(ms / batch, 3)
+                row[f"peak_mem_mib_{name}"] = round(peak, 1)
+            if reject_topk:
+                model.cfg.class_reject_topk = reject_topk
+                try:
+                    ms, peak = _time(lambda f=features, t=text, v=visual: model(text=t, visual=v, features=f),
+                                     dev, warmup, repeats)
+                finally:
+                    model.cfg.class_reject_topk = None
+                row["decoder_reject_ms"] = round(ms, 3)
+                row["reject_speedup"] = round(row["decoder_ms"] / ms, 3)
+                row["peak_mem_mib_decoder_reject"] = round(peak, 1)
+        row["decoder_share"] = round(1 - row["trunk_ms"] / row["model_ms"], 4)
+        if class_chunk:
+            row["chunked_over_unchunked"] = round(row["decoder_chunked_ms"] / row["decoder_ms"], 3)
+        results.append(row)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return {
         "bench": "model",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "encoder": encoder, "size": size, "dtype": dtype, "class_chunk": class_chunk,
+        "encoder": encoder, "size": size, "dtype": dtype, "class_chunk": class_chunk, "reject_topk": reject_topk,
         "warmup": warmup, "repeats": repeats,
-        "memory_note": "CUDA: max allocated; CPU: process peak RSS (upper bound)",
+        "memory_note": "CUDA: max allocated; CPU: process peak RSS (upper bound, monotonic)",
         "results": results,
+        "scaling": class_scaling(results),
         "reference": SED_REFERENCE,
         "config": cfg.to_dict(),
     }
+
+
+def class_scaling(results: list[dict]) -> list[dict]:
+    """Per batch size: decoder time ratio between the largest and smallest class counts, over the
+    class ratio (<= 1: at most linear in the number of classes)."""
+    out = []
+    for batch in sorted({r["batch"] for r in results}):
+        rows = sorted((r for r in results if r["batch"] == batch), key=lambda r: r["classes"])
+        if len(rows) < 2:
+            continue
+        lo, hi = rows[0], rows[-1]
+        time_ratio = hi["decoder_ms"] / lo["decoder_ms"]
+        class_ratio = hi["classes"] / lo["classes"]
+        out.append({"batch": batch, "classes": [lo["classes"], hi["classes"]],
+                    "decoder_time_ratio": round(time_ratio, 3), "class_ratio": round(class_ratio, 3),
+                    "time_over_linear": round(time_ratio / class_ratio, 3)})
+    return out

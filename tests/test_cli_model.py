@@ -24,6 +24,20 @@ def test_summary_json_reports_the_paper_facts_for_convnext_b():
     assert info["shapes"]["stage2.out"] == [1, 171, 16, 192, 192]
 
 
+def test_summary_json_lists_the_aux_heads_and_the_fusion_blocks():
+    result = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert [(h["stage"], h["stride"], h["in_channels"]) for h in info["aux_heads"]] == [(0, 32, 128), (1, 16, 64),
+                                                                                       (2, 8, 32)]
+    assert [(f["stride"], f["out_channels"], f["groupnorm_groups"]) for f in info["fusion_blocks"]] == [
+        (16, 64, 4), (8, 32, 2), (4, 16, 1)]
+    plain = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64", "--json",
+                                "--no-deep-supervision", "--visual-guidance", "none"])
+    info = json.loads(plain.stdout)
+    assert info["aux_heads"] == [] and [f["guidance_channels"] for f in info["fusion_blocks"]] == [0, 0, 0]
+
+
 def test_summary_json_for_convnext_l():
     result = runner.invoke(app, ["model", "summary", "--encoder", "convnext-l", "--json"])
     info = json.loads(result.stdout)
@@ -59,14 +73,21 @@ def test_bad_ablation_is_one_error_line():
 def test_bench_model_writes_json_with_the_decoder_share(tmp_path):
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "model", "--encoder", "tiny", "--size", "64", "--classes", "3,6",
-                                 "--batch", "1", "--warmup", "0", "--repeats", "1", "-o", str(out)])
+                                 "--batch", "1", "--warmup", "0", "--repeats", "1", "--class-chunk", "2",
+                                 "--reject-topk", "1", "-o", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["classes"] for r in data["results"]] == [3, 6]
     for r in data["results"]:
-        assert r["model_ms"] > 0 and r["trunk_ms"] > 0
+        assert r["model_ms"] > 0 and r["trunk_ms"] > 0 and r["decoder_ms"] > 0
         assert r["decoder_share"] == pytest.approx(1 - r["trunk_ms"] / r["model_ms"], abs=1e-3)
-    assert data["config"]["encoder"] == "tiny"
+        assert r["chunked_over_unchunked"] == pytest.approx(r["decoder_chunked_ms"] / r["decoder_ms"], abs=1e-3)
+        assert r["reject_speedup"] == pytest.approx(r["decoder_ms"] / r["decoder_reject_ms"], abs=1e-3)
+    lo, hi = data["results"]
+    [scaling] = data["scaling"]
+    assert scaling["classes"] == [3, 6] and scaling["class_ratio"] == 2.0
+    assert scaling["time_over_linear"] == pytest.approx(hi["decoder_ms"] / lo["decoder_ms"] / 2, abs=1e-3)
+    assert data["config"]["encoder"] == "tiny" and data["class_chunk"] == 2 and data["reject_topk"] == 1
 
 
 def test_demo_without_a_bank_uses_random_visual_prompts():

@@ -150,6 +150,6 @@ def test_bad_weights_give_one_clear_error(tmp_path):
 
 def test_default_hub_weights_fail_fast_offline_with_the_fix():
     # HF_HUB_OFFLINE=1 (conftest): the hub tag is not cached here, so loading must say what to pass
-    with pytest.raises(WeightsError, match=r"open_clip pretrained tag 'laion_aesthetic_s13b_b82k' \(a published-weights "
-                                           r"name, not a file\).*pass --encoder-weights"):
+    expected = r"open_clip pretrained tag 'laion_aesthetic_s13b_b82k' \(a published-weights name, not a file\)"
+    with pytest.raises(WeightsError, match=expected + r".*pass --encoder-weights"):
         load_clip("convnext-b")

@@ -102,11 +102,18 @@ class AggregationBlock(nn.Module):
             y = pooled.permute(0, 2, 3, 1).reshape(b, n, *pooled.shape[-2:], c)
         return self.norm2(y)
 
-    def summarize(self, x: torch.Tensor) -> AttentionSummary:
-        return self.attention.summarize(self._attention_input(self._before_attention(x)))
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before class attention: (B, N, C, H, W) -> channels-last (B, N, H, W, C)."""
+        return self._before_attention(x)
 
-    def forward(self, x: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
-        y = self._before_attention(x)
+    def summarize_prepared(self, y: torch.Tensor) -> AttentionSummary:
+        return self.attention.summarize(self._attention_input(y))
+
+    def summarize(self, x: torch.Tensor) -> AttentionSummary:
+        return self.summarize_prepared(self.prepare(x))
+
+    def finish(self, y: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
+        """Class attention (against `summary` of all classes, if given) -> (B, N, C, H, W)."""
         a = self.attention(self._attention_input(y), summary)
         if a.shape[2:4] != y.shape[2:4]:
             b, n, h, w, c = y.shape
@@ -114,6 +121,9 @@ class AggregationBlock(nn.Module):
             a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=True)
             a = a.permute(0, 2, 3, 1).reshape(b, n, h, w, c)
         return (y + a).permute(0, 1, 4, 2, 3)
+
+    def forward(self, x: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
+        return self.finish(self.prepare(x), summary)
 
 
 class CostGuidance(nn.Module):

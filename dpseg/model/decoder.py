@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpseg.model.blocks import AggregationBlock, AttentionSummary, CostGuidance, StageFusion, UpsampledCostChain
+from dpseg.model.blocks import AggregationBlock, CostGuidance, StageFusion, UpsampledCostChain
 from dpseg.model.config import DPSegConfig
 
 # What a rejected class scores: below any real logit, finite in fp16 (sigmoid gives 0, like SED).
@@ -39,8 +39,25 @@ class DecoderInputs:
     guidance_prompts: dict[int, torch.Tensor] | None  # stride -> (N|B,N, M, C_l) for visual_guidance "prompt"
 
 
-def _take(t: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.index_select(dim, keep)
+@dataclass
+class DecoderState:
+    """The per-class state between decoder steps."""
+
+    x: torch.Tensor  # (B, N, C, H, W)
+    chain: torch.Tensor | None  # upsampled-cost chain state (B*N, C, H, W)
+    prompts: dict[int, torch.Tensor] | None  # visual-guidance prompts of these classes
+    levels: dict[int, torch.Tensor]  # encoder features by stride (class-independent)
+
+    def select(self, keep: torch.Tensor) -> DecoderState:
+        """The state of the classes `keep` (indices into this state's classes)."""
+        b = self.x.shape[0]
+        chain = None
+        if self.chain is not None:
+            chain = self.chain.view(b, -1, *self.chain.shape[1:]).index_select(1, keep).flatten(0, 1)
+        prompts = None
+        if self.prompts is not None:
+            prompts = {s: p.index_select(p.dim() - 3, keep) for s, p in self.prompts.items()}
+        return DecoderState(self.x.index_select(1, keep), chain, prompts, self.levels)
 
 
 def kept_classes(aux_logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,60 +102,65 @@ class CostDecoder(nn.Module):
     def num_stages(self) -> int:
         return len(self.blocks)
 
-    def forward(self, inputs: DecoderInputs, summaries: list[AttentionSummary] | None = None,
-                summarize_stage: int | None = None, aux: bool = False, reject_topk: int | None = None):
-        """Returns (logits (B, N, H/4, W/4), aux logits [(B, N, h, w) at strides 32, 16, 8] or []).
-
-        With `summaries`, stage k attends over summaries[k] (all classes) instead of the classes
-        present; with `summarize_stage`, returns that stage's attention summary of these classes.
-        With `reject_topk`, classes outside every pixel's top k at an aux head skip the finer
-        stages and score REJECTED_LOGIT (their aux logits too, from that head on)."""
-        cfg = self.cfg
-        # 1. the cost embedding at stride 32 (and the start of the upsampled-cost chain)
+    # ---- the steps, used by forward() and by chunked decoding --------------------------------
+    def embed(self, inputs: DecoderInputs) -> DecoderState:
+        """1. the cost embedding at stride 32 (and the start of the upsampled-cost chain)."""
         cost = inputs.cost
         b, _, n, h, w = cost.shape
         x = self.cost_embed(cost.transpose(1, 2).flatten(0, 1)).view(b, n, -1, h, w)
         chain = cost.transpose(1, 2).flatten(0, 1) if self.cost_chain is not None else None
-        prompts = inputs.guidance_prompts
+        return DecoderState(x, chain, inputs.guidance_prompts, inputs.levels)
+
+    def aux_logits(self, k: int, state: DecoderState) -> torch.Tensor:
+        """Aux head k on the detached state (SED: aux losses train only their own heads)."""
+        x = state.x
+        return self.aux_heads[k](x.detach().flatten(0, 1)).view(x.shape[0], x.shape[1], *x.shape[-2:])
+
+    def fuse(self, k: int, x: torch.Tensor, state: DecoderState) -> DecoderState:
+        """Stage k's fusion with the detached encoder skip and the cost guidance of the next stride."""
+        cfg = self.cfg
+        b = x.shape[0]
+        stride = cfg.guidance_strides[k]
+        features = state.levels[stride]
+        skip = self.skips[k](features.detach())  # no gradient into the encoder through skips
+        guidance, chain = None, state.chain
+        if chain is not None:
+            chain = self.cost_chain.step(k, chain, tuple(features.shape[-2:]))
+            if cfg.stage_has_guidance(k):
+                guidance = chain.view(b, -1, *chain.shape[1:])
+        elif str(k) in self.guidance:
+            f = features if cfg.guidance_grad else features.detach()
+            guidance = self.guidance[str(k)](f, state.prompts[stride])
+        return DecoderState(self.fusions[k](x, skip, guidance), chain, state.prompts, state.levels)
+
+    def logits(self, state: DecoderState) -> torch.Tensor:
+        x = state.x
+        return self.head(x.flatten(0, 1)).view(x.shape[0], x.shape[1], *x.shape[-2:])
+
+    def forward(self, inputs: DecoderInputs, aux: bool = False, reject_topk: int | None = None):
+        """Returns (logits (B, N, H/4, W/4), aux logits [(B, N, h, w) at strides 32, 16, 8] or []).
+
+        With `reject_topk`, classes outside every pixel's top k at an aux head skip the finer
+        stages and score REJECTED_LOGIT (their aux logits too, from the next head on)."""
+        state = self.embed(inputs)
+        n = state.x.shape[1]
         keep = None  # indices (into all N) of the classes still decoded; None: all
         aux_logits: list[torch.Tensor] = []
         for k in range(self.num_stages):
-            # 2. aux head on the detached state (SED: aux losses train only their own heads)
+            # 2. aux head (and early rejection on its ranking)
             if self.aux_heads is not None and (aux or reject_topk):
-                a = self.aux_heads[k](x.detach().flatten(0, 1)).view(b, x.shape[1], *x.shape[-2:])
+                a = self.aux_logits(k, state)
                 aux_logits.append(self._scatter(a, keep, n))
                 if reject_topk:
                     local = kept_classes(a, reject_topk)
-                    if local.numel() < x.shape[1]:
-                        x = _take(x, local, 1)
-                        if chain is not None:
-                            chain = _take(chain.view(b, -1, *chain.shape[1:]), local, 1).flatten(0, 1)
-                        if prompts is not None:
-                            prompts = {s: _take(p, local, p.dim() - 3) for s, p in prompts.items()}
+                    if local.numel() < state.x.shape[1]:
+                        state = state.select(local)
                         keep = local if keep is None else keep[local]
-            if summarize_stage == k:
-                return self.blocks[k].summarize(x)
-            # 3. aggregation at this stage's input width
-            x = self.blocks[k](x, summaries[k] if summaries is not None else None)
-            # 4. fusion with the detached encoder skip and the cost guidance of the next stride
-            stride = cfg.guidance_strides[k]
-            features = inputs.levels[stride]
-            size = tuple(features.shape[-2:])
-            skip = self.skips[k](features.detach())  # no gradient into the encoder through skips
-            guidance = None
-            if chain is not None:
-                chain = self.cost_chain.step(k, chain, size)
-                if cfg.stage_has_guidance(k):
-                    guidance = chain.view(b, -1, *chain.shape[1:])
-            elif str(k) in self.guidance:
-                f = features if cfg.guidance_grad else features.detach()
-                guidance = self.guidance[str(k)](f, prompts[stride])
-            x = self.fusions[k](x, skip, guidance)
+            # 3. aggregation at this stage's input width, 4. fusion
+            state = self.fuse(k, self.blocks[k](state.x), state)
         # 5. one logit map per class at stride 4
-        logits = self.head(x.flatten(0, 1)).view(b, x.shape[1], *x.shape[-2:])
-        if keep is not None:
-            logits = self._scatter(logits, keep, n)
-        return logits, aux_logits
+        logits = self.logits(state)
+        return (self._scatter(logits, keep, n) if keep is not None else logits), aux_logits
 
     @staticmethod
     def _scatter(values: torch.Tensor, keep: torch.Tensor | None, n: int) -> torch.Tensor:

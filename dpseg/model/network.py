@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -83,16 +84,40 @@ class DPSeg(nn.Module):
             logits, aux_logits = self.decoder(self._inputs(features, text, visual, slice(None)), aux=aux,
                                               reject_topk=reject)
             return (logits, aux_logits) if aux else logits
+        logits, aux_logits = self._decode_in_chunks(features, text, visual, num_classes, chunk, aux)
+        return (logits, aux_logits) if aux else logits
+
+    def _decode_in_chunks(self, features: ImageFeatures, text, visual, num_classes: int, chunk: int, aux: bool):
+        """Stage by stage over class chunks: each stage's attention summary is summed over all
+        chunks before any chunk attends, so the logits equal one pass; nothing is recomputed, and
+        at most one stage's state of all classes is held (the stride-4 stage runs chunk by chunk
+        straight into the head)."""
+        dec = self.decoder
         chunks = [slice(i, min(i + chunk, num_classes)) for i in range(0, num_classes, chunk)]
-        summaries: list[AttentionSummary] = []
-        for stage in range(self.decoder.num_stages):
-            parts = [self.decoder(self._inputs(features, text, visual, c), summaries, stage) for c in chunks]
-            summaries.append(tuple(sum(p[i] for p in parts) for i in range(2)))
-        outs = [self.decoder(self._inputs(features, text, visual, c), summaries, aux=aux) for c in chunks]
-        logits = torch.cat([o[0] for o in outs], dim=1)
-        if not aux:
-            return logits
-        return logits, [torch.cat([o[1][i] for o in outs], dim=1) for i in range(len(outs[0][1]))]
+        states = [dec.embed(self._inputs(features, text, visual, c)) for c in chunks]
+        aux_parts: list[list[torch.Tensor]] = [[] for _ in range(dec.num_stages)]
+        logits = []
+        for k in range(dec.num_stages):
+            block = dec.blocks[k]
+            if aux and dec.aux_heads is not None:
+                aux_parts[k] = [dec.aux_logits(k, st) for st in states]
+            prepared = []
+            for j, st in enumerate(states):
+                prepared.append(block.prepare(st.x))
+                states[j] = replace(st, x=None)  # free the input state as soon as it is used
+            parts = [block.summarize_prepared(y) for y in prepared]
+            summary: AttentionSummary = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+            del parts
+            for j, st in enumerate(states):
+                st = dec.fuse(k, block.finish(prepared[j], summary), st)
+                prepared[j] = None
+                if k == dec.num_stages - 1:
+                    logits.append(dec.logits(st))
+                    states[j] = None
+                else:
+                    states[j] = st
+        aux_logits = [torch.cat(p, dim=1) for p in aux_parts if p]
+        return torch.cat(logits, dim=1), aux_logits
 
     def _check_prompts(self, text: torch.Tensor | None, visual: VisualPrompts | None) -> int:
         cfg = self.cfg

@@ -20,19 +20,18 @@ parser.add_argument("--classes", default="150,847")
 parser.add_argument("--batches", default="1,8")
 parser.add_argument("--chunk", type=int, default=128)
 parser.add_argument("--out", required=True)
+parser.add_argument("--reject-topk", type=int, default=1)  # SED's TEST.TOPK
 args = parser.parse_args()
 ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
 
-runs = {
-    "one_pass": bench_model(args.encoder, args.size, ints(args.classes), ints(args.batches), args.dtype, args.device,
-                            warmup=3, repeats=10),
-    f"class_chunk_{args.chunk}": bench_model(args.encoder, args.size, [max(ints(args.classes))], ints(args.batches),
-                                             args.dtype, args.device, warmup=2, repeats=5, class_chunk=args.chunk),
-}
-atomic_write_json(args.out, runs)
-print(f"{'run':<16}{'batch':>6}{'classes':>8}{'ms/img':>10}{'trunk ms/img':>14}{'dec share':>10}{'peak MiB':>10}")
-for name, run in runs.items():
-    for r in run["results"]:
-        print(f"{name:<16}{r['batch']:>6}{r['classes']:>8}{r['model_ms_per_image']:>10.2f}{r['trunk_ms_per_image']:>14.2f}"
-              f"{r['decoder_share']:>10.3f}{r['peak_mem_mib_model']:>10.0f}")
-print(json.dumps({"device": runs["one_pass"]["device"], "torch": runs["one_pass"]["torch"]}))
+# one run: whole model, trunk, decoder, chunked decoder and early rejection, so ratios are fair
+run = bench_model(args.encoder, args.size, ints(args.classes), ints(args.batches), args.dtype, args.device,
+                  warmup=3, repeats=10, class_chunk=args.chunk, reject_topk=args.reject_topk)
+atomic_write_json(args.out, run)
+header = ("batch", "classes", "ms/img", "trunk", "decoder", "chunked", "reject", "peak MiB")
+print("".join(f"{h:>10}" for h in header))
+for r in run["results"]:
+    print(f"{r['batch']:>10}{r['classes']:>10}{r['model_ms_per_image']:>10.2f}{r['trunk_ms_per_image']:>10.2f}"
+          f"{r['decoder_ms_per_image']:>10.2f}{r['decoder_chunked_ms'] / r['batch']:>10.2f}"
+          f"{r['decoder_reject_ms'] / r['batch']:>10.2f}{r['peak_mem_mib_model']:>10.0f}")
+print(json.dumps({"device": run["device"], "torch": run["torch"], "scaling": run["scaling"]}))
