@@ -112,7 +112,7 @@ def scatter_figure(points: dict[str, np.ndarray], centroids: dict[str, np.ndarra
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(title)
-    ax.legend(frameon=False, markerscale=1.5)
+    ax.legend(loc="best", framealpha=0.85, markerscale=1.5)
     return fig
 
 
