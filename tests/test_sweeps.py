@@ -277,3 +277,12 @@ def test_nulls_resolved_by_the_profile_match_explicit_values(tmp_path):
     banks = sweeps.plan_sweep(SWEEPS.get("banks"), base, baseline, "demo")
     assert [p.status for p in banks] == ["done", "todo", "todo", "todo"]
     assert len(SWEEPS.get("banks").expand("paper-b")) == len(SWEEPS.get("banks").expand("paper-l")) == 6
+
+
+def test_the_projects_params_file_has_every_key_the_sweeps_set():
+    from pathlib import Path
+
+    params = sweeps.load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    for name in SWEEPS.names():
+        for profile in ("demo", "paper-b"):
+            sweeps.check_keys(SWEEPS.get(name).expand(profile), params)  # raises naming a missing key
