@@ -3,7 +3,7 @@
 A mask is stored column-major as alternating run lengths, starting with a run of zeros.
 The compressed form writes each run as a little-endian sequence of 5-bit groups in chars
 from '0' (48): bit 0x20 = "more groups follow", bit 0x10 of the last group = sign; from
-the third run on, a run is stored as the difference to the run two places before.
+the fourth run on (index 3), a run is stored as the difference to the run two places before.
 """
 
 from __future__ import annotations
