@@ -249,6 +249,15 @@ def test_short_headers_drop_shared_words():
             "out/eval/unseen/metrics.json:passes.1.miou"]
     assert sweeps.short_headers(cols) == ["seen pass1", "seen pass2", "unseen pass1"]
     assert sweeps.short_headers(["m.json:miou"]) == ["miou"]
+    # the pipeline's compact metrics files (metrics/eval/<set>.json: pass1.miou, ...)
+    record = sweeps.ExpRecord("r", "x", {}, {"metrics/eval/seen.json:pass1.miou": 1.0,
+                                             "metrics/eval/seen.json:pass1.uniform_random_miou": 2.0,
+                                             "metrics/eval/seen.json:pass2_minus_pass1_miou": 0.1,
+                                             "metrics/eval/unseen.json:pass2.miou": 3.0,
+                                             "out/clip/metrics.json:zero_shot_accuracy": 0.2}, "success")
+    columns = sweeps.metric_columns([record])
+    assert columns == ["metrics/eval/seen.json:pass1.miou", "metrics/eval/unseen.json:pass2.miou"]
+    assert sweeps.short_headers(columns) == ["seen pass1", "unseen pass2"]
 
 
 def test_cli_lists_sweeps_and_refuses_bad_input(cli, one_line_error, params_file, monkeypatch):
