@@ -23,9 +23,10 @@ from bank.store import STAGING, BankStore
 BLOCK = 512
 
 
-def shard_damage(path: Path) -> str | None:
+def shard_damage(path: Path, expect: dict[str, str] | None = None) -> str | None:
     """What is wrong with one shard's tar structure (None: whole). Reads headers only: a tar cut
-    inside a member, or right after one (no end-of-archive marker), is truncated."""
+    inside a member, or right after one (no end-of-archive marker), is truncated. `expect`
+    (key -> manifest status) also requires each entry's members (`.json`, and `.png` when ok)."""
     members: list[tarfile.TarInfo] = []
     try:
         size = path.stat().st_size
@@ -50,6 +51,11 @@ def shard_damage(path: Path) -> str | None:
         f.seek(end)
         if f.read(2 * BLOCK) != bytes(2 * BLOCK):
             return "garbled after its last member (no end-of-archive marker)"
+    names = {m.name for m in members}
+    for key, status in (expect or {}).items():
+        for ext in ("json", "png") if status == "ok" else ("json",):
+            if f"{key}.{ext}" not in names:
+                return f"entry {key} has no {ext} member"
     return None
 
 
@@ -68,7 +74,10 @@ def repair(store: BankStore) -> dict[str, Any]:
         _drop_features(store)  # its `valid` was derived from the manifest that is gone
     # 2. shards whose tar is damaged: out of the bank (kept for the user to inspect)
     shards = store.shards()
-    damaged = [s for s in shards if shard_damage(store.root / s)]
+    expect: dict[str, dict[str, str]] = {}
+    for key, shard, status in zip(*(table.column(c).to_pylist() for c in ("key", "shard", "status")), strict=True):
+        expect.setdefault(shard, {})[key] = status
+    damaged = [s for s in shards if shard_damage(store.root / s, expect.get(s))]
     if damaged:
         quarantine = store.root / "damaged"
         quarantine.mkdir(exist_ok=True)

@@ -341,8 +341,8 @@ class ShardReader:
             members = self.tar.getmembers()
         except (tarfile.TarError, OSError) as err:
             raise UserError(
-                f"shard {path} is unreadable ({err}); restore it, or move it out of the bank and build "
-                f"again (its entries are then made anew)"
+                f"shard {path} is unreadable ({err}); run the same `dpseg bank build` command again (it moves "
+                f"the shard to damaged/ and makes its entries anew), or restore the shard"
             ) from None
         self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
         for m in members:
@@ -399,8 +399,11 @@ def decode_png(data: bytes, where: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L") else im)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"{where} is not a readable PNG ({err}); run `dpseg bank verify` on the bank") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # PIL: SyntaxError for broken PNGs
+        raise UserError(
+            f"{where} is not a readable PNG ({err}); move that shard out of the bank folder and run the same "
+            f"`dpseg bank build` command again (its entries are made anew)"
+        ) from None
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -292,7 +292,7 @@ def test_two_rank_cpu_build_with_accelerate_equals_one_process(built, tmp_path, 
     assert verify(out) == []
 
 
-def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path, cli, one_line_error):
+def test_a_corrupt_image_is_one_line_whose_advice_repairs_the_bank(built, tmp_path, names, cli, one_line_error):
     import shutil
     import tarfile
 
@@ -314,7 +314,9 @@ def test_corrupt_image_and_corrupt_shard_are_one_line_errors(built, tmp_path, cl
         cli("bank", "encode", copy, "--encoder", "tiny", "--encoder-weights", "none", "--no-progress"),
         shard.name,
         "not a readable PNG",
+        "move that shard out of the bank folder",
     )
-    shard.write_bytes(b"not a tar at all" * 100)
-    (copy / "manifest.parquet").unlink()  # the shard must be scanned again
-    one_line_error(cli("bank", "build", "--vocab", "voc-20", "--out", copy, *BUILD), shard.name, "unreadable")
+    shutil.move(shard, tmp_path / shard.name)  # the advice, followed to the letter
+    result = cli("bank", "build", "--vocab", names, "--out", copy, *BUILD)
+    assert result.exit_code == 0, result.output
+    assert verify(copy) == [] and json.loads(cli("bank", "info", copy, "--json").stdout)["entries"] == 9

@@ -132,6 +132,17 @@ def garbled_feature_part(copy: Path) -> None:
     part.write_bytes(part.read_bytes()[:100])
 
 
+def shard_missing_a_member(copy: Path) -> None:
+    """The tar is whole (end marker and all) but one entry's PNG is gone."""
+    shard = copy / "images-000004.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if not m.name.endswith(".png"):
+                tar.addfile(m, io.BytesIO(data))
+
+
 def killed_during_merge(copy: Path) -> None:
     """What a SIGKILL between the zarr write and the manifest write leaves: features of the last
     shard merged, its manifest rows not."""
@@ -154,6 +165,7 @@ DAMAGES = [
     missing_zarr_array,
     garbage_manifest,
     garbled_feature_part,
+    shard_missing_a_member,
     killed_during_merge,
 ]
 
@@ -266,3 +278,26 @@ def test_a_second_identical_build_is_refused_while_the_first_runs(reference, tmp
         one_line_error(cli("bank", "build", "--vocab", names, "--out", copy, *BUILD), "pid 4242", "wait for it")
     assert cli("bank", "build", "--vocab", names, "--out", copy, *BUILD).exit_code == 0
     assert_equal_banks(reference, copy)
+
+
+@pytest.mark.slow
+def test_two_identical_builds_started_at_once_never_duplicate_entries(reference, tmp_path, names, cli):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bank"
+    args = [sys.executable, "-m", "cli.main", "bank", "build", "--vocab", str(names), "--out", str(out), *BUILD]
+    repo = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen(args, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    results = [(p.communicate(timeout=600)[1], p.returncode) for p in procs]
+    results = [(code, err) for err, code in results]
+    # each either built (or found everything built) or was refused with the lock's one line
+    for code, err in results:
+        assert code == 0 or (code == 1 and "another `dpseg bank build`" in err and "Traceback" not in err), err
+    assert any(code == 0 for code, _ in results)
+    keys = []
+    for shard in sorted(out.glob("images-*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(keys) == len(set(keys)) == 9  # no entry made twice
+    assert_equal_banks(reference, out)
