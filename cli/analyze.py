@@ -15,7 +15,7 @@ app = typer.Typer(help="The paper's analyses: modality gap, cost heatmaps, ablat
 def gap(
     bank: Path = typer.Option(..., help="Bank folder (its visual prompts, encoder weights, templates, encode size)."),
     encoder: str = typer.Option(..., help="Encoder whose features the bank holds: convnext-b, convnext-l, tiny."),
-    images: str = typer.Option(..., help="Prepared dataset folder (dpseg data prepare/synth), or a name under data/."),
+    images: str = typer.Option(..., help="Prepared dataset folder, or its name under out/data/ or data/."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: gap.json, pairs.csv and two figures."),
     encoder_weights: str | None = typer.Option(None, help="Default: the weights the bank was encoded with."),
     split: str | None = typer.Option(None, help="Dataset split (default val, else the first)."),

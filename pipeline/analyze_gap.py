@@ -83,7 +83,7 @@ def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class GapSettings:
     bank: str
     encoder: str
-    images: str  # a prepared dataset folder (dpseg data prepare / synth)
+    images: str  # a prepared dataset folder (dpseg data prepare / synth), or its name under out/data or data
     out: str
     encoder_weights: str | None = None  # None: the weights the bank's features were computed with
     split: str | None = None  # None: val if the dataset has it, else its first split
@@ -105,8 +105,9 @@ def open_dataset(images: str, split: str | None):
     from dpseg.data.readers import SegmentationDataset
 
     root = Path(images)
-    if not (root / META).is_file() and (Path("data") / images / META).is_file():
-        root = Path("data") / images  # a dataset name: its default prepared location
+    for where in (Path("out/data"), Path("data")):  # a dataset name: the pipeline's, or the usual, location
+        if not (root / META).is_file() and (where / images / META).is_file():
+            root = where / images
     if not (root / META).is_file():
         raise UserError(f"--images {images}: not a prepared dataset (no {META}); make one with `dpseg data synth --out "
                         f"data/shapes` or `dpseg data prepare NAME --src RAW --out data/NAME`")

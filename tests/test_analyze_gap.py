@@ -146,10 +146,14 @@ def test_gap_command_writes_summary_pairs_and_both_figures(world, cli):
     assert len(emb["points"]["image"]) == summary["pairs"] and len(emb["points"]["text"]) == summary["classes"]
 
 
-def test_pairs_are_sampled_deterministically_from_qualifying_regions(world):
+def test_pairs_are_sampled_deterministically_from_qualifying_regions(world, tmp_path, monkeypatch):
     from pipeline.analyze_gap import open_dataset, resolve_classes, sample_pairs
 
     root, top = world
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "data" / "shapes").symlink_to(root / "shapes")
+    monkeypatch.chdir(tmp_path)  # a dataset name is looked up where the pipeline prepares it
+    assert open_dataset("shapes", None).info.root.resolve() == (root / "shapes").resolve()
     data = open_dataset(str(root / "shapes"), None)
     ids = resolve_classes(data, ", ".join(top))
     assert [data.class_names[i] for i in ids] == top
