@@ -38,5 +38,6 @@ def collect(src: Path, splits: list[str]) -> list[Item]:
             stems |= {p.stem for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
         for stem in sorted(stems):
             ann = ann_dir / f"{stem}.png"
-            items.append(Item(split, stem, image_for(img_dir, stem), lambda a=ann: to_train_ids(indexed_label(a, NUM_CLASSES))))
+            label = lambda a=ann: to_train_ids(indexed_label(a, NUM_CLASSES))  # noqa: E731
+            items.append(Item(split, stem, image_for(img_dir, stem), label))
     return items

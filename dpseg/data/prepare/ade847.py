@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, read_label_image, id_lookup
+from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, id_lookup, read_label_image
 
 NUM_CLASSES = 847
 IGNORE = 65535
@@ -64,7 +64,8 @@ def _label_loader(json_path: Path, seg_path: Path):
         label = seg_to_train_ids(seg_path)
         size = annotation.get("imsize")
         if isinstance(size, list) and len(size) >= 2 and tuple(label.shape) != (int(size[0]), int(size[1])):
-            raise BadFile(seg_path, f"is {label.shape[1]}x{label.shape[0]} but {json_path.name} says {size[1]}x{size[0]}")
+            raise BadFile(seg_path, f"is {label.shape[1]}x{label.shape[0]} but {json_path.name} "
+                                    f"says {size[1]}x{size[0]}")
         return label
 
     return load

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dpseg.data.prepare.common import Item, RawLayoutError, find_root, image_for, indexed_label, id_lookup
+from dpseg.data.prepare.common import Item, RawLayoutError, find_root, id_lookup, image_for, indexed_label
 
 NUM_CLASSES = 171
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
-HINT = "expected coco-stuff/ with images/{train2017,val2017} and annotations/{train2017,val2017} (stuffthingmaps_trainval2017.zip)"
+HINT = ("expected coco-stuff/ with images/{train2017,val2017} and annotations/{train2017,val2017} "
+        "(stuffthingmaps_trainval2017.zip)")
 
 
 LUT = id_lookup("coco-stuff.json", NUM_CLASSES, 256, 255)
@@ -35,5 +36,6 @@ def collect(src: Path, splits: list[str]) -> list[Item]:
         if not ann_dir.is_dir():
             raise RawLayoutError(f"missing {ann_dir}; {HINT}")
         for ann in sorted(ann_dir.glob("*.png")):
-            items.append(Item(split, ann.stem, image_for(img_dir, ann.stem), lambda a=ann: to_train_ids(indexed_label(a, 255))))
+            label = lambda a=ann: to_train_ids(indexed_label(a, 255))  # noqa: E731
+            items.append(Item(split, ann.stem, image_for(img_dir, ann.stem), label))
     return items

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.io
 
 from dpseg.data.prepare import rle
-from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, image_for, id_lookup
+from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, id_lookup, image_for
 
 PC59_CLASSES, PC459_CLASSES = 59, 459
 HINT = "expected VOCdevkit/VOC2010 with JPEGImages/ plus trainval_merged.json (pc-59) or trainval/*.mat (pc-459)"
@@ -42,7 +42,8 @@ def pc59_label(annotations: list[dict], height: int, width: int, source: Path) -
             mask = rle.decode(ann["segmentation"])
             category = int(ann["category_id"])
         except (KeyError, TypeError, ValueError) as err:
-            raise BadFile(source, f"annotation of image {ann.get('image_id')!r} is not a valid RLE mask ({err})") from None
+            raise BadFile(source, f"annotation of image {ann.get('image_id')!r} is not a valid RLE mask "
+                                  f"({err})") from None
         if mask.shape != raw.shape:
             raise BadFile(source, f"annotation of image {ann.get('image_id')!r} is {mask.shape}, image is {raw.shape}")
         if not 0 <= category < 65536:
@@ -59,7 +60,8 @@ def collect_pc59(src: Path, splits: list[str]) -> list[Item]:
         images = data["images"]
         annotations = data["annos_segmentation"]
     except (OSError, ValueError, KeyError) as err:
-        raise RawLayoutError(f"{source} is not a readable PASCAL Context annotation file ({err}); download trainval_merged.json again") from None
+        raise RawLayoutError(f"{source} is not a readable PASCAL Context annotation file ({err}); "
+                             f"download trainval_merged.json again") from None
     by_image: dict = {}
     for ann in annotations:
         by_image.setdefault(ann.get("image_id"), []).append(ann)
@@ -71,7 +73,8 @@ def collect_pc59(src: Path, splits: list[str]) -> list[Item]:
         stem = Path(image["file_name"]).stem
         anns = by_image.get(image["image_id"], [])
         h, w = int(image["height"]), int(image["width"])
-        items.append(Item(split, stem, image_for(root / "JPEGImages", stem), lambda a=anns, h=h, w=w: pc59_label(a, h, w, source)))
+        label = lambda a=anns, h=h, w=w: pc59_label(a, h, w, source)  # noqa: E731
+        items.append(Item(split, stem, image_for(root / "JPEGImages", stem), label))
     return items
 
 
@@ -92,7 +95,8 @@ def pc459_label(path: Path) -> np.ndarray:
 def _val_ids(root: Path) -> list[str]:
     # a list next to the data (where SED expects it) wins over the packaged copy
     local = root / "pascalcontext_val.txt"
-    text = local.read_text() if local.is_file() else resources.files("dpseg.data.prepare").joinpath("ids", "pascalcontext_val.txt").read_text()
+    packaged = resources.files("dpseg.data.prepare").joinpath("ids", "pascalcontext_val.txt")
+    text = local.read_text() if local.is_file() else packaged.read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -108,5 +112,6 @@ def collect_pc459(src: Path, splits: list[str]) -> list[Item]:
             held_out = set(val_ids)
             ids = sorted(p.stem for p in mats.glob("*.mat") if p.stem not in held_out)
         for stem in ids:
-            items.append(Item(split, stem, image_for(root / "JPEGImages", stem), lambda m=mats / f"{stem}.mat": pc459_label(m)))
+            label = lambda m=mats / f"{stem}.mat": pc459_label(m)  # noqa: E731
+            items.append(Item(split, stem, image_for(root / "JPEGImages", stem), label))
     return items

@@ -42,7 +42,8 @@ def decode(segmentation: dict) -> np.ndarray:
         counts = counts.decode("ascii")
     runs = decode_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
     if any(r < 0 for r in runs) or sum(runs) != height * width:
-        raise ValueError(f"RLE runs sum to {sum(runs)} (negative: {any(r < 0 for r in runs)}), expected {height}x{width}={height * width}")
+        raise ValueError(f"RLE runs sum to {sum(runs)} (negative: {any(r < 0 for r in runs)}), "
+                         f"expected {height}x{width}={height * width}")
     flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
     return flat.reshape(width, height).T
 

@@ -19,7 +19,8 @@ from dpseg.data.prepare.common import BadFile, Item, RawLayoutError, find_root, 
 
 NUM_CLASSES = 20
 IGNORE = 255
-HINT = "expected VOCdevkit/VOC2012 with JPEGImages/, SegmentationClass(Aug)/ and ImageSets/Segmentation/ (VOCtrainval_11-May-2012.tar)"
+HINT = ("expected VOCdevkit/VOC2012 with JPEGImages/, SegmentationClass(Aug)/ and ImageSets/Segmentation/ "
+        "(VOCtrainval_11-May-2012.tar)")
 
 
 def voc_colormap(count: int = 256) -> np.ndarray:
@@ -68,7 +69,8 @@ def _rgb_to_index(rgb: np.ndarray, path: Path) -> np.ndarray:
         if int(code) not in lookup:
             colour = ((code >> 16) & 255, (code >> 8) & 255, code & 255)
             count = int((codes == code).sum())
-            raise BadFile(path, f"RGB mask has colour {tuple(int(c) for c in colour)} on {count} pixels, not in the VOC colour map")
+            raise BadFile(path, f"RGB mask has colour {tuple(int(c) for c in colour)} on {count} pixels, "
+                                f"not in the VOC colour map")
         out[codes == code] = lookup[int(code)]
     return out
 
@@ -88,8 +90,10 @@ def collect(src: Path, splits: list[str]) -> list[Item]:
         if not listing.is_file():
             raise RawLayoutError(f"missing split list {listing} (one image id per line; it ships with the VOC tarball)")
         for item_id in _read_ids(listing):
-            mask = next((d / f"{item_id}.png" for d in mask_dirs if (d / f"{item_id}.png").exists()), mask_dirs[0] / f"{item_id}.png")
-            items.append(Item(split, item_id, image_for(root / "JPEGImages", item_id), lambda m=mask: to_train_ids(decode_voc_mask(m))))
+            candidates = [d / f"{item_id}.png" for d in mask_dirs]
+            mask = next((m for m in candidates if m.exists()), candidates[0])
+            label = lambda m=mask: to_train_ids(decode_voc_mask(m))  # noqa: E731
+            items.append(Item(split, item_id, image_for(root / "JPEGImages", item_id), label))
     return items
 
 
