@@ -162,3 +162,25 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(world, 
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
     assert not (out / "train.json").exists()
+
+
+def test_every_split_of_a_global_batch_reads_the_same_samples():
+    from pipeline.train_data import SampleStream, StreamLayout
+
+    def global_batches(world, accum, steps=5, start=0):
+        micro = 4 // (world * accum)
+        seen = {}
+        for rank in range(world):
+            stream = SampleStream(6, 3, StreamLayout(4, micro, accum, world, rank), start, steps)
+            items = list(stream)
+            assert len(items) == len(stream)
+            for k, item in enumerate(items):
+                seen.setdefault(start + k // (micro * accum), []).append(item)
+        return {step: sorted(items) for step, items in seen.items()}
+
+    one = global_batches(1, 1)
+    assert global_batches(2, 1) == global_batches(1, 2) == global_batches(2, 2) == one
+    assert global_batches(2, 2, start=3) == {s: one[s] for s in (3, 4)}  # a resumed stream picks up in place
+    indices = [i for i, _ in sorted((item for s in range(3) for item in one[s]), key=lambda item: item[1])]
+    # 12 positions = 2 epochs of the 6 images, each epoch in its own order
+    assert sorted(indices[:6]) == sorted(indices[6:]) == list(range(6)) and indices[:6] != indices[6:]
