@@ -14,7 +14,14 @@ import torch
 os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
 
 from bank.generators import GeneratorOptions, Request, create_generator  # noqa: E402
-from bank.generators.layerdiffuse import ATTENTION_LAYERS, ATTN_FILE, DECODER_FILE, TransparentAttention, TransparentDecoder, patch_unet  # noqa: E402
+from bank.generators.layerdiffuse import (  # noqa: E402
+    ATTENTION_LAYERS,
+    ATTN_FILE,
+    DECODER_FILE,
+    TransparentAttention,
+    TransparentDecoder,
+    patch_unet,
+)
 from bank.generators.sd_configs import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 from bank.generators.tiny_sd import ensure_tiny_sd  # noqa: E402
 from dpseg.errors import UserError  # noqa: E402
@@ -37,8 +44,9 @@ def test_sd15_random_is_the_real_sd15_architecture():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        counts = [sum(p.numel() for p in m.parameters()) for m in
-                  (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE), CLIPTextModel(CLIPTextConfig(**SD15_TEXT)))]
+        models = (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+                  CLIPTextModel(CLIPTextConfig(**SD15_TEXT)))
+        counts = [sum(p.numel() for p in m.parameters()) for m in models]
     assert counts == [859_520_964, 83_653_863, 123_060_480]  # SD1.5's UNet, VAE and CLIP ViT-L/14 text tower
 
 
@@ -67,22 +75,29 @@ def test_sd15_loader_errors(tmp_path, model, needle):
 
 
 def _tiny_sd3(path: Path) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from bank.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+                max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407)
     pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                          num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2,
+                                          joint_attention_dim=64, caption_projection_dim=16,
                                           pooled_projection_dim=64, out_channels=4),
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-                          sample_size=32, shift_factor=0.0609, scaling_factor=1.5035),
+                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
+                          norm_num_groups=4, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=clip_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=clip_tokenizer(),
         text_encoder_3=None, tokenizer_3=None,
@@ -154,15 +169,17 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("cat\n")
     torch.manual_seed(0)
-    build_bank(BuildOptions(out=tmp_path / "bank", generator="layerdiffuse", vocab=[str(names)], encoder="tiny", templates=2,
-                            progress=False), generator=gen, encoder=PromptEncoder("tiny", None))
+    build_bank(BuildOptions(out=tmp_path / "bank", generator="layerdiffuse", vocab=[str(names)], encoder="tiny",
+                            templates=2, progress=False), generator=gen, encoder=PromptEncoder("tiny", None))
     shard = sorted((tmp_path / "bank").glob("images-*.tar"))[0]
     with ShardReader(shard) as reader:
         assert all({"png", "alpha.png", "json"} <= set(files) for files in reader.members.values()), reader.members
     with pytest.raises(UserError, match=ATTN_FILE):
-        create_generator("layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), extra={"layer_weights": str(tmp_path / "none")}))
+        missing = {"layer_weights": str(tmp_path / "none")}
+        create_generator("layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), extra=missing))
     with pytest.raises(UserError, match="multiple of 64"):
-        create_generator("layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), resolution=32, extra=options.extra))
+        create_generator("layerdiffuse",
+                         GeneratorOptions(model=str(ensure_tiny_sd()), resolution=32, extra=options.extra))
 
 
 def test_procedural_renders_the_shapes_benchmark():
