@@ -1,0 +1,132 @@
+"""Profiles: named sets of defaults for every pipeline stage (`profile:` in params.yaml).
+
+A profile fills each section of params.yaml (data, clip, bank, train, eval, report); a key that
+params.yaml sets explicitly (anything but null) overrides the profile's value, so
+
+    dvc exp run -S profile=paper-b                       # the paper's ConvNeXt-B setting
+    dvc exp run -S train.steps=200                       # the demo with a longer training
+
+`demo` (the default) is the embedded offline world: synthetic `shapes` scenes, the tiny CLIP
+pretrained by the `clip` stage, the `procedural` bank, CPU, minutes. `paper-b` / `paper-l` are
+the paper's settings (sd15 bank at 768 px, 80 templates, ConvNeXt-B/L, COCO-Stuff, 80k
+iterations, the five benchmarks); they need the weights and the raw datasets (docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpseg.errors import UserError
+from dpseg.registry import Registry
+
+SECTIONS = ("data", "clip", "bank", "train", "eval", "report")
+PAPER_BENCHMARKS = ("ade-847", "pc-459", "ade-150", "pc-59", "voc-20")
+CLIP_WEIGHTS = "out/clip/tiny.safetensors"  # written by the demo's clip stage
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    sections: dict[str, dict[str, Any]]
+    eval_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # set name -> EvalSettings fields
+
+    def defaults(self, section: str) -> dict[str, Any]:
+        return copy.deepcopy(self.sections.get(section, {}))
+
+
+PROFILES: Registry[Profile] = Registry("profile")
+
+PROFILES.register("demo", Profile(
+    "demo",
+    "offline default: synthetic shapes (36 seen / 12 unseen categories), tiny CLIP pretrained here, "
+    "procedural bank, CPU, minutes",
+    {
+        "data": {"kind": "synth", "datasets": ["shapes"], "images": 160, "val_images": 48, "size": 128, "seed": 0,
+                 "src": None, "out": "out/data"},
+        "clip": {"enabled": True, "steps": 600, "seed": 0, "out": "out/clip"},
+        "bank": {"generator": "procedural", "vocab": ["shapes"], "encoder": "tiny", "encoder_weights": CLIP_WEIGHTS,
+                 "templates": 80, "seed": 0, "batch_size": 64, "device": "cpu", "out": "out/bank"},
+        "train": {"dataset": "out/data/shapes", "bank": "out/bank", "classes": "seen", "encoder_weights": CLIP_WEIGHTS,
+                  "steps": 300, "batch_size": 8, "crop_size": 128, "lr": 1e-3, "num_workers": 0, "log_every": 10,
+                  "checkpoint_every": 0, "out": "out/train"},
+        "eval": {"checkpoint": "out/train/checkpoint", "split": "val", "passes": 2, "batch_size": 8, "num_workers": 0,
+                 "device": "cpu"},
+        "report": {"title": "dpseg demo (shapes, tiny CLIP, CPU)"},
+    },
+    eval_sets={
+        "seen": {"dataset": "out/data/shapes", "classes": "seen"},
+        "unseen": {"dataset": "out/data/shapes", "classes": "unseen"},
+    },
+))
+
+
+def _paper(name: str, encoder: str, description: str) -> Profile:
+    return Profile(
+        name,
+        description,
+        {
+            "data": {"kind": "prepare", "datasets": ["coco-stuff", *PAPER_BENCHMARKS], "src": None, "out": "out/data"},
+            "clip": {"enabled": False, "out": "out/clip"},
+            "bank": {"generator": "sd15", "vocab": ["coco-stuff", *PAPER_BENCHMARKS], "encoder": encoder,
+                     "encoder_weights": "default", "templates": 80, "resolution": 768, "seed": 0, "batch_size": 16,
+                     "device": "auto", "dtype": "auto", "out": "out/bank"},
+            "train": {"dataset": "out/data/coco-stuff", "bank": "out/bank", "steps": 80_000, "batch_size": 4,
+                      "crop_size": 768, "lr": 2e-4, "weight_decay": 1e-4, "image_lr_multiplier": 0.01,
+                      "checkpoint_every": 1000, "out": "out/train"},
+            "eval": {"checkpoint": "out/train/checkpoint", "split": "val", "passes": 2, "batch_size": 1,
+                     "class_chunk": 128, "device": "auto"},
+            "report": {"title": f"dpseg {name} (paper setting)"},
+        },
+        eval_sets={b: {"dataset": f"out/data/{b}"} for b in PAPER_BENCHMARKS},
+    )
+
+
+PROFILES.register("paper-b", _paper("paper-b", "convnext-b", "the paper's ConvNeXt-B setting (GPU cluster)"))
+PROFILES.register("paper-l", _paper("paper-l", "convnext-l", "the paper's ConvNeXt-L setting (GPU cluster)"))
+
+
+def _overlay(base: dict[str, Any], explicit: dict[str, Any] | None) -> dict[str, Any]:
+    """`base` with every non-null key of `explicit` laid over it (mappings merged key by key)."""
+    out = copy.deepcopy(base)
+    for key, value in (explicit or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml (as loaded) -> {"profile": name, section: resolved dict, "eval_sets": {...}}."""
+    if not isinstance(params, dict):
+        raise UserError("params.yaml must be a mapping with a `profile:` key and one section per stage")
+    name = params.get("profile") or "demo"
+    profile = PROFILES.get(str(name))
+    unknown = sorted(set(params) - {"profile", *SECTIONS})
+    if unknown:
+        raise UserError(f"params.yaml: unknown top-level keys {unknown}; known: profile, {', '.join(SECTIONS)}")
+    resolved: dict[str, Any] = {"profile": profile.name}
+    for section in SECTIONS:
+        explicit = params.get(section) or {}
+        if not isinstance(explicit, dict):
+            raise UserError(f"params.yaml {section}: must be a mapping of settings, got {type(explicit).__name__}")
+        resolved[section] = _overlay(profile.defaults(section), explicit)
+    resolved["eval_sets"] = copy.deepcopy(profile.eval_sets)
+    return resolved
+
+
+def eval_set(resolved: dict[str, Any], name: str) -> dict[str, Any]:
+    """The EvalSettings fields of eval set `name`: the profile's definition of that set, under the
+    resolved `eval` section (minus its `sets` list), out = out/eval/<name>."""
+    sets = resolved["eval_sets"]
+    if name not in sets:
+        known = ", ".join(sets) or "none"
+        raise UserError(f"eval set {name!r} is not defined by profile {resolved['profile']!r} (its sets: {known}); "
+                        f"set eval.sets in params.yaml to some of them")
+    section = {k: v for k, v in resolved["eval"].items() if k != "sets"}
+    return {**section, **sets[name], "out": f"out/eval/{name}"}

@@ -1,0 +1,290 @@
+"""The DVC stages as one entry point: `python -m pipeline.stages <stage> params.yaml [--set NAME]`.
+
+Each stage resolves the profile + explicit params (pipeline/profiles.py), writes the resolved
+section next to its outputs, and calls the stage function:
+
+    data       synthetic shapes (demo) or `dpseg data prepare` of each dataset   -> out/data/<name>
+    clip       pretrain the tiny CLIP (demo; a marker elsewhere)                  -> out/clip
+    bank-base  the bank of the base generator (procedural / sd15 ...)             -> out/bank-base
+    bank       the bank training reads: the base bank (hard links), a noise bank derived from it
+               (`bank.generator=noise:<r>`, no regeneration), or another generator built fresh -> out/bank
+    train      pipeline.train.train_from_params                                   -> out/train
+    eval       pipeline.evaluate.eval_from_params, one eval set (--set) -> out/eval/<set>, metrics/eval/<set>.json
+    report     the tables (pipeline.report) + the demo's results table            -> out/report, metrics/miou.csv
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpseg.errors import UserError
+from dpseg.io import atomic_write_bytes, atomic_write_json
+from pipeline.profiles import eval_set, resolve
+
+STAGES = ("data", "clip", "bank-base", "bank", "train", "eval", "report")
+BASE_BANK = "out/bank-base"
+METRICS_DIR = Path("metrics")
+# bank keys that are not bank_stage settings: which generator the base bank uses
+BANK_STAGE_EXTRA = ("base_generator",)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no {path} here; run from the project root (where dvc.yaml and params.yaml are)")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def resolved_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    return absolute_weights(resolve(load_params(path)))
+
+
+def absolute_weights(r: dict[str, Any]) -> dict[str, Any]:
+    """Encoder weights given as a local file become absolute paths, so the bank, the checkpoint and
+    the eval (which compares what the first two recorded) name them the same way."""
+    for section in ("bank", "train"):
+        weights = r[section].get("encoder_weights")
+        if isinstance(weights, str) and weights.endswith(".safetensors"):
+            r[section]["encoder_weights"] = str(Path(weights).resolve())
+    return r
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def run_data(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    d = r["data"]
+    out = Path(d["out"])
+    if d["kind"] == "synth":
+        from dpseg.data.synth import write_shapes_benchmark
+
+        report = write_shapes_benchmark(out / "shapes", images=int(d["images"]), size=int(d["size"]),
+                                        seed=int(d["seed"]), val_images=d.get("val_images"), progress=progress)
+        return {"shapes": {"written": report.written, "resumed": report.resumed}}
+    if d["kind"] == "prepare":
+        if not d.get("src"):
+            raise UserError("data.src is not set: point it at the folder holding the raw downloads "
+                            "(dvc exp run -S data.src=/datasets; docs/data.md lists the layouts)")
+        from dpseg.data.datasets import prepare_dataset
+
+        return {name: str(prepare_dataset(name, d["src"], out / name, progress=progress)) for name in d["datasets"]}
+    raise UserError(f"data.kind must be synth or prepare, got {d['kind']!r}")
+
+
+# --- clip ---------------------------------------------------------------------------------
+
+
+def run_clip(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    c = dict(r["clip"])
+    if not c.pop("enabled", False):
+        # profiles with real CLIP weights skip it; DVC still wants the declared outputs
+        note = {"skipped": f"profile {r['profile']} uses pretrained CLIP weights (clip.enabled is false)"}
+        atomic_write_json(Path(c["out"]) / "metrics.json", note)
+        return note
+    from pipeline.clip_pretrain import pretrain_from_params
+
+    return pretrain_from_params(c, progress=progress)
+
+
+# --- bank ---------------------------------------------------------------------------------
+
+
+def base_generator(r: dict[str, Any]) -> str:
+    """The generator of the base bank: bank.base_generator, else the profile's generator."""
+    from pipeline.profiles import PROFILES
+
+    explicit = r["bank"].get("base_generator")
+    return str(explicit or PROFILES.get(r["profile"]).defaults("bank")["generator"])
+
+
+def _bank_settings(r: dict[str, Any], generator: str, out: str) -> dict[str, Any]:
+    from pipeline.bank_stage import DEFAULTS
+
+    settings = {k: v for k, v in r["bank"].items() if k not in BANK_STAGE_EXTRA}
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"params.yaml bank: unknown keys {unknown}; known: {sorted(DEFAULTS) + list(BANK_STAGE_EXTRA)}")
+    return {**DEFAULTS, **settings, "generator": generator, "out": out}
+
+
+def run_bank_base(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    from pipeline.bank_stage import run_bank_stage
+
+    return run_bank_stage(_bank_settings(r, base_generator(r), BASE_BANK), progress=progress)
+
+
+def noise_ratio(generator: str) -> float | None:
+    if not generator.startswith("noise:"):
+        return None
+    try:
+        ratio = float(generator.split(":", 1)[1])
+    except ValueError:
+        raise UserError(f"bank.generator {generator!r}: expected noise:<ratio> with a ratio in [0, 1]") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"bank.generator {generator!r}: the noise ratio must be in [0, 1]")
+    return ratio
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """A copy of `src` at `dst` made of hard links (no bytes copied; both are read-only banks)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:  # another file system: copy
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def run_bank(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """out/bank: the base bank as is, derived from it (noise), or built with another generator."""
+    out = Path(r["bank"]["out"])
+    generator = str(r["bank"]["generator"])
+    base = base_generator(r)
+    ratio = noise_ratio(generator)
+    if not (Path(BASE_BANK) / "bank.json").is_file():
+        raise UserError(f"{BASE_BANK} holds no bank; run `dvc repro bank-base` first")
+    if ratio is not None:
+        from bank.derive import derive_noise_bank
+
+        if out.exists():
+            shutil.rmtree(out)
+        settings = r["bank"]
+        return derive_noise_bank(BASE_BANK, ratio, out, batch_size=int(settings.get("batch_size") or 32),
+                                 device=str(settings.get("device") or "cpu").replace("auto", "cpu"), progress=progress)
+    if generator == base:
+        link_tree(Path(BASE_BANK), out)
+        return {"linked": BASE_BANK}
+    from pipeline.bank_stage import run_bank_stage
+
+    return run_bank_stage(_bank_settings(r, generator, str(out)), progress=progress)
+
+
+# --- train / eval / report ----------------------------------------------------------------
+
+
+def run_train(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    from pipeline.train import train_from_params
+
+    return train_from_params(r["train"], progress=progress)
+
+
+PASS_KEYS = ("miou", "fwiou", "pacc", "macc", "uniform_random_miou")
+
+
+def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What `dvc metrics show` lists for one eval set: per pass the headline numbers."""
+    out: dict[str, Any] = {}
+    for p, scores in sorted(metrics.get("passes", {}).items()):
+        out[f"pass{p}"] = {k: scores[k] for k in PASS_KEYS if k in scores}
+    if "pass2_minus_pass1_miou" in metrics:
+        out["pass2_minus_pass1_miou"] = metrics["pass2_minus_pass1_miou"]
+    out["images"] = metrics.get("images")
+    return out
+
+
+def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, Any]:
+    from pipeline.evaluate import eval_from_params
+
+    settings = eval_set(r, name)
+    out = Path(settings["out"])
+    if out.exists():  # DVC removed it already; by hand, a stale run of other settings would be refused
+        shutil.rmtree(out)
+    metrics = eval_from_params(settings, progress=progress)
+    atomic_write_json(METRICS_DIR / "eval" / f"{name}.json", compact_metrics(metrics))
+    return metrics
+
+
+def results_table(r: dict[str, Any]) -> str:
+    """Markdown: one row per eval set, pass I / pass II mIoU and the uniform-random baseline."""
+    rows = ["| set | classes | pass I mIoU | pass II mIoU | II - I | uniform random |", "|---|---|---|---|---|---|"]
+    for name in r["eval"].get("sets") or []:
+        path = METRICS_DIR / "eval" / f"{name}.json"
+        if not path.is_file():
+            rows.append(f"| {name} | – | – | – | – | – |")
+            continue
+        m = json.loads(path.read_text())
+        p1, p2 = m.get("pass1", {}), m.get("pass2", {})
+        full = json.loads((Path("out/eval") / name / "metrics.json").read_text())
+        classes = len(full.get("class_ids", []))
+
+        def f(v):
+            return "–" if v is None else f"{v:.1f}"
+
+        rows.append(f"| {name} | {classes} | {f(p1.get('miou'))} | {f(p2.get('miou'))} | "
+                    f"{f(m.get('pass2_minus_pass1_miou'))} | {f(p1.get('uniform_random_miou'))} |")
+    return "\n".join(rows)
+
+
+def run_report(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    from pipeline.report import render_report
+
+    sets = list(r["eval"].get("sets") or [])
+    rep = r["report"]
+    out = Path(rep.get("out") or "out/report")
+    result = render_report([f"out/eval/{s}" for s in sets], labels=sets, out=str(out),
+                           panels=int(rep.get("panels", 2)), title=str(rep.get("title", "dpseg report")))
+    table = results_table(r)
+    atomic_write_bytes(out / "results.md", (f"# {rep.get('title', 'results')}\n\n{table}\n").encode())
+    rows = ["run,set,pass,miou"]
+    for s in sets:
+        m = json.loads((METRICS_DIR / "eval" / f"{s}.json").read_text())
+        rows += [f"{s} pass {p[4:]},{s},{p[4:]},{m[p]['miou']}" for p in sorted(m) if p[4:].isdigit()]
+    atomic_write_bytes(METRICS_DIR / "miou.csv", ("\n".join(rows) + "\n").encode())
+    return {"report": result["path"], "results": str(out / "results.md"), "table": table}
+
+
+RUNNERS = {"data": run_data, "clip": run_clip, "bank-base": run_bank_base, "bank": run_bank, "train": run_train,
+           "report": run_report}
+
+
+def run_stage(stage: str, params_path: str | Path = "params.yaml", set_name: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    r = resolved_params(params_path)
+    if stage == "eval":
+        if not set_name:
+            raise UserError("the eval stage needs --set NAME (one of params.yaml eval.sets)")
+        return run_eval(r, set_name, progress=progress)
+    return RUNNERS[stage](r, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=(*STAGES, "table"), help="a stage, or `table`: print the results table")
+    parser.add_argument("params", nargs="?", default="params.yaml")
+    parser.add_argument("--set", dest="set_name", default=None, help="eval set (eval stage)")
+    args = parser.parse_args(argv)
+    try:
+        if args.stage == "table":
+            print(results_table(resolved_params(args.params)))
+            return
+        result = run_stage(args.stage, args.params, args.set_name, progress=sys.stderr.isatty())
+    except UserError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.stage == "report":
+        print(result["table"])
+    elif args.stage == "clip" and "zero_shot_accuracy" in result:
+        print(f"zero-shot accuracy {result['zero_shot_accuracy']:.3f} over 48 categories "
+              f"(chance {result['chance']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

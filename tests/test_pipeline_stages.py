@@ -1,0 +1,134 @@
+"""Profiles + params resolution, the dvc.yaml wiring, and the bank stages: a noise bank is
+derived from the base bank (no regeneration), the base generator's bank is hard-linked."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpseg.errors import UserError
+from pipeline import stages
+from pipeline.profiles import PROFILES, eval_set, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_explicit_keys_override_the_profile_and_null_keeps_it():
+    r = resolve({"profile": "demo", "train": {"steps": 7, "lr": None, "model_overrides": {}},
+                 "bank": {"generator": None}})
+    demo = PROFILES.get("demo")
+    assert r["train"]["steps"] == 7
+    assert r["train"]["lr"] == demo.defaults("train")["lr"]
+    assert r["bank"]["generator"] == "procedural"
+    paper = resolve({"profile": "paper-b", "train": {"steps": None}})
+    assert paper["train"]["steps"] == 80_000 and paper["bank"]["encoder"] == "convnext-b"
+    assert paper["bank"]["generator"] == "sd15" and paper["bank"]["resolution"] == 768
+    assert resolve({"profile": "paper-l"})["bank"]["encoder"] == "convnext-l"
+
+
+def test_bad_params_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown profile 'nope'; known: demo, paper-b, paper-l"):
+        resolve({"profile": "nope"})
+    with pytest.raises(UserError, match="unknown top-level keys"):
+        resolve({"profile": "demo", "trian": {}})
+    r = resolve({"profile": "demo"})
+    with pytest.raises(UserError, match="not defined by profile 'demo' .its sets: seen, unseen"):
+        eval_set(r, "ade-150")
+    with pytest.raises(UserError, match="noise ratio must be in"):
+        stages.noise_ratio("noise:1.5")
+    assert stages.noise_ratio("noise:0.2") == 0.2 and stages.noise_ratio("sd15") is None
+
+
+def test_eval_sets_resolve_to_eval_settings():
+    from pipeline.evaluate import EvalSettings
+
+    r = resolve({"profile": "demo", "eval": {"sets": ["seen", "unseen"], "passes": None, "min_area": 9}})
+    seen = eval_set(r, "seen")
+    assert seen["classes"] == "seen" and seen["out"] == "out/eval/seen" and seen["min_area"] == 9
+    EvalSettings(**seen).validate()  # every key is an EvalSettings field
+    assert eval_set(r, "unseen")["classes"] == "unseen"
+
+
+def test_params_yaml_resolves_and_dvc_yaml_tracks_it():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    r = resolve(params)
+    assert r["profile"] == "demo"
+    from pipeline.train import recipe_from_params
+
+    recipe_from_params(r["train"])  # the demo's train section is a valid recipe
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    # bank-base tracks every bank key but `generator`, so a noise experiment keeps the base bank
+    base = {p for p in dvc["bank-base"]["params"] if isinstance(p, str)}
+    assert {f"bank.{k}" for k in params["bank"] if k != "generator"} <= base
+    assert "bank.generator" not in base and "bank" not in base
+    assert dvc["eval"]["foreach"] == "${eval.sets}"
+    for name, stage in dvc.items():
+        cmd = stage.get("cmd") or stage["do"]["cmd"]
+        assert cmd.split()[3] in stages.STAGES, name
+        for dep in stage.get("deps") or stage["do"]["deps"]:
+            if not dep.startswith(("out/", "metrics/")):
+                assert (ROOT / dep).exists(), (name, dep)
+
+
+def _bank_params(tmp_path: Path) -> dict:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("red striped star\nblue dotted circle\n")
+    params = {"profile": "demo", "bank": {"vocab": [str(vocab)], "templates": 2, "encoder_weights": "none",
+                                          "batch_size": 4, "out": "out/bank"}}
+    return params
+
+
+def test_noise_bank_derives_from_the_base_bank(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _bank_params(tmp_path)
+    stages.run_bank_base(resolve(params), progress=False)
+    base = Path(stages.BASE_BANK)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in base.rglob("*") if p.is_file()}
+    tars = sorted(base.glob("images-*.tar"))
+    assert tars
+
+    # the base generator: out/bank is the base bank, hard-linked
+    stages.run_bank(resolve(params), progress=False)
+    assert os.path.samefile(Path("out/bank") / tars[0].name, tars[0])
+
+    # noise:<r>: derived from the base bank's images, which stay as they were
+    params["bank"]["generator"] = "noise:0.2"
+    stages.run_bank(resolve(params), progress=False)
+    from bank.reader import Bank
+
+    derived = Bank("out/bank")
+    assert derived.config["derived_from"]["bank"].endswith("bank-base")
+    assert derived.config["derived_from"]["ratio"] == 0.2
+    assert not os.path.samefile(sorted(Path("out/bank").glob("images-*.tar"))[0], tars[0])
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in base.rglob("*") if p.is_file()}
+    assert {p: v for p, v in after.items() if p in before} == before
+    protos = derived.prototypes(["red striped star"], "tiny")
+    assert tuple(protos.embedding.shape[:2]) == (1, 2)
+
+
+def test_bank_stage_without_a_base_bank_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="run `dvc repro bank-base` first"):
+        stages.run_bank(resolve(_bank_params(tmp_path)), progress=False)
+
+
+def test_compact_metrics_and_results_table(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    full = {"images": 3, "class_ids": [0, 1], "passes": {
+        "1": {"miou": 40.0, "fwiou": 41.0, "pacc": 50.0, "macc": 45.0, "uniform_random_miou": 2.5,
+              "per_class_iou": [1]},
+        "2": {"miou": 42.5, "fwiou": 43.0, "pacc": 52.0, "macc": 47.0, "uniform_random_miou": 2.5}},
+        "pass2_minus_pass1_miou": 2.5}
+    compact = stages.compact_metrics(full)
+    assert compact["pass1"] == {"miou": 40.0, "fwiou": 41.0, "pacc": 50.0, "macc": 45.0, "uniform_random_miou": 2.5}
+    assert compact["pass2_minus_pass1_miou"] == 2.5
+    Path("metrics/eval").mkdir(parents=True)
+    Path("out/eval/seen").mkdir(parents=True)
+    Path("metrics/eval/seen.json").write_text(json.dumps(compact))
+    Path("out/eval/seen/metrics.json").write_text(json.dumps(full))
+    table = stages.results_table(resolve({"profile": "demo", "eval": {"sets": ["seen", "unseen"]}}))
+    assert "| seen | 2 | 40.0 | 42.5 | 2.5 | 2.5 |" in table
+    assert "| unseen | – |" in table
