@@ -109,6 +109,7 @@ def bench_eval_command(
     batch: int = typer.Option(2, min=1, help="Images per step."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     repeats: int = typer.Option(3, min=1),
+    isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="CPU: a fresh process per case (peak memory)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
 ):
     """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
@@ -117,7 +118,7 @@ def bench_eval_command(
 
     result = bench_eval(encoder=encoder, size=size or None, classes=[int(c) for c in classes.split(",") if c.strip()],
                         class_chunk=class_chunk, ratio_classes=ratio_classes, device=device, repeats=repeats,
-                        templates=templates, batch=batch)
+                        templates=templates, batch=batch, isolate=isolate)
     if out:
         atomic_write_json(out, result)
     typer.echo(json.dumps(result, indent=2))

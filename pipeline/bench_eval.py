@@ -25,6 +25,7 @@ import time
 
 import torch
 
+_MODELS: dict = {}
 SED_REFERENCE = {"sed_ms_per_image": 82, "sed_device": "A6000", "sed_note": "SED paper, whole model, ConvNeXt-B, 768"}
 
 
@@ -48,7 +49,11 @@ def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | N
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_dpseg(DPSegConfig(encoder=encoder, templates=templates), weights=None, device=dev).eval()
+    key = (encoder, templates, device)
+    if key not in _MODELS:  # in-process runs build the network once
+        _MODELS.clear()
+        _MODELS[key] = build_dpseg(DPSegConfig(encoder=encoder, templates=templates), weights=None, device=dev).eval()
+    model = _MODELS[key]
     size = size or model.encoder_spec.image_size
     images01 = torch.rand(batch, 3, size, size, device=dev)
     text, visual = random_prompts(model, num_classes, device=dev)
