@@ -28,13 +28,14 @@ def bench_model_command(
     repeats: int = typer.Option(5, min=1),
     class_chunk: int = typer.Option(0, help="Also time the decoder in class chunks of this size (0: no)."),
     reject_topk: int = typer.Option(0, help="Also time the decoder with SED's early rejection at this top-k (0: no)."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default); 1 on a busy shared machine."),
     out: Path = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Forward latency and peak memory: whole network, image tower alone, decoder alone (and chunked / rejecting)."""
     from pipeline.bench_model import bench_model
 
     result = bench_model(encoder, size or None, _ints(classes), _ints(batch), dtype, device, warmup, repeats,
-                         class_chunk or None, reject_topk or None)
+                         class_chunk or None, reject_topk or None, threads or None)
     text = json.dumps(result, indent=2)
     if out:
         atomic_write_json(out, result)

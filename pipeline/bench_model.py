@@ -49,11 +49,13 @@ def _time(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, f
 def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[int] = (150,),
                 batches: list[int] = (1,), dtype: str = "fp32", device: str = "cpu",
                 warmup: int = 2, repeats: int = 5, class_chunk: int | None = None,
-                reject_topk: int | None = None) -> dict:
+                reject_topk: int | None = None, threads: int | None = None) -> dict:
     """Per (batch, classes): the whole forward, the image tower alone, and the decoder alone on
     precomputed features; with `class_chunk`, the chunked decoder too (same run, so the ratio
     is fair); with `reject_topk`, the decoder with SED's early rejection."""
     dev = torch.device(device)
+    if threads:  # on a shared CPU, OpenMP threads that outnumber free cores spin and wait 10-40x longer
+        torch.set_num_threads(threads)
     if dtype == "fp16" and dev.type == "cpu":
         raise ValueError("fp16 on the CPU is not supported here; use fp32 or bf16")
     cfg = DPSegConfig(encoder=encoder)
@@ -100,6 +102,7 @@ def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[in
         "bench": "model",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "encoder": encoder, "size": size, "dtype": dtype, "class_chunk": class_chunk, "reject_topk": reject_topk,
         "warmup": warmup, "repeats": repeats,
         "memory_note": "CUDA: max allocated; CPU: process peak RSS (upper bound, monotonic)",

@@ -152,10 +152,10 @@ def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS,
     visual = model.visual
     prompt_visual = copy.deepcopy(visual)
     del model.visual  # the text tower keeps the rest of the CLIP model
-    image = ImageTower(visual, image_size=spec.image_size)
+    image = ImageTower(visual, image_size=spec.image_size).set_regularization(spec.drop_path, spec.head_dropout)
     # Prompt images are encoded at the segmenter's input size (paper §5.2: generated at 768x768,
     # "matching the input image size"), so Eq. 2's pooled features describe the scale they meet.
-    prompt = ImageTower(prompt_visual, image_size=spec.image_size).freeze()
+    prompt = ImageTower(prompt_visual, image_size=spec.image_size).set_regularization(0.0, 0.0).freeze()
     text = TextTower(model, open_clip.get_tokenizer(spec.open_clip_model)).freeze()
     return ClipTowers(spec=spec, weights=weights_id, image=image, prompt=prompt, text=text)
 

@@ -54,13 +54,25 @@ class ClassAttention(nn.Module):
         k, v = k.float(), v.float()  # sums over hundreds of classes: keep them in fp32
         return torch.einsum("bnxyhd,bnxyhe->bxyhde", k, v), k.sum(dim=1)
 
+    def _part(self, x: torch.Tensor, parts: slice) -> torch.Tensor:
+        """Rows `parts` (in thirds: q, k, v) of the qkv projection, so chunked decoding computes
+        k, v for the summary and q for the output once each, as the one-pass path does."""
+        dim = self.proj.in_features
+        rows = slice(parts.start * dim, parts.stop * dim)
+        out = F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows])
+        return out.unflatten(-1, (parts.stop - parts.start, self.heads, -1))
+
     def summarize(self, x: torch.Tensor) -> AttentionSummary:
-        _, k, v = self._qkv(x)
-        return self._summary(k, v)
+        k, v = self._part(x, slice(1, 3)).unbind(-3)
+        return self._summary(F.elu(k) + 1, v)
 
     def forward(self, x: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        kv, k_sum = self._summary(k, v) if summary is None else summary
+        if summary is None:
+            q, k, v = self._qkv(x)
+            summary = self._summary(k, v)
+        else:
+            q = F.elu(self._part(x, slice(0, 1)).squeeze(-3)) + 1
+        kv, k_sum = summary
         q = q.float()
         numerator = torch.einsum("bnxyhd,bxyhde->bnxyhe", q, kv)
         denominator = torch.einsum("bnxyhd,bxyhd->bnxyh", q, k_sum).unsqueeze(-1)
