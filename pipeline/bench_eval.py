@@ -18,6 +18,7 @@ to run.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -141,7 +142,8 @@ def bench_eval(encoder: str = "tiny", size: int | None = None, classes: list[int
     return {
         "bench": "eval",
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "encoder": encoder, "weights": "random",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()], "encoder": encoder, "weights": "random",
         "size": ratio["size"], "batch": batch, "repeats": repeats, "templates": templates,
         "class_chunk": class_chunk,
         "two_pass_over_one_pass": ratio["two_over_one"], "goal_two_pass_over_one_pass": 1.35,
