@@ -129,24 +129,24 @@ def test_reader_errors_name_the_fix(tmp_path):
         Bank(tmp_path)
 
 
-def test_dvc_stage_builds_the_demo_bank_from_params(tmp_path):
-    import yaml
-
+def test_bank_stage_builds_the_bank_its_params_describe(tmp_path):
+    """pipeline.bank_stage: params (over DEFAULTS) -> a complete bank; encode_size honoured;
+    unknown keys refused (pipeline/stages.py feeds it the profile-resolved params)."""
     from bank.inspection import info, verify
     from pipeline.bank_stage import load_params, run_bank_stage
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["bank"]
-    params = load_params(root / "params.yaml")
-    assert stage["params"] == ["bank"] and stage["outs"] == [params["out"]]
-    assert all((root / dep).exists() for dep in stage["deps"])
-    params.update(out=str(tmp_path / "bank"), templates=2, resolution=32)
+    (tmp_path / "p.yaml").write_text(
+        f"bank:\n  templates: 2\n  resolution: 32\n  encode_size: 64\n  out: {tmp_path / 'bank'}\n"
+    )
+    params = load_params(tmp_path / "p.yaml")
+    assert params["generator"] == "procedural" and params["vocab"] == ["shapes"] and params["encode_size"] == 64
     run_bank_stage(params, progress=False)
     report = info(tmp_path / "bank")
     assert report["generator"] == "procedural" and report["entries"] == 48 * 2 and verify(tmp_path / "bank") == []
-    (tmp_path / "p.yaml").write_text("bank:\n  generatr: sd15\n")
+    assert report["encode_sizes"] == {"tiny": [64]} and Bank(tmp_path / "bank").encode_size("tiny") == 64
+    (tmp_path / "q.yaml").write_text("bank:\n  generatr: sd15\n")
     with pytest.raises(UserError, match="generatr"):
-        load_params(tmp_path / "p.yaml")
+        load_params(tmp_path / "q.yaml")
 
 
 def test_two_encode_sizes_live_side_by_side_and_a_mismatch_is_refused(tmp_path):
