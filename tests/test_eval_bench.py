@@ -15,5 +15,5 @@ def test_bench_eval_reports_ratio_and_scaling_cases(tmp_path, cli):
     assert data["bench"] == "eval" and data["templates"] == 2 and data["size"] == 32
     assert [(c["classes"], c["class_chunk"]) for c in data["scaling"]] == [(3, None), (3, 2)]
     case = data["ratio_case"]
-    assert data["two_pass_over_one_pass"] == round(case["two_pass_ms"] / case["one_pass_ms"], 3)
+    assert abs(data["two_pass_over_one_pass"] - case["two_pass_ms"] / case["one_pass_ms"]) < 0.01  # ms are rounded
     assert all(c["refined_classes_per_image"] == min(8, c["classes"]) for c in data["scaling"])
