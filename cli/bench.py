@@ -44,11 +44,13 @@ def bench_model_command(
 
 @app.command("bank")
 def bench_bank_command(
-    generator: str = typer.Option("tiny-sd", help="tiny-sd (CPU) or sd15-random (real SD1.5 architecture, random weights: GPU)."),
+    generator: str = typer.Option(
+        "tiny-sd", help="tiny-sd (CPU) or sd15-random (real SD1.5 architecture, random weights: GPU)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU) | fp32 | fp16 | bf16"),
     resolution: int = typer.Option(0, help="Image size (0: the generator's default: tiny-sd 64, sd15-random 768)."),
-    steps: int = typer.Option(25, min=1, help="Denoising steps (25: the bank's SD default, so the generator does its real share of work)."),
+    steps: int = typer.Option(
+        25, min=1, help="Denoising steps (25: the bank's SD default, so the generator does its real share of work)."),
     batch_sizes: str = typer.Option("4", help="Comma-separated batch sizes, e.g. 8,16."),
     batches: int = typer.Option(16, min=1, help="Batches timed per case (bare loop and bank build each)."),
     rounds: int = typer.Option(2, min=1, help="Alternations of (bare loop, bank build); the fastest of each is kept."),

@@ -3,7 +3,8 @@ profile) is chosen by a registered name, so params and CLI flags refer to names.
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from dpseg.errors import UserError
 

@@ -1,8 +1,8 @@
 """CLIP towers (open_clip ConvNeXt), chosen by registered encoder name."""
 
-from dpseg.clip.encoders import ENCODERS, EncoderSpec, WeightsError, load_clip, ClipTowers
+from dpseg.clip.encoders import ENCODERS, ClipTowers, EncoderSpec, WeightsError, load_clip
 from dpseg.clip.image import ImageFeatures, ImageTower, PromptFeatures
-from dpseg.clip.templates import TEMPLATES, NUM_TEMPLATES, split_synonyms
+from dpseg.clip.templates import NUM_TEMPLATES, TEMPLATES, split_synonyms
 from dpseg.clip.text import TextTower
 
 __all__ = [
