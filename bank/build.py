@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bank import checks
-from bank.encode import PromptEncoder, check_encoder_compatible, encode_shards, record_encoder
+from bank.encode import PromptEncoder, check_encoder_compatible, encode_shards, missing_parts, record_encoder
 from bank.generators.base import Generator, GeneratorOptions, Request, create_generator
 from bank.merge import merge, read_manifest
 from bank.plan import Entry, in_job_shard, plan_entries, resolve_categories, retry_seed
@@ -101,6 +101,10 @@ def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, devi
     started = time.time()
     stats = generate_entries(store, generator, encoder, mine, opts, state.process_index, show)
     stats["recovered_images"] = recovered
+    # 6b. the bank's other features groups (other encoders or sizes) get the new shards too, so a
+    #     repaired bank is whole for every group it had, not only for this build's encoder
+    state.wait_for_everyone()
+    stats["other_groups_encoded"] = _encode_other_groups(store, encoder.group, opts, device, state, show)
     state.wait_for_everyone()
     if state.num_processes > 1:  # totals over all ranks
         from accelerate.utils import gather_object
@@ -121,6 +125,20 @@ def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, devi
         report["repaired"] = repaired
         report["merge"] = merge(store)
     return report
+
+
+def _encode_other_groups(store: BankStore, own_group: str, opts: BuildOptions, device: str, state, show: bool) -> int:
+    encoded = 0
+    for name, info in sorted(store.read_config().get("encoders", {}).items()):
+        weights = None if info.get("weights") in (None, "random") else info["weights"]
+        for size in info.get("encode_sizes", [info.get("encode_size")]):
+            if size is None or f"{name}@{int(size)}" == own_group:
+                continue
+            missing = missing_parts(store, f"{name}@{int(size)}")[state.process_index :: state.num_processes]
+            if missing:
+                other = PromptEncoder(name, weights, device, int(size))
+                encoded += encode_shards(store, other, missing, opts.batch_size, show)
+    return encoded
 
 
 def check_out_folder(out: Path) -> None:
