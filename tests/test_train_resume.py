@@ -20,7 +20,12 @@ def world(tmp_path_factory):
 def continuous(world, tmp_path_factory):
     data, bank = world
     out = tmp_path_factory.mktemp("continuous") / "out"
-    train(recipe(data, bank, out, steps=12, checkpoint_every=4, batch_size=4), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed runs' processes (run_cli): the same reduction order
+    try:
+        train(recipe(data, bank, out, steps=12, checkpoint_every=4, batch_size=4), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
