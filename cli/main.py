@@ -34,7 +34,8 @@ def demo(
     size: int = typer.Option(128, help="Input size (multiple of 32)."),
     bank: Path = typer.Option(None, help="A bank to take visual prompts from (the demo bank: out/bank)."),
 ):
-    """The offline default job: the network segments a synthetic scene with bank prompts."""
+    """Smoke check: the untrained network segments one synthetic scene with bank prompts (the main
+    job, training and evaluation included, is `dvc repro`: README quick start)."""
     from pipeline.demo import run_demo
 
     result = run_demo(size=size, bank_dir=bank)

@@ -1,4 +1,6 @@
-"""The embedded offline default job, after `dvc repro` has built the demo bank: the network on
+"""`dpseg demo`, a smoke check (the main job is `dvc repro`), and the demo report.
+
+After the bank exists, the network on
 the bank's encoder (tiny, random init, no download) segments a synthetic `shapes` scene with
 real text prompts and the bank's visual prompts. Without a bank, random visual prompts stand in.
 
