@@ -124,9 +124,8 @@ def bench_train_command(
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Train-step time: real loader + bank vs in-memory tensors, dual vs text-only prompts; peak memory."""
-    from pipeline.bench_train import bench_train
-
     from dpseg.io import atomic_write_json
+    from pipeline.bench_train import bench_train
 
     result = bench_train(encoder=encoder, size=size, classes=classes, templates=templates, batch_size=batch_size,
                          steps=steps, rounds=rounds, num_workers=num_workers, device=device,
