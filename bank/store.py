@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dpseg import faults
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes
 
@@ -66,18 +67,8 @@ def shard_number(name: str) -> int:
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the resume tests: DPSEG_BANK_CRASH=name:n SIGKILLs this process the
-    n-th time it reaches `name` (points: tar, part, merge)."""
-    spec = os.environ.get("DPSEG_BANK_CRASH")
-    if not spec or not spec.startswith(name + ":"):
-        return
-    counter = f"_DPSEG_CRASH_COUNT_{name}"
-    count = int(os.environ.get(counter, "0")) + 1
-    os.environ[counter] = str(count)
-    if count >= int(spec.split(":", 1)[1]):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Fault injection for the resume tests: DPSEG_BANK_CRASH=name:n (points: tar, part, merge)."""
+    faults.crash_point("DPSEG_BANK_CRASH", name)
 
 
 class BankStore:

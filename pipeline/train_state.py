@@ -170,18 +170,8 @@ def safe_restore(folder: Path, optimizer, rank: int) -> dict:
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the resume tests: DPSEG_TRAIN_CRASH=name:n SIGKILLs this process the
-    n-th time it reaches `name` (points: step = after an optimizer step, swap / between = inside
-    a checkpoint's swap)."""
-    import os
+    """Fault injection for the resume tests: DPSEG_TRAIN_CRASH=name:n (points: step = after an
+    optimizer step, swap / between = inside a checkpoint's swap)."""
+    from dpseg.faults import crash_point as inject
 
-    spec = os.environ.get("DPSEG_TRAIN_CRASH")
-    if not spec or not spec.startswith(name + ":"):
-        return
-    counter = f"_DPSEG_TRAIN_CRASH_{name}"
-    count = int(os.environ.get(counter, "0")) + 1
-    os.environ[counter] = str(count)
-    if count >= int(spec.split(":", 1)[1]):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    inject("DPSEG_TRAIN_CRASH", name)
