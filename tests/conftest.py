@@ -70,3 +70,20 @@ def assert_one_line_error(result, *fragments):
 def one_line_error():
     """`one_line_error(cli("bank", "info", "nowhere"), "no bank at")`."""
     return assert_one_line_error
+
+
+def bank_build_flags(generator: str = "procedural", templates: int = 3, steps: int | None = None) -> list[str]:
+    """`dpseg bank build` flags for the small banks the bank tests build (tiny random tower, 32 px,
+    two entries per batch and per shard, so a few categories already make several shards)."""
+    flags = ["--generator", generator, "--encoder", "tiny", "--encoder-weights", "none", "--templates", str(templates),
+             "--resolution", "32"]
+    if steps is not None:
+        flags += ["--steps", str(steps)]
+    return flags + ["--batch-size", "2", "--shard-size", "2", "--no-progress"]
+
+
+def write_vocab(folder, names: list[str]):
+    """A vocabulary file (one class per line) in `folder`."""
+    path = Path(folder) / "names.txt"
+    path.write_text("\n".join(names) + "\n")
+    return path

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import bank_build_flags, write_vocab
 from PIL import Image
 
 from bank.encode import PromptEncoder
@@ -25,32 +26,12 @@ from bank.store import BankStore, ShardReader
 from dpseg.clip.encoders import ENCODERS, EncoderSpec
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD = [
-    "--generator",
-    "tiny-sd",
-    "--encoder",
-    "tiny",
-    "--encoder-weights",
-    "none",
-    "--templates",
-    "3",
-    "--resolution",
-    "32",
-    "--steps",
-    "2",
-    "--batch-size",
-    "2",
-    "--shard-size",
-    "2",
-    "--no-progress",
-]
+BUILD = bank_build_flags("tiny-sd", templates=3, steps=2)
 
 
 @pytest.fixture(scope="module")
 def names(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vocab") / "names.txt"
-    path.write_text("cat\ndog\nbuilding, edifice\n")
-    return path
+    return write_vocab(tmp_path_factory.mktemp("vocab"), ["cat", "dog", "building, edifice"])
 
 
 @pytest.fixture(scope="module")

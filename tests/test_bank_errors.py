@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bank_build_flags, write_vocab
 
 from bank.inspection import verify
 from bank.merge import read_manifest, write_manifest
@@ -19,30 +20,12 @@ from bank.store import BankStore
 from dpseg.errors import UserError
 
 CATS = ["red solid circle", "blue striped square"]
-BUILD = [
-    "--generator",
-    "procedural",
-    "--encoder",
-    "tiny",
-    "--encoder-weights",
-    "none",
-    "--templates",
-    "2",
-    "--resolution",
-    "32",
-    "--batch-size",
-    "2",
-    "--shard-size",
-    "2",
-    "--no-progress",
-]
+BUILD = bank_build_flags("procedural", templates=2)
 
 
 @pytest.fixture(scope="module")
 def names(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vocab") / "names.txt"
-    path.write_text("\n".join(CATS) + "\n")
-    return path
+    return write_vocab(tmp_path_factory.mktemp("vocab"), CATS)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bank_build_flags, write_vocab
 from PIL import Image
 
 from bank.inspection import verify
@@ -20,30 +21,12 @@ from bank.reader import Bank
 from bank.store import BankStore, ShardReader
 
 CATS = ["red solid circle", "blue striped square", "green dotted triangle"]
-BUILD = [
-    "--generator",
-    "procedural",
-    "--encoder",
-    "tiny",
-    "--encoder-weights",
-    "none",
-    "--templates",
-    "3",
-    "--resolution",
-    "32",
-    "--batch-size",
-    "2",
-    "--shard-size",
-    "2",
-    "--no-progress",
-]
+BUILD = bank_build_flags("procedural", templates=3)
 
 
 @pytest.fixture(scope="module")
 def names(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vocab") / "names.txt"
-    path.write_text("\n".join(CATS) + "\n")
-    return path
+    return write_vocab(tmp_path_factory.mktemp("vocab"), CATS)
 
 
 @pytest.fixture(scope="module")
