@@ -85,12 +85,32 @@ def segment_command(
 
 
 def report_command(
-    dirs: list[Path] = typer.Argument(..., help="Eval output folders (each with metrics.json)."),
+    dirs: list[Path] = typer.Argument(None, help="Eval output folders (each with metrics.json)."),
     out: Path = typer.Option(Path("out/report"), "-o", "--out", help="Folder for report.md and panels/."),
     labels: str | None = typer.Option(None, help="Comma-separated labels, one per folder (default: folder names)."),
     panels: int = typer.Option(4, min=0, help="Per-image panels for the first K images of each folder."),
+    sweep: str | None = typer.Option(None, help="Instead of folders: a sweep's table from the DVC experiments "
+                                                "(banks = Table 5, prompts = 2, guidance = 3, templates = 4)."),
+    params: Path = typer.Option(Path("params.yaml"), help="The pipeline's params file (with --sweep)."),
 ):
-    """Markdown tables in the paper's form (Table 1, Table 5) and per-image panels."""
+    """Markdown tables in the paper's form (Table 1, Table 5) and per-image panels; with --sweep, the
+    table of an ablation sweep from the experiments that ran (`dvc exp run`), nothing re-run."""
+    from dpseg.errors import UserError
+
+    if sweep is not None:
+        from dpseg.io import atomic_write_bytes
+        from pipeline.sweeps import sweep_table
+
+        if dirs:
+            raise UserError("give eval folders or --sweep, not both")
+        table = sweep_table(sweep, params)
+        atomic_write_bytes(out / f"{sweep}.md", table.encode())
+        typer.echo(table)
+        typer.echo(f"-> {out / f'{sweep}.md'}")
+        return
+    if not dirs:
+        raise UserError("no eval folders given: `dpseg report out/eval/seen out/eval/unseen`, or `--sweep banks` "
+                        "for the table of the experiments")
     from pipeline.report import render_report
 
     names = [s.strip() for s in labels.split(",")] if labels else None

@@ -311,6 +311,9 @@ def canonical(flat: dict[str, Any]) -> dict[str, Any]:
     for key, value in _train_defaults().items():
         if key not in resolved and not any(k.startswith(key + ".") for k in resolved):
             resolved[key] = value
+    if resolved.get(TRAIN_TEMPLATES) is None and resolved.get(BANK_TEMPLATES) is not None:
+        # training reads the pipeline's bank (out/bank, built with bank.templates): null = that count
+        resolved[TRAIN_TEMPLATES] = resolved[BANK_TEMPLATES]
     return resolved
 
 

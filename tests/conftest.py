@@ -87,3 +87,8 @@ def write_vocab(folder, names: list[str]):
     path = Path(folder) / "names.txt"
     path.write_text("\n".join(names) + "\n")
     return path
+
+
+def first_conv(tower) -> torch.nn.Conv2d:
+    """The first convolution of an image tower's trunk (ConvNeXt's patchify stem, ResNet's deep stem)."""
+    return next(m for m in tower.visual.trunk.modules() if isinstance(m, torch.nn.Conv2d))

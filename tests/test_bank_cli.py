@@ -98,7 +98,7 @@ def test_derive_noise_bank_matches_the_documented_blend(built, cli, tmp_path):
 def test_encode_adds_a_features_group_from_stored_images(built, cli):
     out, _ = built
     if "tiny-b" not in ENCODERS:
-        ENCODERS.register("tiny-b", EncoderSpec("tiny-b", "dpseg-tiny-convnext", None, 128, 96))
+        ENCODERS.register("tiny-b", EncoderSpec("tiny-b", "dpseg-tiny-resnet", None, 128, 96))
     result = cli("bank", "encode", out, "--encoder", "tiny-b", "--encoder-weights", "none", "--no-progress")
     assert result.exit_code == 0, result.output
     assert json.loads(cli("bank", "info", out, "--json").output)["encoders"] == ["tiny", "tiny-b"]

@@ -49,7 +49,7 @@ def test_output_loads_into_load_clip(runs):
     random = load_clip("tiny", weights=None)
     assert not torch.equal(random.image.visual.head.proj.weight, saved["visual.head.proj.weight"])
     config = json.loads((folder / "config.json").read_text())
-    assert config["config"]["steps"] == FAST["steps"] and config["open_clip_model"] == "dpseg-tiny-convnext"
+    assert config["config"]["steps"] == FAST["steps"] and config["open_clip_model"] == "dpseg-tiny-resnet"
     assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0 and metrics["images"] == 48 * FAST["templates"]
     assert json.loads((folder / "metrics.json").read_text())["zero_shot_accuracy"] == metrics["zero_shot_accuracy"]
 
@@ -97,7 +97,7 @@ def test_short_tokens_give_open_clip_embeddings():
 
     torch.manual_seed(0)
     model, _ = create_open_clip(ENCODERS.get("tiny"), weights=None)
-    tokenizer = open_clip.get_tokenizer("dpseg-tiny-convnext")
+    tokenizer = open_clip.get_tokenizer("dpseg-tiny-resnet")
     tokens = cp.caption_tokens(tokenizer, templates=5)
     assert tokens.shape[:2] == (48, 5) and tokens.shape[2] < 77
     texts = [t.format(name) for name in SHAPES_CATEGORIES[:3] for t in cp.TEMPLATES[:5]]

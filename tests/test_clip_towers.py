@@ -1,5 +1,7 @@
 """The CLIP towers: registry, multi-scale features, dense/pooled embeddings, text prompts, weights."""
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -43,8 +45,8 @@ def test_synonyms_split_on_commas():
 
 def test_image_tower_reads_channels_and_strides_from_timm(tiny_towers):
     tower = tiny_towers.image
-    assert tower.strides == [4, 8, 16, 32]
-    assert tower.channels == [40, 80, 160, 320]  # convnext_atto
+    assert tower.strides == [2, 4, 8, 16, 32]
+    assert tower.channels == [64, 64, 128, 256, 512]  # resnet10t: its deep stem is a level too
     assert tower.embed_dim == 64
     features = tower(torch.randn(2, 3, 96, 128))
     for stride, channels in zip(tower.strides, tower.channels, strict=False):
@@ -65,12 +67,23 @@ def test_dense_embedding_is_the_head_at_every_location(tiny_towers):
                 assert torch.allclose(features.dense[:, :, i, j], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("proj", ["linear", "mlp"])  # convnext-b has a linear head, convnext-l an MLP
-def test_pooled_embedding_equals_open_clip_encode_image(proj):
+# convnext-b has a linear head, convnext-l an MLP; tiny is a ResNet (no norm before its pooling)
+def test_batchnorm_statistics_stay_frozen_while_the_tower_trains(tiny_towers):
+    tower = copy.deepcopy(tiny_towers.image).train()
+    norms = [m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert any(m.training for m in tower.modules())  # the rest trains (drop-path, dropout)
+    before = [m.running_mean.clone() for m in norms]
+    tower(torch.randn(2, 3, 64, 64) * 5 + 3)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms, strict=True))
+
+
+@pytest.mark.parametrize("trunk,proj", [("convnext_atto", "linear"), ("convnext_atto", "mlp"), ("resnet10t", "linear")])
+def test_pooled_embedding_equals_open_clip_encode_image(trunk, proj):
     torch.manual_seed(1)
     clip = open_clip.CLIP(
         embed_dim=32,
-        vision_cfg={"timm_model_name": "convnext_atto", "timm_pool": "", "timm_proj": proj, "image_size": 64},
+        vision_cfg={"timm_model_name": trunk, "timm_pool": "", "timm_proj": proj, "image_size": 64},
         text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     ).eval()
     tower = ImageTower(clip.visual, image_size=64)
@@ -100,8 +113,9 @@ def test_prompt_tower_starts_as_an_exact_copy_of_the_image_tower(tiny_towers):
         a = tiny_towers.image.eval().encode_prompts(images).embedding
         b = tiny_towers.prompt.encode_prompts(images).embedding
     assert torch.equal(a, b)
-    image_stem, prompt_stem = tiny_towers.image.visual.trunk.stem[0], tiny_towers.prompt.visual.trunk.stem[0]
-    assert image_stem.weight.data_ptr() != prompt_stem.weight.data_ptr()
+    image_weights = next(tiny_towers.image.visual.trunk.parameters())
+    prompt_weights = next(tiny_towers.prompt.visual.trunk.parameters())
+    assert torch.equal(image_weights, prompt_weights) and image_weights.data_ptr() != prompt_weights.data_ptr()
 
 
 def test_text_prompts_average_synonyms_per_template(tiny_towers):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import first_conv
 
 from dpseg.errors import UserError
 from dpseg.model import DPSegConfig, build_dpseg, deep_supervision_bce, segmentation_bce
@@ -136,7 +137,7 @@ def test_class_attention_is_permutation_equivariant_over_classes():
 def test_shapes_at_every_stage_for_the_tiny_encoder():
     info = model_summary(DPSegConfig(encoder="tiny"), num_classes=7, size=128)
     s = info["shapes"]
-    assert s["encoder.stride4"] == [1, 40, 32, 32] and s["encoder.dense"] == [1, 64, 4, 4]
+    assert s["encoder.stride4"] == [1, 64, 32, 32] and s["encoder.dense"] == [1, 64, 4, 4]
     assert info["cost_volume_shape"] == [1, 80, 7, 4, 4]
     assert s["cost_embed"] == [1, 7, 128, 4, 4]
     assert s["stage0.aggregate"] == [1, 7, 128, 4, 4]
@@ -212,7 +213,8 @@ def test_per_image_visual_prompts_only_change_their_image():
     with torch.no_grad():
         before = model(text=text, visual=visual, features=features)
         after = model(text=text, visual=refined, features=features)
-    assert torch.allclose(before[0], after[0], atol=1e-6)
+    # per-image prompts take another einsum path: equal up to float rounding (~1e-6 measured)
+    assert torch.allclose(before[0], after[0], atol=1e-5)
     assert not torch.allclose(before[1], after[1])
 
 
@@ -237,7 +239,7 @@ def test_gradients_reach_decoder_and_image_tower_but_not_frozen_towers():
     logits, aux = model(torch.randn(2, 3, 64, 64), text=text, visual=visual, aux=True)
     deep_supervision_bce(logits, aux, torch.randint(0, N_CLASSES, (2, 64, 64))).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
-    assert model.image_encoder.visual.trunk.stem[0].weight.grad.abs().sum() > 0
+    assert first_conv(model.image_encoder).weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.prompt_encoder.parameters())
     assert all(p.grad is None for p in model.text_encoder.parameters())
 
@@ -281,7 +283,8 @@ def test_param_groups_scale_the_image_tower_lr_and_skip_decay_on_norms_and_biase
     assert set(in_groups) == {id(p) for p in model.parameters() if p.requires_grad}
     # independently: every norm layer's parameters and every bias are in a no-decay group
     no_decay = {id(p) for name in ("decoder_no_decay", "image_encoder_no_decay") for p in groups[name]["params"]}
-    expected = {id(p) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+    expected = {id(p) for m in model.modules() if isinstance(m, norms)
                 for p in m.parameters(recurse=False) if p.requires_grad}
     expected |= {id(p) for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad}
     assert no_decay == expected
@@ -357,3 +360,14 @@ def test_bce_upsamples_logits_and_accepts_the_a847_ignore_value():
 def test_bce_rejects_labels_outside_the_vocabulary():
     with pytest.raises(UserError, match="outside 0..2"):
         segmentation_bce(torch.randn(1, 3, 2, 2), torch.tensor([[[0, 7], [1, 2]]]))
+
+
+def test_image_lr_multiplier_zero_freezes_the_image_tower():
+    model = tiny_model(image_lr_multiplier=0.0).train()
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    assert [g["name"] for g in model.param_groups(lr=1e-3, weight_decay=1e-4)] == ["decoder", "decoder_no_decay"]
+    text, visual = prompts(model)
+    logits = model(torch.randn(1, 3, 64, 64), text=text, visual=visual)
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    assert model.decoder.head.weight.grad is not None

@@ -24,7 +24,7 @@ def test_round_trip_gives_the_same_logits_and_config(tmp_path):
     assert loaded.cfg == model.cfg
     config = json.loads((path / "config.json").read_text())
     assert config["model"]["fusion"] == "avg-costs" and config["model"]["templates"] == 8
-    assert config["encoder"]["open_clip_model"] == "dpseg-tiny-convnext"
+    assert config["encoder"]["open_clip_model"] == "dpseg-tiny-resnet"
     assert config["encoder_weights"] == "random" and config["extra"] == {"step": 7}
 
 

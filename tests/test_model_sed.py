@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import first_conv
 
 from dpseg.clip import ENCODERS
 from dpseg.errors import UserError
@@ -224,7 +225,7 @@ def test_prompt_images_are_encoded_at_the_segmenter_input_size_by_default(model)
 
 def test_random_towers_do_not_depend_on_the_callers_seed():
     a, b = tiny_model(seed=1), tiny_model(seed=2)
-    assert torch.equal(a.prompt_encoder.visual.trunk.stem[0].weight, b.prompt_encoder.visual.trunk.stem[0].weight)
+    assert torch.equal(first_conv(a.prompt_encoder).weight, first_conv(b.prompt_encoder).weight)
     assert not torch.equal(a.decoder.head.weight, b.decoder.head.weight)
 
 
@@ -234,7 +235,7 @@ def test_trainable_only_checkpoint_rebuilds_and_checks_the_frozen_towers(tmp_pat
     text, visual, features = inputs
     m = tiny_model(seed=5)
     with torch.no_grad():
-        m.image_encoder.visual.trunk.stem[0].weight.add_(0.5)  # "trained": differs from the prompt tower now
+        first_conv(m.image_encoder).weight.add_(0.5)  # "trained": differs from the prompt tower now
     small = save_dpseg(m, tmp_path / "small")
     full = save_dpseg(m, tmp_path / "full", trainable_only=False)
     assert (small / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size / 2

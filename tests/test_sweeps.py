@@ -281,8 +281,9 @@ def test_nulls_resolved_by_the_profile_match_explicit_values(tmp_path):
     prompts = sweeps.plan_sweep(SWEEPS.get("prompts"), base, baseline, "demo")
     assert [p.status for p in prompts] == ["todo", "todo", "done", "todo", "todo"]
     templates = sweeps.plan_sweep(SWEEPS.get("templates"), base, baseline, "demo")
-    # train.templates null means "the bank's count", known only from the bank: 80 is not assumed
-    assert [p.status for p in templates] == ["todo"] * 5
+    # train.templates null means "the bank's count": the pipeline's bank has the profile's 80, so the
+    # baseline is the 80-template row
+    assert [p.status for p in templates] == ["todo"] * 4 + ["done"]
     banks = sweeps.plan_sweep(SWEEPS.get("banks"), base, baseline, "demo")
     assert [p.status for p in banks] == ["done", "todo", "todo", "todo"]
     assert len(SWEEPS.get("banks").expand("paper-b")) == len(SWEEPS.get("banks").expand("paper-l")) == 6
@@ -295,3 +296,20 @@ def test_the_projects_params_file_has_every_key_the_sweeps_set():
     for name in SWEEPS.names():
         for profile in ("demo", "paper-b"):
             sweeps.check_keys(SWEEPS.get(name).expand(profile), params)  # raises naming a missing key
+
+
+def test_report_renders_a_sweeps_table_from_the_experiments(cli, one_line_error, params_file, monkeypatch, tmp_path):
+    baseline = state("abc1234", tree(), metrics(50.0, 20.0), name="main")
+    baseline["experiments"] = [exp("n2", {**tree(), "bank": {**tree()["bank"], "generator": "noise:0.2"}},
+                                   metrics(41.0, 12.0))]
+    monkeypatch.setattr(sweeps, "read_records", lambda dvc=None: sweeps.parse_exp_show([baseline]))
+    result = cli("report", "--sweep", "banks", "--params", str(params_file), "-o", str(tmp_path / "rep"))
+    assert result.exit_code == 0, result.stdout
+    written = (tmp_path / "rep" / "banks.md").read_text()
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in written.splitlines()
+            if r.startswith("| ") and "setting" not in r}
+    assert rows["base generator"][2:] == ["50.0", "20.0", "main"]
+    assert rows["noise 0.2"][2:] == ["41.0", "12.0", "n2"]
+    assert rows["noise 0.6"][2:] == ["—", "—", "todo"]
+    one_line_error(cli("report", "--sweep", "banks", str(tmp_path)), "not both")
+    one_line_error(cli("report"), "no eval folders given")

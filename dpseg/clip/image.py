@@ -1,4 +1,5 @@
-"""The ConvNeXt CLIP image tower as a multi-scale encoder.
+"""The CLIP image tower (an open_clip timm tower: ConvNeXt for the paper, a ResNet for `tiny`) as a
+multi-scale encoder.
 
 Exposes what the decoder sizes itself from (timm's feature info: channels and strides), the
 dense stride-32 embedding (the tower's head applied at every location) and the pooled
@@ -41,7 +42,7 @@ class ImageTower(nn.Module):
     def __init__(self, visual: nn.Module, image_size: int):
         super().__init__()
         if not hasattr(visual, "trunk") or not hasattr(visual.trunk, "feature_info"):
-            raise TypeError("ImageTower needs an open_clip timm tower (a ConvNeXt CLIP)")
+            raise TypeError("ImageTower needs an open_clip timm tower (a ConvNeXt or ResNet CLIP)")
         self.visual = visual
         self.image_size = image_size
         info = visual.trunk.feature_info
@@ -53,6 +54,7 @@ class ImageTower(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         std = torch.tensor(OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
         self.register_buffer("std", std, persistent=False)
+        self._freeze_batchnorm()
 
     @staticmethod
     def _embed_dim(visual: nn.Module) -> int:
@@ -70,7 +72,16 @@ class ImageTower(nn.Module):
     def train(self, mode: bool = True) -> ImageTower:
         # a frozen tower stays in eval mode whatever its parent does (no drop-path noise)
         frozen = not any(p.requires_grad for p in self.parameters())
-        return super().train(mode and not frozen)
+        super().train(mode and not frozen)
+        return self._freeze_batchnorm()
+
+    def _freeze_batchnorm(self) -> ImageTower:
+        # BatchNorm statistics stay those of pretraining (frozen BN, as detection codebases keep
+        # it): batches of a few crops would otherwise overwrite them while the weights barely move
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     def set_regularization(self, drop_path: float, head_dropout: float) -> ImageTower:
         """Stochastic depth over the trunk's blocks (rising linearly from 0 to `drop_path`, timm's
@@ -78,8 +89,9 @@ class ImageTower(nn.Module):
         inherits whatever the installed open_clip's model config says."""
         from timm.layers import DropPath
 
+        # ConvNeXt blocks hold an Identity or DropPath; timm's ResNet blocks hold None when off
         blocks = [m for m in self.visual.trunk.modules() if hasattr(m, "drop_path") and isinstance(m, nn.Module)
-                  and isinstance(m.drop_path, (nn.Identity, DropPath))]
+                  and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))]
         rates = [drop_path * i / max(1, len(blocks) - 1) for i in range(len(blocks))]  # no tensors: works under meta
         for block, rate in zip(blocks, rates, strict=False):
             block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
@@ -118,7 +130,8 @@ class ImageTower(nn.Module):
 
     def dense_embedding(self, last_stage: torch.Tensor) -> torch.Tensor:
         """The head (norm + projection) at every stride-32 location -> (B, D, h, w)."""
-        x = self.visual.trunk.head.norm(last_stage)
+        head = getattr(self.visual.trunk, "head", None)  # ConvNeXt normalises before pooling; ResNet has no norm
+        x = head.norm(last_stage) if head is not None and hasattr(head, "norm") else last_stage
         x = self.visual.head(x.permute(0, 2, 3, 1))
         return x.permute(0, 3, 1, 2)
 

@@ -31,6 +31,8 @@ class DPSeg(nn.Module):
         self.weights = towers.weights
         self.image_encoder = towers.image  # fine-tuned with cfg.image_lr_multiplier
         self.image_encoder.set_regularization(cfg.drop_path, cfg.head_dropout)
+        if cfg.image_lr_multiplier == 0:  # a frozen tower: no backward pass through it at all
+            self.image_encoder.freeze()
         self.prompt_encoder = towers.prompt  # frozen copy: generated images and pass-II crops
         self.text_encoder = towers.text  # frozen
         encoder_channels = dict(zip(self.image_encoder.strides, self.image_encoder.channels, strict=False))
