@@ -158,10 +158,11 @@ def encode_bank(
 
 
 def check_encoder_compatible(config: dict, info: dict) -> None:
+    from dpseg.clip.encoders import same_weights
     from dpseg.errors import UserError
 
     known = config.get("encoders", {}).get(info["encoder"])
-    if known and known.get("weights") != info["weights"]:
+    if known and not same_weights(known.get("weights"), info["weights"]):
         raise UserError(
             f"this bank's {info['encoder']!r} features were computed with weights {known['weights']!r}, "
             f"not {info['weights']!r}; "

@@ -171,11 +171,11 @@ def load_towers(encoder: str, bank_weights: str, weights: str | None, device: st
     """The CLIP towers the bank was encoded with. Random towers are built under seed 0, as the
     bank's PromptEncoder builds them, so they are the same towers."""
     from dpseg.clip import load_clip
-    from dpseg.clip.encoders import ENCODERS, resolve_weights
+    from dpseg.clip.encoders import ENCODERS, resolve_weights, same_weights
 
     if weights is not None:
         asked = resolve_weights(ENCODERS.get(encoder), weights) or "random"
-        if asked != bank_weights:
+        if not same_weights(asked, bank_weights):
             raise UserError(f"the bank's {encoder!r} prompts were encoded with weights {bank_weights!r}, "
                             f"not {asked!r}; omit --encoder-weights or pass {bank_weights}")
     with torch.random.fork_rng(devices=[]):

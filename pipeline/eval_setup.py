@@ -50,7 +50,9 @@ def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
         have = ", ".join(sorted(bank.config.get("encoders") or {})) or "none"
         raise UserError(f"bank {bank.root} has no features for the checkpoint's encoder {encoder!r} (it has: {have}); "
                         f"add them with: dpseg bank encode {bank.root} --encoder {encoder}")
-    if str(info.get("weights")) != str(weights):
+    from dpseg.clip.encoders import same_weights
+
+    if not same_weights(info.get("weights"), weights):
         raise UserError(f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
                         f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)")
     return info

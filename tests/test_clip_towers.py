@@ -167,3 +167,17 @@ def test_default_hub_weights_fail_fast_offline_with_the_fix():
     expected = r"open_clip pretrained tag 'laion_aesthetic_s13b_b82k' \(a published-weights name, not a file\)"
     with pytest.raises(WeightsError, match=expected + r".*pass --encoder-weights"):
         load_clip("convnext-b")
+
+
+def test_same_weights_compares_local_files_by_content_not_path(tmp_path):
+    from dpseg.clip.encoders import same_weights
+
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "copy" / "a.safetensors", tmp_path / "c.safetensors"
+    b.parent.mkdir()
+    a.write_bytes(b"weights-1")
+    b.write_bytes(b"weights-1")  # a `dvc exp run --temp` workspace holds a copy under another path
+    c.write_bytes(b"weights-2")
+    assert same_weights(a, b) and same_weights(str(a), str(a))
+    assert not same_weights(a, c)
+    assert not same_weights(a, tmp_path / "missing.safetensors")
+    assert same_weights("random", "random") and not same_weights("random", "laion2b_s29b_b131k_ft_soup")

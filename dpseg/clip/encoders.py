@@ -168,3 +168,27 @@ def encoder_dims(name: str) -> tuple[int, dict[int, int]]:
         towers = load_clip(name, weights=None, device="meta")
     tower = towers.image
     return tower.embed_dim, dict(zip(tower.strides, tower.channels, strict=False))
+
+
+def same_weights(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two weight identifiers (tags, "random", local files) name the same weights: equal
+    strings, or two local files with equal bytes. A file copied elsewhere (a `dvc exp run --temp`
+    workspace, another machine's checkout) is the same weights under another path."""
+    if str(a) == str(b):
+        return True
+    paths = [Path(str(x)) for x in (a, b)]
+    if not all(p.is_file() for p in paths):
+        return False
+    if paths[0].stat().st_size != paths[1].stat().st_size:
+        return False
+    return _file_digest(paths[0]) == _file_digest(paths[1])
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
