@@ -52,10 +52,20 @@ def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
                         f"add them with: dpseg bank encode {bank.root} --encoder {encoder}")
     from dpseg.clip.encoders import same_weights
 
-    if not same_weights(info.get("weights"), weights):
+    if not same_weights(info.get("weights"), weights) and not stands_in(info.get("weights"), weights):
         raise UserError(f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
                         f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)")
     return info
+
+
+def stands_in(bank_weights, recorded) -> bool:
+    """Whether the bank's weights file may stand in for the checkpoint's recorded one: the recorded
+    local file is gone (a checkpoint restored from DVC's run cache records the temporary workspace
+    of the run that made it; a checkpoint copied to another machine, its old path) and the bank's
+    file exists. load_dpseg then rebuilds the frozen towers from the bank's file and refuses them
+    unless their digest is the one the checkpoint recorded, so a wrong file still fails."""
+    recorded_path, bank_path = Path(str(recorded)), Path(str(bank_weights))
+    return str(recorded).endswith(".safetensors") and not recorded_path.exists() and bank_path.is_file()
 
 
 def load_prototypes(bank, names: list[str], encoder: str, templates: int, device, encode_size: int | None):
@@ -154,7 +164,8 @@ def prepare_context(settings) -> EvalContext:
     names = [dataset.class_names[i] for i in keep]
     from dpseg.model.checkpoint import load_dpseg
 
-    model = load_dpseg(settings.checkpoint, device).eval()
+    stand_in = info.get("weights") if stands_in(info.get("weights"), facts["encoder_weights"]) else None
+    model = load_dpseg(settings.checkpoint, device, encoder_weights=stand_in).eval()
 
     def remap(label):
         return remap_labels(label, keep, dataset.num_classes, dataset.ignore_index)

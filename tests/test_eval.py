@@ -161,3 +161,16 @@ def test_cli_eval_prints_both_passes_and_refuses_a_missing_checkpoint(world, cli
     assert "pass I " in result.stdout and (world / "cli" / "metrics.json").is_file()
     one_line_error(cli("eval", "--checkpoint", world / "nowhere", "--dataset", world / "shapes", "--out",
                        world / "cli2"), "is not a dpseg checkpoint")
+
+
+def test_the_banks_weights_stand_in_only_for_a_recorded_file_that_is_gone(tmp_path):
+    from pipeline.eval_setup import stands_in
+
+    bank_file, other = tmp_path / "tiny.safetensors", tmp_path / "other.safetensors"
+    bank_file.write_bytes(b"w")
+    other.write_bytes(b"v")
+    gone = tmp_path / "exps" / "tmp123" / "out" / "clip" / "tiny.safetensors"  # a DVC run-cache checkpoint's record
+    assert stands_in(bank_file, gone)
+    assert not stands_in(bank_file, other)  # both exist: compared by content instead (and refused)
+    assert not stands_in(bank_file, "laion2b_s29b_b131k_ft_soup")  # a tag is never replaced
+    assert not stands_in(tmp_path / "missing.safetensors", gone)
