@@ -196,10 +196,19 @@ def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def checkpoint_uses_visual(checkpoint: str) -> bool:
+    from dpseg.model.checkpoint import read_checkpoint_config
+    from dpseg.model.config import DPSegConfig
+
+    return DPSegConfig.from_dict(read_checkpoint_config(Path(checkpoint))["model"]).uses_visual
+
+
 def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, Any]:
     from pipeline.evaluate import eval_from_params
 
     settings = eval_set(r, name)
+    if int(settings.get("passes") or 1) == 2 and not checkpoint_uses_visual(settings["checkpoint"]):
+        settings["passes"] = 1  # a text-only model has no visual prompts for pass II to replace
     out = Path(settings["out"])
     if out.exists():  # DVC removed it already; by hand, a stale run of other settings would be refused
         shutil.rmtree(out)

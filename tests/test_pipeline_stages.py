@@ -132,3 +132,20 @@ def test_compact_metrics_and_results_table(tmp_path, monkeypatch):
     table = stages.results_table(resolve({"profile": "demo", "eval": {"sets": ["seen", "unseen"]}}))
     assert "| seen | 2 | 40.0 | 42.5 | 2.5 | 2.5 |" in table
     assert "| unseen | – |" in table
+
+
+def test_a_text_only_checkpoint_is_evaluated_in_one_pass(tmp_path):
+    """The profile asks for two passes; pass II replaces visual prompts, which a text-only model
+    (the Table 2 'text' row) does not have, so the eval stage runs pass I alone for it."""
+    import torch
+
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.checkpoint import save_dpseg
+    from pipeline.stages import checkpoint_uses_visual
+
+    for mode, guidance, expected in (("text", "none", False), ("dual", "prompt", True), ("visual", "prompt", True)):
+        torch.manual_seed(0)
+        model = build_dpseg(DPSegConfig(encoder="tiny", templates=2, prompt_mode=mode, visual_guidance=guidance),
+                            weights=None)
+        save_dpseg(model, tmp_path / mode)
+        assert checkpoint_uses_visual(str(tmp_path / mode)) is expected
