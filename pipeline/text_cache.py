@@ -22,12 +22,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from dpseg.clip.encoders import file_sha256
 from dpseg.clip.templates import templates as first_templates
 from dpseg.io import atomic_write_bytes
 
 CACHE_ENV = "DPSEG_CACHE"
 FORMAT = "dpseg-text-cache-1"  # bump when the text computation itself changes
-_file_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: hash a big file once per process
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -35,19 +35,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dpseg")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_hashes:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _file_hashes[key] = digest.hexdigest()
-    return _file_hashes[key]
 
 
 def weights_identity(weights: str, text_tower: torch.nn.Module | None = None) -> str:

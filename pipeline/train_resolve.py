@@ -138,13 +138,9 @@ def read_prototypes(bank, names, encoder, templates, encode_size):
 def same_weights(encoder: str, given: str, recorded: str) -> bool:
     """Whether `given` (as a user passes it) names the weights recorded in a bank."""
     from dpseg.clip.encoders import ENCODERS, resolve_weights
-    from pipeline.text_cache import file_sha256
+    from dpseg.clip.encoders import same_weights as same
 
-    resolved = resolve_weights(ENCODERS.get(encoder), given) or "random"
-    if resolved == recorded:
-        return True
-    a, b = Path(resolved), Path(recorded)
-    return a.is_file() and b.is_file() and file_sha256(a) == file_sha256(b)
+    return same(resolve_weights(ENCODERS.get(encoder), given) or "random", recorded)
 
 
 def check_resumable(saved: dict, recipe: dict, where: Path) -> None:

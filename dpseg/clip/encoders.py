@@ -177,18 +177,24 @@ def same_weights(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bo
     if str(a) == str(b):
         return True
     paths = [Path(str(x)) for x in (a, b)]
-    if not all(p.is_file() for p in paths):
+    if not all(p.is_file() for p in paths) or paths[0].stat().st_size != paths[1].stat().st_size:
         return False
-    if paths[0].stat().st_size != paths[1].stat().st_size:
-        return False
-    return _file_digest(paths[0]) == _file_digest(paths[1])
+    return file_sha256(paths[0]) == file_sha256(paths[1])
 
 
-def _file_digest(path: Path) -> str:
+_file_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: hash a big file once per process
+
+
+def file_sha256(path: str | os.PathLike) -> str:
     import hashlib
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _file_hashes[key] = digest.hexdigest()
+    return _file_hashes[key]
