@@ -26,7 +26,8 @@ import torch
 from dpseg.data import shapes
 
 
-def _world(root: Path, size: int, classes: int, templates: int, data: Path | None) -> tuple[Path, Path, list[int]]:
+def _world(root: Path, size: int, classes: int, templates: int, data: Path | None,
+           with_bank: bool = True) -> tuple[Path, Path | None, list[int]]:
     from bank.build import BuildOptions, build_bank
     from dpseg.data.synth import write_shapes_benchmark
 
@@ -34,6 +35,8 @@ def _world(root: Path, size: int, classes: int, templates: int, data: Path | Non
     if data is None:
         data = root / "data"
         write_shapes_benchmark(data, images=32, size=size, val_images=1, progress=False)
+    if not with_bank:
+        return data, None, ids
     names = root / "names.txt"
     names.write_text("".join(shapes.SHAPES_CATEGORIES[i] + "\n" for i in ids))
     bank = root / "bank"
@@ -63,11 +66,11 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
     precision = resolve_precision(mixed_precision, device == "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with tempfile.TemporaryDirectory(prefix="dpseg-bench-train-") as tmp:
-        # 2. a world: shapes data + a procedural bank for the tiny encoder (random features otherwise)
-        data_dir, bank_dir, ids = _world(Path(tmp), size, classes, templates, data)
+        # 2. a world: shapes data, and for the tiny encoder a procedural bank (another encoder gets random
+        #    prompts of the right shapes: a tiny bank rendered at its crop size would cost minutes, unused)
+        data_dir, bank_dir, ids = _world(Path(tmp), size, classes, templates, data, with_bank=encoder == "tiny")
         dataset = SegmentationDataset(data_dir, "train")
         names = [shapes.SHAPES_CATEGORIES[i] for i in ids]
-        protos = Bank(bank_dir).prototypes(names, "tiny", templates, encode_size=size)
         # 3. the networks: dual (DPSeg) and text-only (SED-equivalent)
         torch.manual_seed(0)
         dual = build_dpseg(DPSegConfig(encoder=encoder, templates=templates), weights=None, device=device).train()
@@ -76,11 +79,13 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
                                             visual_guidance="upsampled-cost"), weights=None, device=device).train()
         text = dual.encode_text(names).to(device)
         if encoder == "tiny":
+            protos = Bank(bank_dir).prototypes(names, "tiny", templates, encode_size=size)
             visual = VisualPrompts(protos.embedding, {s: protos.pooled[s] for s in dual.cfg.guidance_strides})
-        else:  # the tiny bank cannot serve another encoder: prompts of its shapes, random values
+        else:  # prompts of the right shapes, random values
             from pipeline.model_summary import random_prompts
 
             text, visual = random_prompts(dual, classes)
+            text = text.to(device)
         visual = visual.to(device)
         # 4. inputs: the real loader, and the same batches held in memory
         total = warmup + steps
