@@ -26,6 +26,7 @@ def pretrain_command(
     attribute_weight: float = typer.Option(_D.attribute_weight, help="Weight of the per-attribute losses."),
     seed: int = typer.Option(_D.seed),
     threads: int = typer.Option(_D.threads, min=0, help="torch threads (0: torch's default)."),
+    device: str = typer.Option(_D.device, help="cpu | cuda (longer schedules in seconds on a GPU)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Pretrain the tiny CLIP (both towers) on rendered shapes + template captions; report zero-shot accuracy."""
@@ -33,7 +34,8 @@ def pretrain_command(
 
     cfg = ClipPretrainConfig(steps=steps, batch_size=batch_size, lr=lr, templates_per_step=templates_per_step,
                              renders=renders, small_size=small_size, small_fraction=small_fraction,
-                             attribute_weight=attribute_weight, seed=seed, threads=threads, out=str(out))
+                             attribute_weight=attribute_weight, seed=seed, threads=threads, device=device,
+                             out=str(out))
     m = pretrain(cfg, progress=progress)
     attrs = ", ".join(f"{k} {v:.3f}" for k, v in m["attribute_accuracy"].items())
     typer.echo(f"zero-shot accuracy {m['zero_shot_accuracy']:.3f} over 48 categories (chance {m['chance']:.3f}) "

@@ -63,6 +63,7 @@ class ClipPretrainConfig:
     eval_renders: int = 1  # held-out renders per (category, template) for zero-shot accuracy
     seed: int = 0
     threads: int = 0  # 0: leave torch's default
+    device: str = "cpu"  # cpu | cuda (the demo trains on CPU; a GPU runs longer schedules in seconds)
     out: str = "out/clip"
 
     @classmethod
@@ -87,6 +88,8 @@ class ClipPretrainConfig:
                             f"({self.templates})")
         if self.small_size % 32 or self.small_size < 32:
             raise UserError(f"clip pretrain: small_size must be a multiple of 32, got {self.small_size}")
+        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
+            raise UserError(f"clip pretrain: device must be cpu or cuda (with a GPU present), got {self.device!r}")
         if not 0.0 <= self.small_fraction <= 1.0:
             raise UserError(f"clip pretrain: small_fraction must be in [0, 1], got {self.small_fraction}")
 
@@ -130,8 +133,8 @@ def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -203,17 +206,18 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, images: np.ndarray, s
     """Zero-shot accuracy over the 48 categories on `images` (48, K, R, S, S, 3), overall, per
     attribute and per template (which renders lose which attribute: sketches lose colour...)."""
     model.eval()
+    device = tokens.device
     classes = class_embeddings(model, tokens)
     n, m, r = images.shape[:3]
     flat = torch.from_numpy(images.reshape(n * m * r, *images.shape[3:]))
-    embeddings = torch.cat([model.encode_image(to_input(flat[i : i + batch_size], size))
+    embeddings = torch.cat([model.encode_image(to_input(flat[i : i + batch_size].to(device), size))
                             for i in range(0, len(flat), batch_size)])
-    labels = torch.arange(n).repeat_interleave(m * r)
+    labels = torch.arange(n, device=device).repeat_interleave(m * r)
     predicted = (F.normalize(embeddings, dim=-1) @ classes.T).argmax(dim=1)
     correct = predicted == labels
     per_attribute = {a: float((attribute_targets(predicted)[a] == attribute_targets(labels)[a]).float().mean())
                      for a in ATTRIBUTES}
-    per_template = correct.reshape(n, m, r).float().mean(dim=(0, 2))
+    per_template = correct.reshape(n, m, r).float().mean(dim=(0, 2)).cpu()
     return {
         "zero_shot_accuracy": zero_shot_accuracy(embeddings, classes, labels),
         "chance": 1 / n,
@@ -270,7 +274,8 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
     model, _ = create_open_clip(spec, weights=None)
     import open_clip
 
-    tokens = caption_tokens(open_clip.get_tokenizer(spec.open_clip_model), cfg.templates)
+    tokens = caption_tokens(open_clip.get_tokenizer(spec.open_clip_model), cfg.templates).to(cfg.device)
+    model.to(cfg.device)
 
     # 2. the cached training renders (and the held-out ones, drawn with other seeds)
     t0 = time.perf_counter()
@@ -299,7 +304,9 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
         slot = torch.randint(0, len(templates), (cfg.batch_size,), generator=generator)
         categories = torch.randint(0, n_cat, (cfg.batch_size,), generator=generator)
         renders = torch.randint(0, n_ren, (cfg.batch_size,), generator=generator)
-        images = augment(train_images[categories, templates[slot], renders], generator)
+        # indices come from the CPU generator (same draws on any device); the batch moves afterwards
+        images = augment(train_images[categories, templates[slot], renders], generator).to(cfg.device)
+        categories, templates, slot = categories.to(cfg.device), templates.to(cfg.device), slot.to(cfg.device)
         step_size = min(cfg.small_size, size) if step < small_steps else size
 
         image_emb = F.normalize(model.encode_image(to_input(images, step_size)), dim=-1)

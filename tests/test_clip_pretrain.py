@@ -110,6 +110,7 @@ def test_short_tokens_give_open_clip_embeddings():
 
 def test_bad_settings_are_one_line_errors(cli, one_line_error, tmp_path):
     one_line_error(cli("clip", "pretrain", "--out", tmp_path, "--small-size", "40"), "small_size", "multiple of 32")
+    one_line_error(cli("clip", "pretrain", "--out", tmp_path, "--device", "tpu"), "device", "cpu or cuda")
     assert not (tmp_path / "tiny.safetensors").exists()
     with pytest.raises(Exception, match="unknown settings"):
         cp.ClipPretrainConfig.from_dict({"stepz": 3})
