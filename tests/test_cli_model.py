@@ -127,3 +127,23 @@ def test_a_multi_line_library_message_still_prints_as_one_line(monkeypatch):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == ["Error: could not load weights (hub says: file not found in cache); pass --weights"]
+
+
+def test_bench_train_times_three_cases_and_takes_ratios_from_them(tmp_path):
+    out = tmp_path / "train.json"
+    result = runner.invoke(app, ["bench", "train", "--encoder", "tiny", "--size", "32", "--classes", "2",
+                                 "--templates", "1", "--batch-size", "1", "--steps", "2", "--rounds", "1",
+                                 "--num-workers", "0", "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    seconds = data["seconds_per_step"]
+    assert set(seconds) == {"loader", "memory", "text"} and all(v > 0 for v in seconds.values())
+    assert data["ratio_loader_vs_memory"] == pytest.approx(seconds["loader"] / seconds["memory"], abs=1e-3)
+    assert data["ratio_dual_vs_text"] == pytest.approx(seconds["memory"] / seconds["text"], abs=1e-3)
+    assert (data["encoder"], data["size"], data["classes"], data["templates"]) == ("tiny", 32, 2, 1)
+
+
+def test_bench_train_refuses_a_large_encoder_on_the_cpu(tmp_path):
+    result = runner.invoke(app, ["bench", "train", "--encoder", "convnext-b", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "meant for a GPU: pass --device cuda" in result.output and "Traceback" not in result.output
