@@ -42,9 +42,12 @@ class PromptEncoder:
         self.device = torch.device(device)
         self.tower = towers.prompt
         del towers  # the trainable image tower and the text tower are not needed here
+        from dpseg.clip.encoders import weights_digest
+
         self.info = {
             "encoder": name,
             "weights": str(self.weights_of(name, weights)),
+            "weights_sha256": weights_digest(self.weights_of(name, weights)),
             "encode_size": size,
             "prompt_size": size,
             "embed_dim": self.tower.embed_dim,
@@ -158,11 +161,11 @@ def encode_bank(
 
 
 def check_encoder_compatible(config: dict, info: dict) -> None:
-    from dpseg.clip.encoders import same_weights
+    from dpseg.clip.encoders import matches_recorded
     from dpseg.errors import UserError
 
     known = config.get("encoders", {}).get(info["encoder"])
-    if known and not same_weights(known.get("weights"), info["weights"]):
+    if known and not matches_recorded(info["weights"], known.get("weights"), known.get("weights_sha256")):
         raise UserError(
             f"this bank's {info['encoder']!r} features were computed with weights {known['weights']!r}, "
             f"not {info['weights']!r}; "

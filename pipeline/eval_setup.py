@@ -50,9 +50,10 @@ def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
         have = ", ".join(sorted(bank.config.get("encoders") or {})) or "none"
         raise UserError(f"bank {bank.root} has no features for the checkpoint's encoder {encoder!r} (it has: {have}); "
                         f"add them with: dpseg bank encode {bank.root} --encoder {encoder}")
-    from dpseg.clip.encoders import same_weights
+    from dpseg.clip.encoders import matches_recorded
 
-    if not same_weights(info.get("weights"), weights) and not stands_in(info.get("weights"), weights):
+    if not matches_recorded(weights, info.get("weights"), info.get("weights_sha256")) \
+            and not stands_in(info.get("weights"), weights):
         raise UserError(f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
                         f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)")
     return info

@@ -105,7 +105,8 @@ def resolve(recipe, world_size: int) -> Resolved:
     bank_weights = info.get("weights")
     if r.encoder_weights is None:
         r.encoder_weights = bank_weights or "default"
-    elif bank_weights is not None and not same_weights(r.encoder, r.encoder_weights, bank_weights):
+    elif bank_weights is not None and not same_weights(r.encoder, r.encoder_weights, bank_weights,
+                                                       info.get("weights_sha256")):
         raise UserError(f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was "
                         f"encoded with ({bank_weights}): the visual prompts would not match the image features; pass "
                         f"--encoder-weights {bank_weights} or re-encode the bank")
@@ -135,12 +136,11 @@ def read_prototypes(bank, names, encoder, templates, encode_size):
     return bank.prototypes(names, encoder, templates, encode_size=encode_size)
 
 
-def same_weights(encoder: str, given: str, recorded: str) -> bool:
-    """Whether `given` (as a user passes it) names the weights recorded in a bank."""
-    from dpseg.clip.encoders import ENCODERS, resolve_weights
-    from dpseg.clip.encoders import same_weights as same
+def same_weights(encoder: str, given: str, recorded: str, recorded_sha256: str | None = None) -> bool:
+    """Whether `given` (as a user passes it) names the weights recorded in a bank (path, digest)."""
+    from dpseg.clip.encoders import ENCODERS, matches_recorded, resolve_weights
 
-    return same(resolve_weights(ENCODERS.get(encoder), given) or "random", recorded)
+    return matches_recorded(resolve_weights(ENCODERS.get(encoder), given) or "random", recorded, recorded_sha256)
 
 
 def check_resumable(saved: dict, recipe: dict, where: Path) -> None:

@@ -181,3 +181,23 @@ def test_same_weights_compares_local_files_by_content_not_path(tmp_path):
     assert not same_weights(a, c)
     assert not same_weights(a, tmp_path / "missing.safetensors")
     assert same_weights("random", "random") and not same_weights("random", "laion2b_s29b_b131k_ft_soup")
+
+
+def test_a_bank_whose_recorded_weights_file_is_gone_is_matched_by_its_recorded_digest(tmp_path):
+    import hashlib
+
+    from dpseg.clip.encoders import matches_recorded, weights_digest
+
+    gone = tmp_path / "run-1" / "tiny.safetensors"  # DVC's run cache restored a bank built in a temp workspace
+    here, other = tmp_path / "tiny.safetensors", tmp_path / "other.safetensors"
+    here.write_bytes(b"weights-1")
+    other.write_bytes(b"weights-2")
+    digest = hashlib.sha256(b"weights-1").hexdigest()
+    assert weights_digest(here) == digest and weights_digest("random") is None
+    assert weights_digest("laion2b_s29b_b131k_ft_soup") is None
+    assert matches_recorded(here, gone, digest)
+    assert not matches_recorded(other, gone, digest)
+    assert not matches_recorded(here, gone, None)  # an older bank without a digest: still refused
+    gone.parent.mkdir()
+    gone.write_bytes(b"weights-3")  # while the recorded file exists, its content decides
+    assert not matches_recorded(here, gone, digest)

@@ -182,6 +182,25 @@ def same_weights(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bo
     return file_sha256(paths[0]) == file_sha256(paths[1])
 
 
+def matches_recorded(given: str | os.PathLike | None, recorded: str | os.PathLike | None,
+                     recorded_sha256: str | None = None) -> bool:
+    """Whether `given` weights are the ones a bank recorded as (`recorded` path, its sha256). When
+    the recorded file is gone (a bank restored from DVC's run cache records the temporary
+    workspace of the run that built it; a bank copied to another machine, its old path), the
+    recorded digest decides."""
+    if same_weights(given, recorded):
+        return True
+    path = Path(str(given))
+    return bool(recorded_sha256) and not Path(str(recorded)).exists() and path.is_file() \
+        and file_sha256(path) == recorded_sha256
+
+
+def weights_digest(weights: str | os.PathLike | None) -> str | None:
+    """sha256 of a local weights file (recorded beside its path), None for tags and "random"."""
+    path = Path(str(weights))
+    return file_sha256(path) if weights is not None and path.is_file() else None
+
+
 _file_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: hash a big file once per process
 
 
