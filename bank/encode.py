@@ -44,10 +44,11 @@ class PromptEncoder:
         del towers  # the trainable image tower and the text tower are not needed here
         from dpseg.clip.encoders import weights_digest
 
+        resolved = self.weights_of(name, weights)
         self.info = {
             "encoder": name,
-            "weights": str(self.weights_of(name, weights)),
-            "weights_sha256": weights_digest(self.weights_of(name, weights)),
+            "weights": str(resolved),
+            "weights_sha256": weights_digest(resolved),
             "encode_size": size,
             "prompt_size": size,
             "embed_dim": self.tower.embed_dim,
