@@ -49,7 +49,7 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out renders: seeds no training render uses
 @dataclass
 class ClipPretrainConfig:
     encoder: str = "tiny"
-    steps: int = 600
+    steps: int = 1200  # ~3.5 min on 2 cores (docs/clip.md)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -288,7 +288,8 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                  fused=True)  # one kernel per step instead of one per tensor: 25 -> 5 ms on 2 cores
     generator = torch.Generator().manual_seed(cfg.seed)
     n_cat, n_tpl, n_ren = train_images.shape[:3]
     small_steps = int(round(cfg.steps * cfg.small_fraction))

@@ -47,9 +47,9 @@ PROFILES.register("demo", Profile(
         # 1000 train scenes (20 s to draw): at 160 the 600 steps saw each scene 15 times and overfit (docs/train.md)
         "data": {"kind": "synth", "datasets": ["shapes"], "images": 1000, "val_images": 48, "size": 128, "seed": 0,
                  "src": None, "out": "out/data"},
-        # 400 steps: ~4 min on 2 cores (docs/clip.md)
-        # (a GPU runs 2000 steps in 34 s, zero-shot 0.83: -S clip.steps=2000 -S clip.device=cuda)
-        "clip": {"enabled": True, "steps": 400, "seed": 0, "device": "cpu", "out": "out/clip"},
+        # 1200 steps: ~3.5 min on 2 cores, zero-shot ~0.6 (docs/clip.md); a GPU runs more in seconds
+        # (-S clip.steps=3000 -S clip.device=cuda)
+        "clip": {"enabled": True, "steps": 1200, "seed": 0, "device": "cpu", "out": "out/clip"},
         "bank": {"generator": "procedural", "vocab": ["shapes"], "encoder": "tiny", "encoder_weights": CLIP_WEIGHTS,
                  "templates": 80, "seed": 0, "batch_size": 64, "device": "cpu", "out": "out/bank"},
         "train": {"dataset": "out/data/shapes", "bank": "out/bank", "classes": "seen", "encoder_weights": CLIP_WEIGHTS,

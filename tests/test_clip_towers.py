@@ -46,7 +46,7 @@ def test_synonyms_split_on_commas():
 def test_image_tower_reads_channels_and_strides_from_timm(tiny_towers):
     tower = tiny_towers.image
     assert tower.strides == [2, 4, 8, 16, 32]
-    assert tower.channels == [64, 64, 128, 256, 512]  # resnet10t: its deep stem is a level too
+    assert tower.channels == [32, 32, 48, 192, 96]  # timm test_resnet: its deep stem is a level too
     assert tower.embed_dim == 64
     features = tower(torch.randn(2, 3, 96, 128))
     for stride, channels in zip(tower.strides, tower.channels, strict=False):

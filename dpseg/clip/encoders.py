@@ -48,8 +48,9 @@ ENCODERS.register("convnext-b", EncoderSpec("convnext-b", "convnext_base_w_320",
 # and timm_drop 0.1 / timm_drop_path 0.1 for convnext_large_d_320: set here, never inherited.
 ENCODERS.register("convnext-l", EncoderSpec("convnext-l", "convnext_large_d_320", "laion2b_s29b_b131k_ft_soup",
                                             768, 320, drop_path=0.1, head_dropout=0.1))
-# A ResNet-10t CLIP built from a config shipped in this package: tests and the demo (which pretrains
-# it). Not ConvNeXt-atto: from scratch on the shapes world it never learnt texture (docs/clip.md).
+# A small ResNet CLIP (timm's 0.4M-parameter `test_resnet` trunk) built from a config shipped in this
+# package: tests and the demo (which pretrains it). Not ConvNeXt-atto: from scratch on the shapes world
+# it never learnt texture; not resnet10t: 3x the CPU step for less zero-shot accuracy per minute (docs/clip.md).
 ENCODERS.register("tiny", EncoderSpec("tiny", "dpseg-tiny-resnet", None, 128, 64))
 
 DEFAULT_WEIGHTS = "default"
