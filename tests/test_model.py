@@ -137,7 +137,7 @@ def test_class_attention_is_permutation_equivariant_over_classes():
 def test_shapes_at_every_stage_for_the_tiny_encoder():
     info = model_summary(DPSegConfig(encoder="tiny"), num_classes=7, size=128)
     s = info["shapes"]
-    assert s["encoder.stride4"] == [1, 64, 32, 32] and s["encoder.dense"] == [1, 64, 4, 4]
+    assert s["encoder.stride4"] == [1, 32, 32, 32] and s["encoder.dense"] == [1, 64, 4, 4]  # test_resnet: 32 ch at /4
     assert info["cost_volume_shape"] == [1, 80, 7, 4, 4]
     assert s["cost_embed"] == [1, 7, 128, 4, 4]
     assert s["stage0.aggregate"] == [1, 7, 128, 4, 4]
