@@ -167,20 +167,24 @@ def bank_encoder_info(bank, encoder: str) -> dict:
     return info
 
 
-def load_towers(encoder: str, bank_weights: str, weights: str | None, device: str):
-    """The CLIP towers the bank was encoded with. Random towers are built under seed 0, as the
-    bank's PromptEncoder builds them, so they are the same towers."""
+def load_towers(encoder: str, info: dict, weights: str | None, device: str):
+    """The CLIP towers the bank was encoded with (`info`: the bank's record of `encoder`). Given
+    weights must be the recorded ones (same file, or the recorded digest when that file is gone)
+    and are then what is loaded. Random towers are built under seed 0, as the bank's
+    PromptEncoder builds them, so they are the same towers."""
     from dpseg.clip import load_clip
-    from dpseg.clip.encoders import ENCODERS, resolve_weights, same_weights
+    from dpseg.clip.encoders import ENCODERS, matches_recorded, resolve_weights
 
+    bank_weights = str(info["weights"])
+    chosen = bank_weights
     if weights is not None:
-        asked = resolve_weights(ENCODERS.get(encoder), weights) or "random"
-        if not same_weights(asked, bank_weights):
+        chosen = resolve_weights(ENCODERS.get(encoder), weights) or "random"
+        if not matches_recorded(chosen, bank_weights, info.get("weights_sha256")):
             raise UserError(f"the bank's {encoder!r} prompts were encoded with weights {bank_weights!r}, "
-                            f"not {asked!r}; omit --encoder-weights or pass {bank_weights}")
+                            f"not {chosen!r}; omit --encoder-weights or pass {bank_weights}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return load_clip(encoder, None if bank_weights == "random" else bank_weights, device)
+        return load_clip(encoder, None if chosen == "random" else chosen, device)
 
 
 @torch.no_grad()
@@ -228,7 +232,7 @@ def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
     used = sorted({c for _, c, _ in pairs})
     names = [dataset.class_names[c] for c in used]
     # 2. prompts of the classes that occur: text (the bank's templates), bank visual, dual
-    towers = load_towers(settings.encoder, str(info["weights"]), settings.encoder_weights, settings.device)
+    towers = load_towers(settings.encoder, info, settings.encoder_weights, settings.device)
     size = int(settings.encode_size or bank.encode_size(settings.encoder))
     text = towers.text.encode_classes(names, first_templates(templates)).float().cpu()
     visual = bank.prototypes(names, settings.encoder, templates, encode_size=size).embedding.float().cpu()

@@ -101,7 +101,7 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
     if model is None:
         encode_size = None
         templates = int(bank.config["templates"])
-        towers = load_towers(encoder, str(info["weights"]), encoder_weights, device)
+        towers = load_towers(encoder, info, encoder_weights, device)
         image_tower, text_tower = towers.image.freeze(), towers.text
         size = size or towers.spec.image_size
     if size % 32:

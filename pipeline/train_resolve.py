@@ -105,8 +105,8 @@ def resolve(recipe, world_size: int) -> Resolved:
     bank_weights = info.get("weights")
     if r.encoder_weights is None:
         r.encoder_weights = bank_weights or "default"
-    elif bank_weights is not None and not same_weights(r.encoder, r.encoder_weights, bank_weights,
-                                                       info.get("weights_sha256")):
+    elif bank_weights is not None and not names_recorded_weights(r.encoder, r.encoder_weights, bank_weights,
+                                                                 info.get("weights_sha256")):
         raise UserError(f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was "
                         f"encoded with ({bank_weights}): the visual prompts would not match the image features; pass "
                         f"--encoder-weights {bank_weights} or re-encode the bank")
@@ -136,7 +136,7 @@ def read_prototypes(bank, names, encoder, templates, encode_size):
     return bank.prototypes(names, encoder, templates, encode_size=encode_size)
 
 
-def same_weights(encoder: str, given: str, recorded: str, recorded_sha256: str | None = None) -> bool:
+def names_recorded_weights(encoder: str, given: str, recorded: str, recorded_sha256: str | None = None) -> bool:
     """Whether `given` (as a user passes it) names the weights recorded in a bank (path, digest)."""
     from dpseg.clip.encoders import ENCODERS, matches_recorded, resolve_weights
 

@@ -177,3 +177,26 @@ def test_gap_errors_are_one_line(world, cli, one_line_error):
     all_classes = cli(*base, "--images", root / "shapes", "--classes", "all", "--min-area", 0.005)
     one_line_error(all_classes, "no 'tiny' prompts")  # the bank holds 3 of the 48
     assert not (root / "bad" / "gap.json").exists()
+
+
+def test_given_weights_load_when_they_match_the_digest_of_a_recorded_file_that_is_gone(tmp_path):
+    from safetensors.torch import save_file
+
+    from dpseg.clip.encoders import ENCODERS, create_open_clip, weights_digest
+    from dpseg.errors import UserError
+    from pipeline.analyze_gap import load_towers
+
+    torch.manual_seed(3)  # not seed 0: these weights differ from the random towers
+    model, _ = create_open_clip(ENCODERS.get("tiny"), weights=None)
+    here = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(here))
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not these weights")
+    info = {"weights": str(tmp_path / "gone" / "tiny.safetensors"), "weights_sha256": weights_digest(here)}
+
+    towers = load_towers("tiny", info, str(here), "cpu")
+    loaded = dict(towers.prompt.named_parameters())
+    name, value = next((n, v) for n, v in model.visual.named_parameters() if v.ndim == 4)
+    assert any(torch.equal(p, value) for p in loaded.values()), name  # the given file's weights, not random ones
+    with pytest.raises(UserError, match="encoded with weights"):
+        load_towers("tiny", info, str(other), "cpu")
