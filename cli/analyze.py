@@ -30,7 +30,7 @@ def gap(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Cosine similarity of image regions to text, visual and dual prompts; modality centroids (Fig. 1, 2)."""
-    from pipeline.analyze_gap import MODALITIES, GapSettings, run_gap
+    from pipeline.analyze.gap import MODALITIES, GapSettings, run_gap
 
     settings = GapSettings(bank=str(bank), encoder=encoder, images=images, out=str(out),
                            encoder_weights=encoder_weights, split=split, classes=classes, samples=samples,
@@ -61,7 +61,7 @@ def heatmap(
     device: str = typer.Option("cpu"),
 ):
     """Per-pixel cost maps of text, visual and dual prompts side by side (Fig. 3; Fig. 8 with --checkpoint)."""
-    from pipeline.analyze_heatmap import run_heatmap
+    from pipeline.analyze.heatmap import run_heatmap
 
     result = run_heatmap(image, classes, bank, encoder, out, encoder_weights, checkpoint, size, device)
     ranges = ", ".join(f"{k} [{lo:.2f}, {hi:.2f}]" for k, (lo, hi) in result["range"].items())
@@ -85,7 +85,7 @@ def sweep(
 ):
     """Run an ablation sweep as DVC experiments (skipping finished ones), then print its table."""
     from dpseg.errors import UserError
-    from pipeline import sweeps
+    from pipeline.analyze import sweeps
 
     if name is None:
         for n in sweeps.SWEEPS.names():
@@ -120,7 +120,7 @@ def sweep(
 
 
 def render_table(name: str, params: Path, metric: str) -> str:
-    from pipeline.sweeps import sweep_table
+    from pipeline.analyze.sweeps import sweep_table
 
     return sweep_table(name, params, metric=metric)
 

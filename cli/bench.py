@@ -32,7 +32,7 @@ def bench_model_command(
     out: Path = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Forward latency and peak memory: whole network, image tower alone, decoder alone (and chunked / rejecting)."""
-    from pipeline.bench_model import bench_model
+    from pipeline.bench.model import bench_model
 
     result = bench_model(encoder, size or None, _ints(classes), _ints(batch), dtype, device, warmup, repeats,
                          class_chunk or None, reject_topk or None, threads or None)
@@ -61,7 +61,7 @@ def bench_bank_command(
     out: Path = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Bank build overhead vs the bare generator loop, encode throughput, prototype read time, dedup ratio."""
-    from pipeline.bench_bank import bench_bank
+    from pipeline.bench.bank import bench_bank
 
     result = bench_bank(generator, device, dtype, resolution or None, steps, _ints(batch_sizes), batches,
                         tuple(c for c in compile.split(",") if c), _ints(compiled_batch_sizes) or None, encoder,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.clip_pretrain import ClipPretrainConfig
+from pipeline.clip.pretrain import ClipPretrainConfig
 
 app = typer.Typer(help="The demo's CLIP: pretrain the tiny open_clip model on the shapes world.", no_args_is_help=True)
 _D = ClipPretrainConfig()
@@ -30,7 +30,7 @@ def pretrain_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Pretrain the tiny CLIP (both towers) on rendered shapes + template captions; report zero-shot accuracy."""
-    from pipeline.clip_pretrain import pretrain
+    from pipeline.clip.pretrain import pretrain
 
     cfg = ClipPretrainConfig(steps=steps, batch_size=batch_size, lr=lr, templates_per_step=templates_per_step,
                              renders=renders, small_size=small_size, small_fraction=small_fraction,
@@ -49,7 +49,7 @@ def bench_all_command(
     only: str | None = typer.Option(None, help="Comma-separated subset: model,bank,train,eval,clip_pretrain."),
 ):
     """Every benchmark, sized for this machine, into one JSON (results/bench.json)."""
-    from pipeline.bench_all import bench_all
+    from pipeline.bench.all import bench_all
 
     result = bench_all(out, [s for s in only.split(",") if s] if only else None)
     for name, entry in result["benchmarks"].items():

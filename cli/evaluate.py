@@ -32,7 +32,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json."),
 ):
     """Evaluate a checkpoint: pass I (bank prompts) and pass II (prompts refined per image)."""
-    from pipeline.evaluate import EvalSettings, evaluate
+    from pipeline.evaluate.loop import EvalSettings, evaluate
 
     settings = EvalSettings(
         checkpoint=str(checkpoint), dataset=str(dataset), out=str(out), split=split, bank=str(bank) if bank else None,
@@ -68,7 +68,7 @@ def segment_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Segment your own images with your own class names; writes an overlay PNG per image."""
-    from pipeline.segment import SegmentSettings, segment
+    from pipeline.evaluate.segment import SegmentSettings, segment
 
     report = segment(SegmentSettings(images=[str(p) for p in images], classes=classes, checkpoint=str(checkpoint),
                                      out=str(out), bank=str(bank) if bank else None, passes=passes, size=size,
@@ -99,7 +99,7 @@ def report_command(
 
     if sweep is not None:
         from dpseg.io import atomic_write_bytes
-        from pipeline.sweeps import sweep_table
+        from pipeline.analyze.sweeps import sweep_table
 
         if dirs:
             raise UserError("give eval folders or --sweep, not both")
@@ -111,7 +111,7 @@ def report_command(
     if not dirs:
         raise UserError("no eval folders given: `dpseg report out/eval/seen out/eval/unseen`, or `--sweep banks` "
                         "for the table of the experiments")
-    from pipeline.report import render_report
+    from pipeline.evaluate.report import render_report
 
     names = [s.strip() for s in labels.split(",")] if labels else None
     result = render_report([str(d) for d in dirs], labels=names, out=str(out), panels=panels)
@@ -134,7 +134,7 @@ def bench_eval_command(
 ):
     """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
     from dpseg.io import atomic_write_json
-    from pipeline.bench_eval import bench_eval
+    from pipeline.bench.eval import bench_eval
 
     result = bench_eval(encoder=encoder, size=size or None, classes=[int(c) for c in classes.split(",") if c.strip()],
                         class_chunk=class_chunk, ratio_classes=ratio_classes, device=device, repeats=repeats,

@@ -36,7 +36,7 @@ def demo(
 ):
     """Smoke check: the untrained network segments one synthetic scene with bank prompts (the main
     job, training and evaluation included, is `dvc repro`: README quick start)."""
-    from pipeline.demo import run_demo
+    from pipeline.smoke import run_demo
 
     result = run_demo(size=size, bank_dir=bank)
     s = result["summary"]

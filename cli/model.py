@@ -23,7 +23,7 @@ def summary(
 ):
     """Build the network (random init, no download) and show its structure and shapes."""
     from dpseg.model import DPSegConfig
-    from pipeline.model_summary import model_summary
+    from dpseg.model.summary import model_summary
 
     cfg = DPSegConfig(encoder=encoder, templates=templates, prompt_mode=prompt_mode, fusion=fusion,
                       visual_guidance=visual_guidance, deep_supervision=deep_supervision)

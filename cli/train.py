@@ -48,7 +48,7 @@ HELP = {
 
 
 def _recipe_parameters() -> list[inspect.Parameter]:
-    from pipeline.train import TrainRecipe
+    from pipeline.train.loop import TrainRecipe
 
     params = []
     defaults = TrainRecipe()
@@ -69,7 +69,7 @@ def _recipe_parameters() -> list[inspect.Parameter]:
 
 def _recipe_from(kwargs: dict):
     from dpseg.errors import UserError
-    from pipeline.train import TrainRecipe
+    from pipeline.train.loop import TrainRecipe
 
     overrides = kwargs.pop("model_overrides", None)
     if overrides:
@@ -86,7 +86,7 @@ def _recipe_from(kwargs: dict):
 
 def train_command(**kwargs):
     """Stage two: train DPSeg from a prepared dataset and a prompt bank (resumes OUT's checkpoint)."""
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     as_json, progress = kwargs.pop("json_output"), kwargs.pop("progress")
     summary = train(_recipe_from(kwargs), progress=progress)
@@ -125,7 +125,7 @@ def bench_train_command(
 ):
     """Train-step time: real loader + bank vs in-memory tensors, dual vs text-only prompts; peak memory."""
     from dpseg.io import atomic_write_json
-    from pipeline.bench_train import bench_train
+    from pipeline.bench.train import bench_train
 
     result = bench_train(encoder=encoder, size=size, classes=classes, templates=templates, batch_size=batch_size,
                          steps=steps, rounds=rounds, num_workers=num_workers, device=device,

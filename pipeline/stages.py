@@ -8,9 +8,10 @@ section next to its outputs, and calls the stage function:
     bank-base  the bank of the base generator (procedural / sd15 ...)             -> out/bank-base
     bank       the bank training reads: the base bank (hard links), a noise bank derived from it
                (`bank.generator=noise:<r>`, no regeneration), or another generator built fresh -> out/bank
-    train      pipeline.train.train_from_params                                   -> out/train
-    eval       pipeline.evaluate.eval_from_params, one eval set (--set) -> out/eval/<set>, metrics/eval/<set>.json
-    report     the tables (pipeline.report) + the demo's results table            -> out/report, metrics/miou.csv
+    train      pipeline.train.loop.train_from_params                            -> out/train
+    eval       pipeline.evaluate.loop.eval_from_params, one eval set (--set)
+               -> out/eval/<set>, metrics/eval/<set>.json
+    report     the tables (pipeline.evaluate.report) + the demo's results table -> out/report, metrics/miou.csv
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_clip(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         note = {"skipped": f"profile {r['profile']} uses pretrained CLIP weights (clip.enabled is false)"}
         atomic_write_json(Path(c["out"]) / "metrics.json", note)
         return note
-    from pipeline.clip_pretrain import pretrain_from_params
+    from pipeline.clip.pretrain import pretrain_from_params
 
     return pretrain_from_params(c, progress=progress)
 
@@ -177,7 +178,7 @@ def run_bank(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
 
 
 def run_train(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    from pipeline.train import train_from_params
+    from pipeline.train.loop import train_from_params
 
     return train_from_params(r["train"], progress=progress)
 
@@ -204,7 +205,7 @@ def checkpoint_uses_visual(checkpoint: str) -> bool:
 
 
 def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, Any]:
-    from pipeline.evaluate import eval_from_params
+    from pipeline.evaluate.loop import eval_from_params
 
     settings = eval_set(r, name)
     if int(settings.get("passes") or 1) == 2 and not checkpoint_uses_visual(settings["checkpoint"]):
@@ -239,7 +240,7 @@ def results_table(r: dict[str, Any]) -> str:
 
 
 def run_report(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    from pipeline.report import render_report
+    from pipeline.evaluate.report import render_report
 
     sets = list(r["eval"].get("sets") or [])
     rep = r["report"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.analyze_gap import MODALITIES, gap_statistics, pca_2d
+from pipeline.analyze.gap import MODALITIES, gap_statistics, pca_2d
 
 
 def _unit(v):
@@ -147,7 +147,7 @@ def test_gap_command_writes_summary_pairs_and_both_figures(world, cli):
 
 
 def test_pairs_are_sampled_deterministically_from_qualifying_regions(world, tmp_path, monkeypatch):
-    from pipeline.analyze_gap import open_dataset, resolve_classes, sample_pairs
+    from pipeline.analyze.gap import open_dataset, resolve_classes, sample_pairs
 
     root, top = world
     (tmp_path / "out" / "data").mkdir(parents=True)
@@ -184,7 +184,7 @@ def test_given_weights_load_when_they_match_the_digest_of_a_recorded_file_that_i
 
     from dpseg.clip.encoders import ENCODERS, create_open_clip, weights_digest
     from dpseg.errors import UserError
-    from pipeline.analyze_gap import load_towers
+    from pipeline.analyze.gap import load_towers
 
     torch.manual_seed(3)  # not seed 0: these weights differ from the random towers
     model, _ = create_open_clip(ENCODERS.get("tiny"), weights=None)

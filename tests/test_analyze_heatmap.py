@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.analyze_heatmap import prompt_costs, template_mean_cost, upsample
+from pipeline.analyze.heatmap import prompt_costs, template_mean_cost, upsample
 
 PHOTO = Path(__file__).resolve().parent / "fixtures" / "realseg" / "ade20k" / "images" / "ADE_val_00000001.jpg"
 CLASSES = ["red dotted triangle", "green striped square"]

@@ -122,7 +122,7 @@ def test_a_multi_line_library_message_still_prints_as_one_line(monkeypatch):
     def broken(*args, **kwargs):
         raise UserError("could not load weights (hub says:\n  file not found\n  in cache); pass --weights")
 
-    monkeypatch.setattr("pipeline.model_summary.model_summary", broken)
+    monkeypatch.setattr("dpseg.model.summary.model_summary", broken)
     result = runner.invoke(app, ["model", "summary", "--encoder", "tiny"])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]

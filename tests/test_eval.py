@@ -17,7 +17,7 @@ from dpseg.data.readers import SegmentationDataset
 from dpseg.data.shapes import UNSEEN
 from dpseg.data.subsets import remap_labels
 from dpseg.errors import UserError
-from pipeline.evaluate import EvalSettings, eval_from_params, evaluate
+from pipeline.evaluate.loop import EvalSettings, eval_from_params, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_cli_eval_prints_both_passes_and_refuses_a_missing_checkpoint(world, cli
 
 
 def test_the_banks_weights_stand_in_only_for_a_recorded_file_that_is_gone(tmp_path):
-    from pipeline.eval_setup import stands_in
+    from pipeline.evaluate.setup import stands_in
 
     bank_file, other = tmp_path / "tiny.safetensors", tmp_path / "other.safetensors"
     bank_file.write_bytes(b"w")

@@ -10,7 +10,7 @@ from dpseg.errors import UserError
 from dpseg.model import DPSegConfig, build_dpseg, deep_supervision_bce, segmentation_bce
 from dpseg.model.blocks import ClassAttention, CostGuidance, StageFusion, UpsampledCostChain
 from dpseg.model.cost_volume import cosine_cost, dual_prompt_embeddings, initial_cost
-from pipeline.model_summary import model_summary, random_prompts
+from dpseg.model.summary import model_summary, random_prompts
 
 N_CLASSES = 5
 

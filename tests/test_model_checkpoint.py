@@ -7,7 +7,7 @@ import torch
 
 from dpseg.errors import UserError
 from dpseg.model import DPSegConfig, build_dpseg, load_dpseg, save_dpseg
-from pipeline.model_summary import random_prompts
+from dpseg.model.summary import random_prompts
 
 
 def test_round_trip_gives_the_same_logits_and_config(tmp_path):

@@ -21,7 +21,7 @@ from dpseg.model import (
     segmentation_bce,
 )
 from dpseg.model.decoder import REJECTED_LOGIT, kept_classes
-from pipeline.model_summary import model_summary, random_prompts
+from dpseg.model.summary import model_summary, random_prompts
 
 
 def tiny_model(seed=0, **cfg):

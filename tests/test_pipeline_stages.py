@@ -41,7 +41,7 @@ def test_bad_params_are_one_line_errors():
 
 
 def test_eval_sets_resolve_to_eval_settings():
-    from pipeline.evaluate import EvalSettings
+    from pipeline.evaluate.loop import EvalSettings
 
     r = resolve({"profile": "demo", "eval": {"sets": ["seen", "unseen"], "passes": None, "min_area": 9}})
     seen = eval_set(r, "seen")
@@ -54,7 +54,7 @@ def test_params_yaml_resolves_and_dvc_yaml_tracks_it():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     r = resolve(params)
     assert r["profile"] == "demo"
-    from pipeline.train import recipe_from_params
+    from pipeline.train.loop import recipe_from_params
 
     recipe_from_params(r["train"])  # the demo's train section is a valid recipe
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from dpseg.data.shapes import SHAPES_CATEGORIES, UNSEEN_IDS
-from pipeline.report import render_report
+from pipeline.evaluate.report import render_report
 
 
 def fake_eval(folder, dataset_name, dataset, bank, generator, miou1, miou2, classes=None, ids=None, names=None):

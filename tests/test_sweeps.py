@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from dpseg.errors import UserError
-from pipeline import sweeps
-from pipeline.sweeps import SWEEPS
+from pipeline.analyze import sweeps
+from pipeline.analyze.sweeps import SWEEPS
 
 PARAMS = """\
 profile: demo

@@ -9,7 +9,7 @@ from test_train_world import CLASS_IDS, flags, recipe, shared_world
 
 from dpseg.data import shapes
 from dpseg.errors import UserError
-from pipeline.train import read_metrics, recipe_from_params, train
+from pipeline.train.loop import read_metrics, recipe_from_params, train
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_the_checkpoint_reproduces_the_trained_network(trained, world):
     from dpseg.data.readers import SegmentationDataset
     from dpseg.model import VisualPrompts, load_dpseg
     from pipeline.text_cache import cached_text_embeddings
-    from pipeline.train_validate import Validator
+    from pipeline.train.validate import Validator
 
     out, summary = trained
     data, bank = world
@@ -165,7 +165,7 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(world, 
 
 
 def test_every_split_of_a_global_batch_reads_the_same_samples():
-    from pipeline.train_data import SampleStream, StreamLayout
+    from pipeline.train.data import SampleStream, StreamLayout
 
     def global_batches(world, accum, steps=5, start=0):
         micro = 4 // (world * accum)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_train_world import flags, recipe, run_cli, shared_world
 
-from pipeline.train import read_metrics, train
+from pipeline.train.loop import read_metrics, train
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def build_world(root: Path) -> tuple[Path, Path]:
 
 
 def recipe(data: Path, bank: Path, out: Path, **overrides):
-    from pipeline.train import TrainRecipe
+    from pipeline.train.loop import TrainRecipe
 
     base = dict(dataset=str(data), bank=str(bank), out=str(out), classes=CLASSES, steps=12, batch_size=2, crop_size=64,
                 lr=1e-3, image_lr_multiplier=1.0, num_workers=0, log_every=1, checkpoint_every=4)

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from dpseg.io import atomic_write_json
-from pipeline.bench_model import bench_model
+from pipeline.bench.model import bench_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--encoder", default="convnext-b")

@@ -215,7 +215,7 @@ def encode_crops(tower, dataset, pairs, size: int, batch_size: int, progress: bo
 def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
     from bank.reader import Bank
     from dpseg.clip.templates import templates as first_templates
-    from pipeline import plots
+    from pipeline.analyze import plots
 
     # 1. inputs: the bank (its encoder, weights, templates, encode size) and the dataset's pairs
     if settings.samples < 1:
@@ -276,7 +276,7 @@ DEFINITIONS = {
 
 
 def histogram(sims: dict[str, np.ndarray], path: Path, pairs: int) -> dict[str, str]:
-    from pipeline import plots
+    from pipeline.analyze import plots
 
     values = np.concatenate(list(sims.values()))
     lo, hi = float(values.min()), float(values.max())
@@ -288,7 +288,7 @@ def histogram(sims: dict[str, np.ndarray], path: Path, pairs: int) -> dict[str, 
 
 
 def embedding_plot(images, text, visual, row, names, path: Path) -> dict[str, str]:
-    from pipeline import plots
+    from pipeline.analyze import plots
 
     x = F.normalize(images.double(), dim=-1)
     per_class = {"text": F.normalize(text.double(), dim=-1), "visual": F.normalize(visual.double(), dim=-1)}

@@ -45,8 +45,8 @@ def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | N
           device: str, detect_classes: int, templates: int) -> dict:
     from dpseg.metrics import predict_labels
     from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.summary import random_prompts
     from dpseg.refine import RefineSettings, refine_batch, replace_prompts
-    from pipeline.model_summary import random_prompts
 
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -23,8 +23,8 @@ from dpseg.io import atomic_write_json
 from dpseg.metrics import predict_labels
 from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
-from pipeline.eval_setup import bank_encoder_info, load_prototypes, open_checkpoint, resolve_device, text_prompts
-from pipeline.eval_viz import blend, legend_for, palette, save_panels
+from pipeline.evaluate.panels import blend, legend_for, palette, save_panels
+from pipeline.evaluate.setup import bank_encoder_info, load_prototypes, open_checkpoint, resolve_device, text_prompts
 
 
 @dataclass

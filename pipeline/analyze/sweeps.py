@@ -170,7 +170,8 @@ def check_keys(points: Sequence[Point], params: dict[str, Any]) -> None:
 
     missing = sorted({k for p in points for k in p.params if not known(k)})
     if missing:
-        raise UserError(f"params.yaml has no {', '.join(missing)}; the sweep sets these keys (pipeline/sweeps.py "
+        raise UserError(f"params.yaml has no {', '.join(missing)}; the sweep sets these keys "
+                        "(pipeline/analyze/sweeps.py "
                         "names them): add them to params.yaml or update the sweep")
 
 
@@ -283,7 +284,7 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _train_defaults() -> dict[str, Any]:
     try:
-        from pipeline.train import TrainRecipe
+        from pipeline.train.loop import TrainRecipe
     except ImportError:
         return {}
     out = {}

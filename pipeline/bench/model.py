@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dpseg.model import DPSegConfig, build_dpseg
-from pipeline.model_summary import random_prompts
+from dpseg.model.summary import random_prompts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SED_REFERENCE = {"sed_ms_per_image": 82, "sed_device": "A6000", "sed_note": "SED paper, whole model, ConvNeXt-B, 768"}

@@ -17,7 +17,7 @@ import torch
 
 from dpseg.data.shapes import SHAPES_CATEGORIES, render_scene
 from dpseg.model import DPSegConfig, VisualPrompts, build_dpseg
-from pipeline.model_summary import model_summary, random_prompts
+from dpseg.model.summary import model_summary, random_prompts
 
 
 def run_demo(size: int = 128, seed: int = 0, bank_dir: str | Path | None = None) -> dict:
@@ -79,10 +79,10 @@ def demo_report(params_file: str | Path = "params.yaml", run: bool = False, out:
                 paragraph: str | None = None, dvc: str | None = None, echo=print) -> dict:
     """Runs (with `run`) the missing text/visual/dual experiments as `dvc exp run`s, then writes
     the demo report: one row per prompt mode, seen/unseen x pass I/II mIoU + the uniform-random
-    baseline, each with its command. Experiments are found by their parameters (pipeline.sweeps),
+    baseline, each with its command. Experiments are found by their parameters (pipeline.analyze.sweeps),
     so ones run by hand count too."""
     from dpseg.io import atomic_write_bytes
-    from pipeline import sweeps
+    from pipeline.analyze import sweeps
 
     sweep = sweeps.SWEEPS.get("prompts")
     points = [p for p in sweep.points if p.label in REPORT_POINTS]
@@ -118,7 +118,7 @@ def demo_report(params_file: str | Path = "params.yaml", run: bool = False, out:
     text = "\n".join(["# dpseg demo: text / visual / dual prompts, pass I / pass II, seen / unseen", "",
                       "mIoU (%) on the shapes val split; `seen` = the 36 training categories, `unseen` = the 12 "
                       "held-out ones evaluated with their own vocabulary; `uniform` = a uniform-random predictor on "
-                      "the same ground truth. Reproduce: `python -m pipeline.demo --run`.", "", *lines, "",
+                      "the same ground truth. Reproduce: `python -m pipeline.smoke --run`.", "", *lines, "",
                       paragraph or PARAGRAPH_PLACEHOLDER, ""])
     atomic_write_bytes(out, text.encode())
     return {"markdown": text, "path": str(out)}
@@ -130,7 +130,7 @@ if __name__ == "__main__":
 
     from dpseg.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description="the demo report")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.smoke", description="the demo report")
     parser.add_argument("--run", action="store_true", help="run the missing experiments first (dvc exp run)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="out/report/demo.md")

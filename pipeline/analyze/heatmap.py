@@ -71,8 +71,8 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
                 device: str = "cpu") -> dict[str, Any]:
     from bank.reader import Bank
     from dpseg.clip.templates import templates as first_templates
-    from pipeline import plots
-    from pipeline.analyze_gap import bank_encoder_info, load_towers
+    from pipeline.analyze import plots
+    from pipeline.analyze.gap import bank_encoder_info, load_towers
 
     # 1. inputs: image, class names, bank (encoder, weights, templates), towers or checkpoint
     out = plots.check_output(out)
@@ -142,7 +142,7 @@ def stage_costs(features, pooled: dict[int, torch.Tensor], strides) -> dict[int,
 
 def stage_figure(model, features, protos, visual32: torch.Tensor, image: np.ndarray, names: list[str],
                  path: Path) -> dict[str, Any]:
-    from pipeline import plots
+    from pipeline.analyze import plots
 
     strides = list(model.cfg.guidance_strides)
     with torch.no_grad():

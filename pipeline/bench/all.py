@@ -44,7 +44,7 @@ def _clip_bench(steps: int = 6) -> dict[str, Any]:
     """Seconds per step of the demo's CLIP pretraining (64 px and the small size), no outputs kept."""
     import tempfile
 
-    from pipeline.clip_pretrain import ClipPretrainConfig, pretrain
+    from pipeline.clip.pretrain import ClipPretrainConfig, pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ClipPretrainConfig(steps=steps, renders=1, eval_renders=1, warmup=1, out=tmp)
@@ -58,14 +58,14 @@ def benchmarks(gpu: bool) -> dict[str, Callable[[], dict]]:
     device = "cuda" if gpu else "cpu"
 
     def model() -> dict:
-        from pipeline.bench_model import bench_model
+        from pipeline.bench.model import bench_model
 
         if gpu:
             return bench_model("convnext-b", None, [150, 847], [1, 8], "fp16", device, 2, 5, None)
         return bench_model("tiny", None, [48, 150], [1], "fp32", device, 1, 3, None)
 
     def bank() -> dict:
-        from pipeline.bench_bank import bench_bank
+        from pipeline.bench.bank import bench_bank
 
         if gpu:
             return bench_bank("sd15-random", device, "auto", None, 25, [4], 4, (), None, "convnext-b", None, rounds=1,
@@ -73,14 +73,14 @@ def benchmarks(gpu: bool) -> dict[str, Callable[[], dict]]:
         return bench_bank("tiny-sd", device, "auto", None, 25, [4], 4, (), None, "tiny", None, rounds=1, progress=False)
 
     def train() -> dict:
-        from pipeline.bench_train import bench_train
+        from pipeline.bench.train import bench_train
 
         return bench_train(encoder="convnext-b" if gpu else "tiny", size=768 if gpu else 64, classes=36, templates=4,
                            batch_size=4, steps=5, rounds=1, num_workers=1, device=device, mixed_precision="auto",
                            data=None)
 
     def evaluate() -> dict:
-        from pipeline.bench_eval import bench_eval
+        from pipeline.bench.eval import bench_eval
 
         return bench_eval(encoder="convnext-b" if gpu else "tiny", size=None, classes=[150, 847] if gpu else [48, 150],
                           class_chunk=64, ratio_classes=150 if gpu else 48, device=device, repeats=2)

@@ -30,7 +30,7 @@ from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
 from dpseg.metrics import confusion_matrix, label_range_error, predict_labels, segmentation_scores, uniform_random_miou
 from dpseg.refine import CROP_MODES, DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
-from pipeline.eval_setup import EvalContext, prepare_context
+from pipeline.evaluate.setup import EvalContext, prepare_context
 
 FORMAT = "dpseg-eval-1"
 PARTS = ".parts"

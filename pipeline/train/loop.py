@@ -77,11 +77,11 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
 
     from dpseg.model import VisualPrompts, build_dpseg
     from dpseg.model.loss import deep_supervision_bce
-    from pipeline import train_state as ckpt
     from pipeline.text_cache import cached_text_embeddings
-    from pipeline.train_data import StreamLayout, train_loader
-    from pipeline.train_resolve import check_numbers, check_resumable, resolve
-    from pipeline.train_validate import Validator
+    from pipeline.train import state as ckpt
+    from pipeline.train.data import StreamLayout, train_loader
+    from pipeline.train.resolve import check_numbers, check_resumable, resolve
+    from pipeline.train.validate import Validator
 
     # 1. resolve and check everything before any compute
     check_numbers(recipe)

@@ -273,7 +273,7 @@ def bench_bank(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.bench_bank ...`: the same as `dpseg bench bank`, for machines without
+    """`python -m pipeline.bench.bank ...`: the same as `dpseg bench bank`, for machines without
     the CLI's dependencies (typer); same option names."""
     import argparse
     import json
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpseg.io import atomic_write_json
 
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_bank", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.bank", description=__doc__.splitlines()[0])
     p.add_argument("--generator", default="tiny-sd")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")

@@ -9,7 +9,7 @@ Cases, alternated `rounds` times (the fastest round of each is kept):
 Reported: seconds per step, loader/memory and dual/text ratios, peak memory (per case on a GPU;
 the process's peak RSS on a CPU, which only grows).
 
-The step is the training step of pipeline/train.py: forward with the aux heads, SED's deep
+The step is the training step of pipeline/train/loop.py: forward with the aux heads, SED's deep
 supervision BCE, backward, full-model gradient clipping, AdamW.
 """
 
@@ -53,8 +53,8 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
     from dpseg.errors import UserError
     from dpseg.model import DPSegConfig, VisualPrompts, build_dpseg
     from dpseg.model.loss import deep_supervision_bce
-    from pipeline.train import resolve_precision
-    from pipeline.train_data import StreamLayout, train_loader
+    from pipeline.train.data import StreamLayout, train_loader
+    from pipeline.train.loop import resolve_precision
 
     # 1. settings
     if device == "auto":
@@ -82,7 +82,7 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
             protos = Bank(bank_dir).prototypes(names, "tiny", templates, encode_size=size)
             visual = VisualPrompts(protos.embedding, {s: protos.pooled[s] for s in dual.cfg.guidance_strides})
         else:  # prompts of the right shapes, random values
-            from pipeline.model_summary import random_prompts
+            from dpseg.model.summary import random_prompts
 
             text, visual = random_prompts(dual, classes)
             text = text.to(device)

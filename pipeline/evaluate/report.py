@@ -105,7 +105,7 @@ def panels_for(folder: str | Path, metrics: dict, out: Path, k: int, run_label: 
     """image | ground truth | pass I | pass II for the first k images with saved predictions."""
     from dpseg.data.readers import SegmentationDataset
     from dpseg.data.subsets import remap_labels
-    from pipeline.eval_viz import blend, colourise, legend_for, palette, save_panels
+    from pipeline.evaluate.panels import blend, colourise, legend_for, palette, save_panels
 
     s = metrics["settings"]
     passes = [p for p in ("1", "2") if (Path(folder) / "pred" / f"pass{p}").is_dir()]

@@ -1,0 +1,1 @@
+"""Analyses: modality gap, cost heatmaps, ablation sweeps, plots."""

@@ -1,0 +1,1 @@
+"""Benchmarks: `dpseg bench model|bank|train|eval|all` (JSON results)."""

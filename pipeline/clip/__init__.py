@@ -1,0 +1,1 @@
+"""The demo CLIP: contrastive pretraining of the tiny tower on rendered shapes."""

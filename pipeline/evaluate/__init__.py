@@ -1,0 +1,1 @@
+"""Evaluation stage: two-pass loop (loop.py), setup, segment, report, panels."""
