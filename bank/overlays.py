@@ -57,8 +57,10 @@ class OverlayWriter:
         if existing.is_file():
             previous = json.loads(existing.read_text())
             if previous != settings:
-                raise UserError(f"{self.root} holds overlays made with other settings; choose another --out or delete "
-                                f"{self.root} (differs in: {', '.join(_diff(previous, settings))})")
+                raise UserError(
+                    f"{self.root} holds overlays made with other settings; choose another --out or delete "
+                    f"{self.root} (differs in: {', '.join(_diff(previous, settings))})"
+                )
         else:
             atomic_write_json(existing, settings)
 
@@ -76,10 +78,19 @@ class OverlayWriter:
             with os.fdopen(fd, "wb") as f:
                 writer = wds.TarWriter(f)
                 for image_id, ref, extra in items:
-                    meta = {"id": image_id, "classes": ref.classes.tolist(), "areas": ref.areas.tolist(),
-                            "counts": ref.counts.tolist(), **extra, "settings": self.settings}
-                    sample = {"__key__": sample_key(image_id), "json": json.dumps(meta).encode(),
-                              "embedding.npy": _npy(ref.embedding.numpy().astype(np.float16))}
+                    meta = {
+                        "id": image_id,
+                        "classes": ref.classes.tolist(),
+                        "areas": ref.areas.tolist(),
+                        "counts": ref.counts.tolist(),
+                        **extra,
+                        "settings": self.settings,
+                    }
+                    sample = {
+                        "__key__": sample_key(image_id),
+                        "json": json.dumps(meta).encode(),
+                        "embedding.npy": _npy(ref.embedding.numpy().astype(np.float16)),
+                    }
                     for s in PROMPT_STRIDES:
                         sample[f"pooled_{s}.npy"] = _npy(ref.pooled[s].numpy().astype(np.float16))
                     writer.write(sample)
@@ -100,8 +111,10 @@ class OverlayReader:
         self.root = Path(root)
         settings = self.root / SETTINGS_FILE
         if not settings.is_file():
-            raise UserError(f"{self.root} holds no overlays ({SETTINGS_FILE} missing); write them with "
-                            f"`dpseg eval --passes 2 --out DIR` and pass DIR/overlays")
+            raise UserError(
+                f"{self.root} holds no overlays ({SETTINGS_FILE} missing); write them with "
+                f"`dpseg eval --passes 2 --out DIR` and pass DIR/overlays"
+            )
         self.settings = json.loads(settings.read_text())
         self._tars: dict[Path, tarfile.TarFile] = {}
         self.index: dict[str, tuple[Path, dict[str, tarfile.TarInfo]]] = {}
@@ -110,8 +123,9 @@ class OverlayReader:
                 tar = tarfile.open(path, "r:")
                 members = tar.getmembers()
             except (tarfile.TarError, OSError) as err:
-                raise UserError(f"overlay shard {path} is unreadable ({err}); delete it and rerun the eval that "
-                                "wrote it") from None
+                raise UserError(
+                    f"overlay shard {path} is unreadable ({err}); delete it and rerun the eval that wrote it"
+                ) from None
             self._tars[path] = tar
             for m in members:
                 key, _, ext = m.name.partition(".")
@@ -133,8 +147,10 @@ class OverlayReader:
     def read(self, image_id: str) -> Refinement:
         key = sample_key(image_id)
         if key not in self.index:
-            raise UserError(f"{self.root} has no overlay for image {image_id!r}; rerun `dpseg eval --passes 2` "
-                            "on this dataset and split to write them")
+            raise UserError(
+                f"{self.root} has no overlay for image {image_id!r}; rerun `dpseg eval --passes 2` "
+                "on this dataset and split to write them"
+            )
         meta = json.loads(self._read(key, "json"))
 
         def array(name: str) -> torch.Tensor:
@@ -144,7 +160,8 @@ class OverlayReader:
         return Refinement(
             classes=torch.tensor(meta["classes"], dtype=torch.int64),
             areas=torch.tensor(meta["areas"], dtype=torch.int64),
-            counts=torch.tensor(meta["counts"], dtype=torch.int64), embedding=array("embedding"),
+            counts=torch.tensor(meta["counts"], dtype=torch.int64),
+            embedding=array("embedding"),
             pooled={s: array(f"pooled_{s}") for s in PROMPT_STRIDES},
         )
 

@@ -32,10 +32,21 @@ def gap(
     """Cosine similarity of image regions to text, visual and dual prompts; modality centroids (Fig. 1, 2)."""
     from pipeline.analyze.gap import MODALITIES, GapSettings, run_gap
 
-    settings = GapSettings(bank=str(bank), encoder=encoder, images=images, out=str(out),
-                           encoder_weights=encoder_weights, split=split, classes=classes, samples=samples,
-                           min_area=min_area, seed=seed, encode_size=encode_size, batch_size=batch_size,
-                           device=device)
+    settings = GapSettings(
+        bank=str(bank),
+        encoder=encoder,
+        images=images,
+        out=str(out),
+        encoder_weights=encoder_weights,
+        split=split,
+        classes=classes,
+        samples=samples,
+        min_area=min_area,
+        seed=seed,
+        encode_size=encode_size,
+        batch_size=batch_size,
+        device=device,
+    )
     result = run_gap(settings, progress=progress)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -44,8 +55,10 @@ def gap(
     typer.echo(f"{'':<8}{'mean cos':>10}{'centroid dist':>15}{'paper':>8}")
     for m in MODALITIES:
         s = result["summary"][m]
-        typer.echo(f"{m:<8}{s['mean_similarity']:>10.3f}{s['centroid_distance']:>15.3f}"
-                   f"{result['paper_centroid_distance'][m]:>8.2f}")
+        typer.echo(
+            f"{m:<8}{s['mean_similarity']:>10.3f}{s['centroid_distance']:>15.3f}"
+            f"{result['paper_centroid_distance'][m]:>8.2f}"
+        )
 
 
 @app.command()
@@ -67,8 +80,9 @@ def heatmap(
     ranges = ", ".join(f"{k} [{lo:.2f}, {hi:.2f}]" for k, (lo, hi) in result["range"].items())
     typer.echo(f"{out}: {len(result['classes'])} classes x (text, visual, dual); cost ranges {ranges}")
     if "stages" in result:
-        typer.echo(f"{result['stages']['figure']}: visual cost volumes at strides "
-                   f"{', '.join(result['stages']['range'])}")
+        typer.echo(
+            f"{result['stages']['figure']}: visual cost volumes at strides {', '.join(result['stages']['range'])}"
+        )
 
 
 @app.command()
@@ -99,8 +113,9 @@ def sweep(
         runner = sweeps.run_command
         if dry_run:
             runner = lambda args: type("Done", (), {"returncode": 0})()  # noqa: E731
-        run = sweeps.run_sweep(name, params, queue_only=queue_only, queue=queue, jobs=jobs, runner=runner,
-                               echo=typer.echo)
+        run = sweeps.run_sweep(
+            name, params, queue_only=queue_only, queue=queue, jobs=jobs, runner=runner, echo=typer.echo
+        )
     table = None
     if not (queue or queue_only or dry_run):
         table = render_table(name, params, metric)
@@ -115,8 +130,10 @@ def sweep(
         if run is not None:
             atomic_write_json(out / f"{name}.json", run)
     if run is not None and run["failed"]:
-        raise UserError(f"sweep {name}: experiment(s) {', '.join(run['failed'])} failed (dvc's output is above); "
-                        "fix the cause and run the same command again: finished experiments are not redone")
+        raise UserError(
+            f"sweep {name}: experiment(s) {', '.join(run['failed'])} failed (dvc's output is above); "
+            "fix the cause and run the same command again: finished experiments are not redone"
+        )
 
 
 def render_table(name: str, params: Path, metric: str) -> str:

@@ -34,8 +34,19 @@ def bench_model_command(
     """Forward latency and peak memory: whole network, image tower alone, decoder alone (and chunked / rejecting)."""
     from pipeline.bench.model import bench_model
 
-    result = bench_model(encoder, size or None, _ints(classes), _ints(batch), dtype, device, warmup, repeats,
-                         class_chunk or None, reject_topk or None, threads or None)
+    result = bench_model(
+        encoder,
+        size or None,
+        _ints(classes),
+        _ints(batch),
+        dtype,
+        device,
+        warmup,
+        repeats,
+        class_chunk or None,
+        reject_topk or None,
+        threads or None,
+    )
     text = json.dumps(result, indent=2)
     if out:
         atomic_write_json(out, result)
@@ -45,12 +56,14 @@ def bench_model_command(
 @app.command("bank")
 def bench_bank_command(
     generator: str = typer.Option(
-        "tiny-sd", help="tiny-sd (CPU) or sd15-random (real SD1.5 architecture, random weights: GPU)."),
+        "tiny-sd", help="tiny-sd (CPU) or sd15-random (real SD1.5 architecture, random weights: GPU)."
+    ),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU) | fp32 | fp16 | bf16"),
     resolution: int = typer.Option(0, help="Image size (0: the generator's default: tiny-sd 64, sd15-random 768)."),
     steps: int = typer.Option(
-        25, min=1, help="Denoising steps (25: the bank's SD default, so the generator does its real share of work)."),
+        25, min=1, help="Denoising steps (25: the bank's SD default, so the generator does its real share of work)."
+    ),
     batch_sizes: str = typer.Option("4", help="Comma-separated batch sizes, e.g. 8,16."),
     batches: int = typer.Option(16, min=1, help="Batches timed per case (bare loop and bank build each)."),
     rounds: int = typer.Option(2, min=1, help="Alternations of (bare loop, bank build); the fastest of each is kept."),
@@ -63,9 +76,20 @@ def bench_bank_command(
     """Bank build overhead vs the bare generator loop, encode throughput, prototype read time, dedup ratio."""
     from pipeline.bench.bank import bench_bank
 
-    result = bench_bank(generator, device, dtype, resolution or None, steps, _ints(batch_sizes), batches,
-                        tuple(c for c in compile.split(",") if c), _ints(compiled_batch_sizes) or None, encoder,
-                        None if encoder_weights.lower() in ("none", "random") else encoder_weights, rounds=rounds)
+    result = bench_bank(
+        generator,
+        device,
+        dtype,
+        resolution or None,
+        steps,
+        _ints(batch_sizes),
+        batches,
+        tuple(c for c in compile.split(",") if c),
+        _ints(compiled_batch_sizes) or None,
+        encoder,
+        None if encoder_weights.lower() in ("none", "random") else encoder_weights,
+        rounds=rounds,
+    )
     if out:
         atomic_write_json(out, result)
     typer.echo(json.dumps(result, indent=2))

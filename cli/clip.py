@@ -32,16 +32,30 @@ def pretrain_command(
     """Pretrain the tiny CLIP (both towers) on rendered shapes + template captions; report zero-shot accuracy."""
     from pipeline.clip.pretrain import pretrain
 
-    cfg = ClipPretrainConfig(steps=steps, batch_size=batch_size, lr=lr, templates_per_step=templates_per_step,
-                             renders=renders, small_size=small_size, small_fraction=small_fraction,
-                             attribute_weight=attribute_weight, seed=seed, threads=threads, device=device,
-                             out=str(out))
+    cfg = ClipPretrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        templates_per_step=templates_per_step,
+        renders=renders,
+        small_size=small_size,
+        small_fraction=small_fraction,
+        attribute_weight=attribute_weight,
+        seed=seed,
+        threads=threads,
+        device=device,
+        out=str(out),
+    )
     m = pretrain(cfg, progress=progress)
     attrs = ", ".join(f"{k} {v:.3f}" for k, v in m["attribute_accuracy"].items())
-    typer.echo(f"zero-shot accuracy {m['zero_shot_accuracy']:.3f} over 48 categories (chance {m['chance']:.3f}) "
-               f"on {m['images']} held-out renders; per attribute: {attrs}")
-    typer.echo(f"{m['steps']} steps in {m['train_s']:.0f} s ({m['train_s_per_step']:.3f} s/step), "
-               f"total {m['total_s']:.0f} s; weights: {out / 'tiny.safetensors'}")
+    typer.echo(
+        f"zero-shot accuracy {m['zero_shot_accuracy']:.3f} over 48 categories (chance {m['chance']:.3f}) "
+        f"on {m['images']} held-out renders; per attribute: {attrs}"
+    )
+    typer.echo(
+        f"{m['steps']} steps in {m['train_s']:.0f} s ({m['train_s_per_step']:.3f} s/step), "
+        f"total {m['total_s']:.0f} s; weights: {out / 'tiny.safetensors'}"
+    )
 
 
 def bench_all_command(

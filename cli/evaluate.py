@@ -35,10 +35,26 @@ def eval_command(
     from pipeline.evaluate.loop import EvalSettings, evaluate
 
     settings = EvalSettings(
-        checkpoint=str(checkpoint), dataset=str(dataset), out=str(out), split=split, bank=str(bank) if bank else None,
-        passes=passes, classes=classes, size=size, min_area=min_area, crop=crop, instances=instances,
-        batch_size=batch_size, num_workers=num_workers, class_chunk=class_chunk, save_predictions=save_predictions,
-        overlays=str(overlays) if overlays else None, shard_size=shard_size, limit=limit, device=device)
+        checkpoint=str(checkpoint),
+        dataset=str(dataset),
+        out=str(out),
+        split=split,
+        bank=str(bank) if bank else None,
+        passes=passes,
+        classes=classes,
+        size=size,
+        min_area=min_area,
+        crop=crop,
+        instances=instances,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        class_chunk=class_chunk,
+        save_predictions=save_predictions,
+        overlays=str(overlays) if overlays else None,
+        shard_size=shard_size,
+        limit=limit,
+        device=device,
+    )
     metrics = evaluate(settings, progress=progress)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
@@ -46,16 +62,18 @@ def eval_command(
     for p, scores in sorted(metrics["passes"].items()):
         miou = "n/a" if scores["miou"] is None else f"{scores['miou']:.2f}"
         chance = scores["uniform_random_miou"]
-        typer.echo(f"pass {'I' * int(p):<2} mIoU {miou}  fwIoU {scores['fwiou'] or 0:.2f}  "
-                   f"pAcc {scores['pacc'] or 0:.2f}  "
-                   f"mAcc {scores['macc'] or 0:.2f}  ({scores['images']} images; uniform random "
-                   f"{0 if chance is None else chance:.2f})")
+        typer.echo(
+            f"pass {'I' * int(p):<2} mIoU {miou}  fwIoU {scores['fwiou'] or 0:.2f}  "
+            f"pAcc {scores['pacc'] or 0:.2f}  "
+            f"mAcc {scores['macc'] or 0:.2f}  ({scores['images']} images; uniform random "
+            f"{0 if chance is None else chance:.2f})"
+        )
     typer.echo(f"-> {out / 'metrics.json'}")
 
 
 def segment_command(
     images: list[Path] = typer.Argument(..., help="Image files (JPEG/PNG)."),
-    classes: str = typer.Option(..., help="\"cat, dog, sofa\", a vocabulary name, or a .txt/.json file."),
+    classes: str = typer.Option(..., help='"cat, dog, sofa", a vocabulary name, or a .txt/.json file.'),
     checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
     out: Path = typer.Option(Path("out/segment"), "-o", "--out", help="Output folder for the overlay PNGs."),
     bank: Path | None = typer.Option(None, help="Bank folder (default: the checkpoint's)."),
@@ -70,9 +88,21 @@ def segment_command(
     """Segment your own images with your own class names; writes an overlay PNG per image."""
     from pipeline.evaluate.segment import SegmentSettings, segment
 
-    report = segment(SegmentSettings(images=[str(p) for p in images], classes=classes, checkpoint=str(checkpoint),
-                                     out=str(out), bank=str(bank) if bank else None, passes=passes, size=size,
-                                     min_area=min_area, crop=crop, generate=generate, device=device))
+    report = segment(
+        SegmentSettings(
+            images=[str(p) for p in images],
+            classes=classes,
+            checkpoint=str(checkpoint),
+            out=str(out),
+            bank=str(bank) if bank else None,
+            passes=passes,
+            size=size,
+            min_area=min_area,
+            crop=crop,
+            generate=generate,
+            device=device,
+        )
+    )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -89,8 +119,11 @@ def report_command(
     out: Path = typer.Option(Path("out/report"), "-o", "--out", help="Folder for report.md and panels/."),
     labels: str | None = typer.Option(None, help="Comma-separated labels, one per folder (default: folder names)."),
     panels: int = typer.Option(4, min=0, help="Per-image panels for the first K images of each folder."),
-    sweep: str | None = typer.Option(None, help="Instead of folders: a sweep's table from the DVC experiments "
-                                                "(banks = Table 5, prompts = 2, guidance = 3, templates = 4)."),
+    sweep: str | None = typer.Option(
+        None,
+        help="Instead of folders: a sweep's table from the DVC experiments "
+        "(banks = Table 5, prompts = 2, guidance = 3, templates = 4).",
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="The pipeline's params file (with --sweep)."),
 ):
     """Markdown tables in the paper's form (Table 1, Table 5) and per-image panels; with --sweep, the
@@ -109,8 +142,10 @@ def report_command(
         typer.echo(f"-> {out / f'{sweep}.md'}")
         return
     if not dirs:
-        raise UserError("no eval folders given: `dpseg report out/eval/seen out/eval/unseen`, or `--sweep banks` "
-                        "for the table of the experiments")
+        raise UserError(
+            "no eval folders given: `dpseg report out/eval/seen out/eval/unseen`, or `--sweep banks` "
+            "for the table of the experiments"
+        )
     from pipeline.evaluate.report import render_report
 
     names = [s.strip() for s in labels.split(",")] if labels else None
@@ -136,9 +171,18 @@ def bench_eval_command(
     from dpseg.io import atomic_write_json
     from pipeline.bench.eval import bench_eval
 
-    result = bench_eval(encoder=encoder, size=size or None, classes=[int(c) for c in classes.split(",") if c.strip()],
-                        class_chunk=class_chunk, ratio_classes=ratio_classes, device=device, repeats=repeats,
-                        templates=templates, batch=batch, isolate=isolate)
+    result = bench_eval(
+        encoder=encoder,
+        size=size or None,
+        classes=[int(c) for c in classes.split(",") if c.strip()],
+        class_chunk=class_chunk,
+        ratio_classes=ratio_classes,
+        device=device,
+        repeats=repeats,
+        templates=templates,
+        batch=batch,
+        isolate=isolate,
+    )
     if out:
         atomic_write_json(out, result)
     typer.echo(json.dumps(result, indent=2))

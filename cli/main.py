@@ -40,15 +40,21 @@ def demo(
 
     result = run_demo(size=size, bank_dir=bank)
     s = result["summary"]
-    typer.echo(f"encoder {s['encoder']}: embed_dim={s['embed_dim']} stage_channels={s['stage_channels']} "
-               f"strides={s['strides']} templates={s['templates']}")
-    typer.echo(f"cost volume {s['cost_volume_shape']}  decoder dims {s['decoder_dims']}  "
-               f"params trainable={s['params_trainable']:,} frozen={s['params_frozen']:,}")
+    typer.echo(
+        f"encoder {s['encoder']}: embed_dim={s['embed_dim']} stage_channels={s['stage_channels']} "
+        f"strides={s['strides']} templates={s['templates']}"
+    )
+    typer.echo(
+        f"cost volume {s['cost_volume_shape']}  decoder dims {s['decoder_dims']}  "
+        f"params trainable={s['params_trainable']:,} frozen={s['params_frozen']:,}"
+    )
     for name, shape in s["shapes"].items():
         typer.echo(f"  {name:<18} {shape}")
     typer.echo(f"prompts: {result['prompts']}, {result['classes']} classes")
-    typer.echo(f"forward: logits {result['logits_shape']} in {result['forward_ms']} ms; pixel accuracy "
-               f"{result['pixel_accuracy']} (untrained network: chance is {result['chance']})")
+    typer.echo(
+        f"forward: logits {result['logits_shape']} in {result['forward_ms']} ms; pixel accuracy "
+        f"{result['pixel_accuracy']} (untrained network: chance is {result['chance']})"
+    )
 
 
 def main() -> None:

@@ -25,15 +25,31 @@ def summary(
     from dpseg.model import DPSegConfig
     from dpseg.model.summary import model_summary
 
-    cfg = DPSegConfig(encoder=encoder, templates=templates, prompt_mode=prompt_mode, fusion=fusion,
-                      visual_guidance=visual_guidance, deep_supervision=deep_supervision)
+    cfg = DPSegConfig(
+        encoder=encoder,
+        templates=templates,
+        prompt_mode=prompt_mode,
+        fusion=fusion,
+        visual_guidance=visual_guidance,
+        deep_supervision=deep_supervision,
+    )
     info = model_summary(cfg, classes, size)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(f"DPSeg  encoder={info['encoder']} ({info['open_clip_model']})  classes={classes}  size={size}")
-    for key in ("embed_dim", "stage_channels", "strides", "templates", "cost_volume_shape", "decoder_dims",
-                "skip_channels", "params_trainable", "params_frozen", "params_decoder"):
+    for key in (
+        "embed_dim",
+        "stage_channels",
+        "strides",
+        "templates",
+        "cost_volume_shape",
+        "decoder_dims",
+        "skip_channels",
+        "params_trainable",
+        "params_frozen",
+        "params_decoder",
+    ):
         typer.echo(f"  {key:<18} {info[key]}")
     typer.echo("  shapes:")
     for name, shape in info["shapes"].items():
@@ -43,6 +59,8 @@ def summary(
         typer.echo(f"    stage {h['stage']}  stride {h['stride']}  in {h['in_channels']}")
     typer.echo("  fusion blocks (deconv, concat skip + guidance, 2x [3x3 conv, GroupNorm, ReLU]):")
     for f in info["fusion_blocks"]:
-        typer.echo(f"    stage {f['stage']}  stride {f['stride']}  {f['in_channels']} -> deconv {f['deconv_channels']}"
-                   f" + skip {f['skip_channels']} + guidance {f['guidance_channels']} -> {f['out_channels']}"
-                   f"  (GroupNorm {f['groupnorm_groups']} groups)")
+        typer.echo(
+            f"    stage {f['stage']}  stride {f['stride']}  {f['in_channels']} -> deconv {f['deconv_channels']}"
+            f" + skip {f['skip_channels']} + guidance {f['guidance_channels']} -> {f['out_channels']}"
+            f"  (GroupNorm {f['groupnorm_groups']} groups)"
+        )

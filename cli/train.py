@@ -76,8 +76,9 @@ def _recipe_from(kwargs: dict):
         try:
             parsed = json.loads(overrides)
         except json.JSONDecodeError as err:
-            raise UserError(f"--model-overrides is not a JSON object ({err.msg}); "
-                            "e.g. '{\"cost_dim\": 64}'") from None
+            raise UserError(
+                f"--model-overrides is not a JSON object ({err.msg}); e.g. '{{\"cost_dim\": 64}}'"
+            ) from None
         if not isinstance(parsed, dict):
             raise UserError("--model-overrides must be a JSON object, e.g. '{\"cost_dim\": 64}'")
         kwargs["model_overrides"] = parsed
@@ -96,17 +97,30 @@ def train_command(**kwargs):
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
         val = summary.get("validation")
-        typer.echo(f"trained {summary['steps']} steps ({summary['resumed_from']} resumed) in {summary['seconds']} s; "
-                   f"final loss {summary['final_loss']}; checkpoint {summary['checkpoint']}"
-                   + (f"; val pAcc {val['val_pacc']:.3f} mIoU {val['val_miou']:.3f}" if val else ""))
+        typer.echo(
+            f"trained {summary['steps']} steps ({summary['resumed_from']} resumed) in {summary['seconds']} s; "
+            f"final loss {summary['final_loss']}; checkpoint {summary['checkpoint']}"
+            + (f"; val pAcc {val['val_pacc']:.3f} mIoU {val['val_miou']:.3f}" if val else "")
+        )
 
 
-train_command.__signature__ = inspect.Signature(_recipe_parameters() + [
-    inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--json", help="Print the train.json summary.")),
-    inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(True, "--progress/--no-progress", help="Progress bar.")),
-])
+train_command.__signature__ = inspect.Signature(
+    _recipe_parameters()
+    + [
+        inspect.Parameter(
+            "json_output",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--json", help="Print the train.json summary."),
+        ),
+        inspect.Parameter(
+            "progress",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+        ),
+    ]
+)
 
 
 def bench_train_command(
@@ -127,9 +141,19 @@ def bench_train_command(
     from dpseg.io import atomic_write_json
     from pipeline.bench.train import bench_train
 
-    result = bench_train(encoder=encoder, size=size, classes=classes, templates=templates, batch_size=batch_size,
-                         steps=steps, rounds=rounds, num_workers=num_workers, device=device,
-                         mixed_precision=mixed_precision, data=data)
+    result = bench_train(
+        encoder=encoder,
+        size=size,
+        classes=classes,
+        templates=templates,
+        batch_size=batch_size,
+        steps=steps,
+        rounds=rounds,
+        num_workers=num_workers,
+        device=device,
+        mixed_precision=mixed_precision,
+        data=data,
+    )
     if out:
         atomic_write_json(out, result)
     typer.echo(json.dumps(result, indent=2))

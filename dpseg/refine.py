@@ -44,8 +44,10 @@ class RefineSettings:
         if self.crop not in CROP_MODES:
             raise UserError(f"crop {self.crop!r} is not one of {', '.join(CROP_MODES)}")
         if self.min_area < 0 or self.instances < 0 or self.encode_size < 8:
-            raise UserError(f"min_area and instances must be >= 0 and encode_size >= 8 (got {self.min_area}, "
-                            f"{self.instances}, {self.encode_size})")
+            raise UserError(
+                f"min_area and instances must be >= 0 and encode_size >= 8 (got {self.min_area}, "
+                f"{self.instances}, {self.encode_size})"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,8 +85,9 @@ def crop_masked(image: torch.Tensor, mask: torch.Tensor, size: int, fill: torch.
     crop = image[:, top:bottom, left:right]
     if fill is not None:
         crop = torch.where(mask[top:bottom, left:right].unsqueeze(0), crop, fill.view(3, 1, 1).to(crop))
-    return F.interpolate(crop.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True).squeeze(0)
+    return F.interpolate(
+        crop.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    ).squeeze(0)
 
 
 def largest_components(mask: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -98,8 +101,9 @@ def largest_components(mask: torch.Tensor, k: int) -> list[torch.Tensor]:
     return [labels_t == int(i) + 1 for i in order]
 
 
-def image_crops(image: torch.Tensor, pred: torch.Tensor, classes: torch.Tensor, settings: RefineSettings,
-                fill: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+def image_crops(
+    image: torch.Tensor, pred: torch.Tensor, classes: torch.Tensor, settings: RefineSettings, fill: torch.Tensor
+) -> tuple[list[torch.Tensor], list[int]]:
     """Crops (each (3, S, S)) of the detected `classes` of one image, and the count per class."""
     crops, counts = [], []
     use_fill = fill if settings.crop == "masked" else None

@@ -39,36 +39,73 @@ class Profile:
 
 PROFILES: Registry[Profile] = Registry("profile")
 
-PROFILES.register("demo", Profile(
+PROFILES.register(
     "demo",
-    "offline default: synthetic shapes (36 seen / 12 unseen categories), tiny CLIP pretrained here, "
-    "procedural bank, CPU, minutes",
-    {
-        # 1000 train scenes (20 s to draw): at 160 the 600 steps saw each scene 15 times and overfit (docs/train.md)
-        "data": {"kind": "synth", "datasets": ["shapes"], "images": 1000, "val_images": 48, "size": 128, "seed": 0,
-                 "src": None, "out": "out/data"},
-        # 1200 steps: ~3.5 min on 2 cores, zero-shot ~0.6 (docs/clip.md); a GPU runs more in seconds
-        # (-S clip.steps=3000 -S clip.device=cuda)
-        "clip": {"enabled": True, "steps": 1200, "seed": 0, "device": "cpu", "out": "out/clip"},
-        "bank": {"generator": "procedural", "vocab": ["shapes"], "encoder": "tiny", "encoder_weights": CLIP_WEIGHTS,
-                 "templates": 80, "seed": 0, "batch_size": 64, "device": "cpu", "out": "out/bank"},
-        "train": {"dataset": "out/data/shapes", "bank": "out/bank", "classes": "seen", "encoder_weights": CLIP_WEIGHTS,
-                  # colour defines these classes: no hue jitter (docs/train.md). The tiny tower stays frozen
-                  # (x0): measured seen/unseen mIoU 24.7/62.2 frozen, 23.6/58.9 at x0.1, 4.2/25.0 at x1.0;
-                  # the 128 px scenes resized to 96 px (train and eval alike) buy 600 steps in the demo's minutes
-                  "steps": 600, "batch_size": 4, "crop_size": 96, "lr": 2e-3, "image_lr_multiplier": 0.0,
-                  "color_jitter": False,
-                  "num_workers": 0, "log_every": 10,
-                  "checkpoint_every": 0, "out": "out/train"},
-        "eval": {"checkpoint": "out/train/checkpoint", "split": "val", "passes": 2, "batch_size": 8, "num_workers": 0,
-                 "device": "cpu"},
-        "report": {"title": "dpseg demo (shapes, tiny CLIP, CPU)"},
-    },
-    eval_sets={
-        "seen": {"dataset": "out/data/shapes", "classes": "seen"},
-        "unseen": {"dataset": "out/data/shapes", "classes": "unseen"},
-    },
-))
+    Profile(
+        "demo",
+        "offline default: synthetic shapes (36 seen / 12 unseen categories), tiny CLIP pretrained here, "
+        "procedural bank, CPU, minutes",
+        {
+            # 1000 train scenes (20 s to draw): at 160 the 600 steps saw each scene 15 times and overfit (docs/train.md)
+            "data": {
+                "kind": "synth",
+                "datasets": ["shapes"],
+                "images": 1000,
+                "val_images": 48,
+                "size": 128,
+                "seed": 0,
+                "src": None,
+                "out": "out/data",
+            },
+            # 1200 steps: ~3.5 min on 2 cores, zero-shot ~0.6 (docs/clip.md); a GPU runs more in seconds
+            # (-S clip.steps=3000 -S clip.device=cuda)
+            "clip": {"enabled": True, "steps": 1200, "seed": 0, "device": "cpu", "out": "out/clip"},
+            "bank": {
+                "generator": "procedural",
+                "vocab": ["shapes"],
+                "encoder": "tiny",
+                "encoder_weights": CLIP_WEIGHTS,
+                "templates": 80,
+                "seed": 0,
+                "batch_size": 64,
+                "device": "cpu",
+                "out": "out/bank",
+            },
+            "train": {
+                "dataset": "out/data/shapes",
+                "bank": "out/bank",
+                "classes": "seen",
+                "encoder_weights": CLIP_WEIGHTS,
+                # colour defines these classes: no hue jitter (docs/train.md). The tiny tower stays frozen
+                # (x0): measured seen/unseen mIoU 24.7/62.2 frozen, 23.6/58.9 at x0.1, 4.2/25.0 at x1.0;
+                # the 128 px scenes resized to 96 px (train and eval alike) buy 600 steps in the demo's minutes
+                "steps": 600,
+                "batch_size": 4,
+                "crop_size": 96,
+                "lr": 2e-3,
+                "image_lr_multiplier": 0.0,
+                "color_jitter": False,
+                "num_workers": 0,
+                "log_every": 10,
+                "checkpoint_every": 0,
+                "out": "out/train",
+            },
+            "eval": {
+                "checkpoint": "out/train/checkpoint",
+                "split": "val",
+                "passes": 2,
+                "batch_size": 8,
+                "num_workers": 0,
+                "device": "cpu",
+            },
+            "report": {"title": "dpseg demo (shapes, tiny CLIP, CPU)"},
+        },
+        eval_sets={
+            "seen": {"dataset": "out/data/shapes", "classes": "seen"},
+            "unseen": {"dataset": "out/data/shapes", "classes": "unseen"},
+        },
+    ),
+)
 
 
 def _paper(name: str, encoder: str, description: str) -> Profile:
@@ -78,14 +115,39 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
         {
             "data": {"kind": "prepare", "datasets": ["coco-stuff", *PAPER_BENCHMARKS], "src": None, "out": "out/data"},
             "clip": {"enabled": False, "out": "out/clip"},
-            "bank": {"generator": "sd15", "vocab": ["coco-stuff", *PAPER_BENCHMARKS], "encoder": encoder,
-                     "encoder_weights": "default", "templates": 80, "resolution": 768, "seed": 0, "batch_size": 16,
-                     "device": "auto", "dtype": "auto", "out": "out/bank"},
-            "train": {"dataset": "out/data/coco-stuff", "bank": "out/bank", "steps": 80_000, "batch_size": 4,
-                      "crop_size": 768, "lr": 2e-4, "weight_decay": 1e-4, "image_lr_multiplier": 0.01,
-                      "checkpoint_every": 1000, "out": "out/train"},
-            "eval": {"checkpoint": "out/train/checkpoint", "split": "val", "passes": 2, "batch_size": 1,
-                     "class_chunk": 128, "device": "auto"},
+            "bank": {
+                "generator": "sd15",
+                "vocab": ["coco-stuff", *PAPER_BENCHMARKS],
+                "encoder": encoder,
+                "encoder_weights": "default",
+                "templates": 80,
+                "resolution": 768,
+                "seed": 0,
+                "batch_size": 16,
+                "device": "auto",
+                "dtype": "auto",
+                "out": "out/bank",
+            },
+            "train": {
+                "dataset": "out/data/coco-stuff",
+                "bank": "out/bank",
+                "steps": 80_000,
+                "batch_size": 4,
+                "crop_size": 768,
+                "lr": 2e-4,
+                "weight_decay": 1e-4,
+                "image_lr_multiplier": 0.01,
+                "checkpoint_every": 1000,
+                "out": "out/train",
+            },
+            "eval": {
+                "checkpoint": "out/train/checkpoint",
+                "split": "val",
+                "passes": 2,
+                "batch_size": 1,
+                "class_chunk": 128,
+                "device": "auto",
+            },
             "report": {"title": f"dpseg {name} (paper setting)"},
         },
         eval_sets={b: {"dataset": f"out/data/{b}"} for b in PAPER_BENCHMARKS},
@@ -134,7 +196,9 @@ def eval_set(resolved: dict[str, Any], name: str) -> dict[str, Any]:
     sets = resolved["eval_sets"]
     if name not in sets:
         known = ", ".join(sets) or "none"
-        raise UserError(f"eval set {name!r} is not defined by profile {resolved['profile']!r} (its sets: {known}); "
-                        f"set eval.sets in params.yaml to some of them")
+        raise UserError(
+            f"eval set {name!r} is not defined by profile {resolved['profile']!r} (its sets: {known}); "
+            f"set eval.sets in params.yaml to some of them"
+        )
     section = {k: v for k, v in resolved["eval"].items() if k != "sets"}
     return {**section, **sets[name], "out": f"out/eval/{name}"}

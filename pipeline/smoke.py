@@ -70,13 +70,21 @@ def run_demo(size: int = 128, seed: int = 0, bank_dir: str | Path | None = None)
 # text-only / visual-only / dual prompts (the `prompts` sweep's group a), each trained on the seen
 # categories and evaluated on seen and unseen, pass I and pass II, with the command that made it.
 REPORT_POINTS = ("text", "visual", "dual")
-PARAGRAPH_PLACEHOLDER = ("_What the numbers say about the paper's claims at this scale (text vs visual vs dual, "
-                         "pass II vs pass I, seen vs unseen), including where they do not hold: written by whoever "
-                         "ran the experiments above._")
+PARAGRAPH_PLACEHOLDER = (
+    "_What the numbers say about the paper's claims at this scale (text vs visual vs dual, "
+    "pass II vs pass I, seen vs unseen), including where they do not hold: written by whoever "
+    "ran the experiments above._"
+)
 
 
-def demo_report(params_file: str | Path = "params.yaml", run: bool = False, out: str | Path = "out/report/demo.md",
-                paragraph: str | None = None, dvc: str | None = None, echo=print) -> dict:
+def demo_report(
+    params_file: str | Path = "params.yaml",
+    run: bool = False,
+    out: str | Path = "out/report/demo.md",
+    paragraph: str | None = None,
+    dvc: str | None = None,
+    echo=print,
+) -> dict:
     """Runs (with `run`) the missing text/visual/dual experiments as `dvc exp run`s, then writes
     the demo report: one row per prompt mode, seen/unseen x pass I/II mIoU + the uniform-random
     baseline, each with its command. Experiments are found by their parameters (pipeline.analyze.sweeps),
@@ -101,8 +109,13 @@ def demo_report(params_file: str | Path = "params.yaml", run: bool = False, out:
     base = sweeps.load_params(params_file)
     planned = sweeps.plan_sweep(selected, base, records, sweeps.profile_of(base))
     sets = ("seen", "unseen")
-    header = "| prompts | " + " | ".join(f"{s} pass {p}" for s in sets for p in ("I", "II")) + \
-             " | " + " | ".join(f"{s} uniform" for s in sets) + " | command |"
+    header = (
+        "| prompts | "
+        + " | ".join(f"{s} pass {p}" for s in sets for p in ("I", "II"))
+        + " | "
+        + " | ".join(f"{s} uniform" for s in sets)
+        + " | command |"
+    )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for item in planned:
         m = item.record.metrics if item.record is not None and item.status == "done" else {}
@@ -115,11 +128,20 @@ def demo_report(params_file: str | Path = "params.yaml", run: bool = False, out:
         cells += [f(f"metrics/eval/{s}.json:pass1.uniform_random_miou") for s in sets]
         command = "dvc exp run " + " ".join(sweeps.set_args(item.point))
         lines.append(f"| {item.point.label} | " + " | ".join(cells) + f" | `{command}` |")
-    text = "\n".join(["# dpseg demo: text / visual / dual prompts, pass I / pass II, seen / unseen", "",
-                      "mIoU (%) on the shapes val split; `seen` = the 36 training categories, `unseen` = the 12 "
-                      "held-out ones evaluated with their own vocabulary; `uniform` = a uniform-random predictor on "
-                      "the same ground truth. Reproduce: `python -m pipeline.smoke --run`.", "", *lines, "",
-                      paragraph or PARAGRAPH_PLACEHOLDER, ""])
+    text = "\n".join(
+        [
+            "# dpseg demo: text / visual / dual prompts, pass I / pass II, seen / unseen",
+            "",
+            "mIoU (%) on the shapes val split; `seen` = the 36 training categories, `unseen` = the 12 "
+            "held-out ones evaluated with their own vocabulary; `uniform` = a uniform-random predictor on "
+            "the same ground truth. Reproduce: `python -m pipeline.smoke --run`.",
+            "",
+            *lines,
+            "",
+            paragraph or PARAGRAPH_PLACEHOLDER,
+            "",
+        ]
+    )
     atomic_write_bytes(out, text.encode())
     return {"markdown": text, "path": str(out)}
 

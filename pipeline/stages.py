@@ -69,13 +69,21 @@ def run_data(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     if d["kind"] == "synth":
         from dpseg.data.synth import write_shapes_benchmark
 
-        report = write_shapes_benchmark(out / "shapes", images=int(d["images"]), size=int(d["size"]),
-                                        seed=int(d["seed"]), val_images=d.get("val_images"), progress=progress)
+        report = write_shapes_benchmark(
+            out / "shapes",
+            images=int(d["images"]),
+            size=int(d["size"]),
+            seed=int(d["seed"]),
+            val_images=d.get("val_images"),
+            progress=progress,
+        )
         return {"shapes": {"written": report.written, "resumed": report.resumed}}
     if d["kind"] == "prepare":
         if not d.get("src"):
-            raise UserError("data.src is not set: point it at the folder holding the raw downloads "
-                            "(dvc exp run -S data.src=/datasets; docs/data.md lists the layouts)")
+            raise UserError(
+                "data.src is not set: point it at the folder holding the raw downloads "
+                "(dvc exp run -S data.src=/datasets; docs/data.md lists the layouts)"
+            )
         from dpseg.data.datasets import prepare_dataset
 
         return {name: str(prepare_dataset(name, d["src"], out / name, progress=progress)) for name in d["datasets"]}
@@ -164,8 +172,14 @@ def run_bank(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         if out.exists():
             shutil.rmtree(out)
         settings = r["bank"]
-        return derive_noise_bank(BASE_BANK, ratio, out, batch_size=int(settings.get("batch_size") or 32),
-                                 device=str(settings.get("device") or "cpu").replace("auto", "cpu"), progress=progress)
+        return derive_noise_bank(
+            BASE_BANK,
+            ratio,
+            out,
+            batch_size=int(settings.get("batch_size") or 32),
+            device=str(settings.get("device") or "cpu").replace("auto", "cpu"),
+            progress=progress,
+        )
     if generator == base:
         link_tree(Path(BASE_BANK), out)
         return {"linked": BASE_BANK}
@@ -234,8 +248,10 @@ def results_table(r: dict[str, Any]) -> str:
         def f(v):
             return "–" if v is None else f"{v:.1f}"
 
-        rows.append(f"| {name} | {classes} | {f(p1.get('miou'))} | {f(p2.get('miou'))} | "
-                    f"{f(m.get('pass2_minus_pass1_miou'))} | {f(p1.get('uniform_random_miou'))} |")
+        rows.append(
+            f"| {name} | {classes} | {f(p1.get('miou'))} | {f(p2.get('miou'))} | "
+            f"{f(m.get('pass2_minus_pass1_miou'))} | {f(p1.get('uniform_random_miou'))} |"
+        )
     return "\n".join(rows)
 
 
@@ -245,8 +261,13 @@ def run_report(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     sets = list(r["eval"].get("sets") or [])
     rep = r["report"]
     out = Path(rep.get("out") or "out/report")
-    result = render_report([f"out/eval/{s}" for s in sets], labels=sets, out=str(out),
-                           panels=int(rep.get("panels", 2)), title=str(rep.get("title", "dpseg report")))
+    result = render_report(
+        [f"out/eval/{s}" for s in sets],
+        labels=sets,
+        out=str(out),
+        panels=int(rep.get("panels", 2)),
+        title=str(rep.get("title", "dpseg report")),
+    )
     table = results_table(r)
     atomic_write_bytes(out / "results.md", (f"# {rep.get('title', 'results')}\n\n{table}\n").encode())
     rows = ["run,set,pass,miou"]
@@ -257,12 +278,19 @@ def run_report(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     return {"report": result["path"], "results": str(out / "results.md"), "table": table}
 
 
-RUNNERS = {"data": run_data, "clip": run_clip, "bank-base": run_bank_base, "bank": run_bank, "train": run_train,
-           "report": run_report}
+RUNNERS = {
+    "data": run_data,
+    "clip": run_clip,
+    "bank-base": run_bank_base,
+    "bank": run_bank,
+    "train": run_train,
+    "report": run_report,
+}
 
 
-def run_stage(stage: str, params_path: str | Path = "params.yaml", set_name: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
+def run_stage(
+    stage: str, params_path: str | Path = "params.yaml", set_name: str | None = None, progress: bool = True
+) -> dict[str, Any]:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     r = resolved_params(params_path)
@@ -292,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "report":
         print(result["table"])
     elif args.stage == "clip" and "zero_shot_accuracy" in result:
-        print(f"zero-shot accuracy {result['zero_shot_accuracy']:.3f} over 48 categories "
-              f"(chance {result['chance']:.3f})")
+        print(
+            f"zero-shot accuracy {result['zero_shot_accuracy']:.3f} over 48 categories (chance {result['chance']:.3f})"
+        )
 
 
 if __name__ == "__main__":

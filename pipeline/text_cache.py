@@ -52,13 +52,22 @@ def weights_identity(weights: str, text_tower: torch.nn.Module | None = None) ->
 
 
 def cache_key(encoder: str, weights_id: str, templates: tuple[str, ...], class_names: list[str]) -> str:
-    payload = json.dumps({"format": FORMAT, "encoder": encoder, "weights": weights_id,
-                          "templates": list(templates), "classes": list(class_names)}, ensure_ascii=False)
+    payload = json.dumps(
+        {
+            "format": FORMAT,
+            "encoder": encoder,
+            "weights": weights_id,
+            "templates": list(templates),
+            "classes": list(class_names),
+        },
+        ensure_ascii=False,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def cached_text_embeddings(model, class_names: list[str], cache_dir: str | os.PathLike | None = None,
-                           templates: int | None = None) -> torch.Tensor:
+def cached_text_embeddings(
+    model, class_names: list[str], cache_dir: str | os.PathLike | None = None, templates: int | None = None
+) -> torch.Tensor:
     """(N, M, D) float32 text prompts of `model` (a DPSeg: its frozen text tower, encoder and
     weights) for `class_names` with the first `templates` templates (default: the model's),
     on the text tower's device; read from the cache when present, else computed and stored."""
@@ -80,7 +89,13 @@ def cached_text_embeddings(model, class_names: list[str], cache_dir: str | os.Pa
             pass
     # 3. a miss: compute with the frozen tower, store atomically
     tensor = model.text_encoder.encode_classes(list(class_names), template_strings).float().cpu().contiguous()
-    metadata = {"format": FORMAT, "encoder": encoder, "weights": str(model.weights), "weights_id": weights_id,
-                "templates": str(count), "classes": json.dumps(list(class_names), ensure_ascii=False)}
+    metadata = {
+        "format": FORMAT,
+        "encoder": encoder,
+        "weights": str(model.weights),
+        "weights_id": weights_id,
+        "templates": str(count),
+        "classes": json.dumps(list(class_names), ensure_ascii=False),
+    }
     atomic_write_bytes(path, save({"text": tensor}, metadata=metadata))
     return tensor.to(device)

@@ -38,6 +38,6 @@ case "$what" in
     python -m pipeline.stages table params.yaml
     echo "(dvc repro took $(( $(date +%s) - start )) s; \`dvc metrics show\`, \`dvc plots show\` and out/report/report.md have the rest)" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  lint) exec "$VENV/bin/ruff" check . ;;
+  lint) "$VENV/bin/ruff" check . && exec "$VENV/bin/ruff" format --check . ;;
   *) echo "usage: bash scripts/quickstart.sh demo|test|lint" >&2; exit 2 ;;
 esac

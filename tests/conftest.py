@@ -75,8 +75,18 @@ def one_line_error():
 def bank_build_flags(generator: str = "procedural", templates: int = 3, steps: int | None = None) -> list[str]:
     """`dpseg bank build` flags for the small banks the bank tests build (tiny random tower, 32 px,
     two entries per batch and per shard, so a few categories already make several shards)."""
-    flags = ["--generator", generator, "--encoder", "tiny", "--encoder-weights", "none", "--templates", str(templates),
-             "--resolution", "32"]
+    flags = [
+        "--generator",
+        generator,
+        "--encoder",
+        "tiny",
+        "--encoder-weights",
+        "none",
+        "--templates",
+        str(templates),
+        "--resolution",
+        "32",
+    ]
     if steps is not None:
         flags += ["--steps", str(steps)]
     return flags + ["--batch-size", "2", "--shard-size", "2", "--no-progress"]

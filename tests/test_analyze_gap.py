@@ -109,16 +109,40 @@ def world(tmp_path_factory):
         counts += np.bincount(label[label != 255].ravel(), minlength=data.num_classes) > 0
     top = [data.class_names[c] for c in np.argsort(-counts, kind="stable")[:3]]
     (root / "vocab.txt").write_text("\n".join(top) + "\n")
-    build_bank(BuildOptions(out=root / "bank", generator="procedural", vocab=[str(root / "vocab.txt")], encoder="tiny",
-                            encoder_weights=None, templates=2, progress=False))
+    build_bank(
+        BuildOptions(
+            out=root / "bank",
+            generator="procedural",
+            vocab=[str(root / "vocab.txt")],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            progress=False,
+        )
+    )
     return root, top
 
 
 def test_gap_command_writes_summary_pairs_and_both_figures(world, cli):
     root, top = world
     out = root / "out"
-    args = ["analyze", "gap", "--bank", root / "bank", "--encoder", "tiny", "--images", root / "shapes",
-            "--classes", ", ".join(top), "--samples", 12, "--min-area", 0.005, "--no-progress"]
+    args = [
+        "analyze",
+        "gap",
+        "--bank",
+        root / "bank",
+        "--encoder",
+        "tiny",
+        "--images",
+        root / "shapes",
+        "--classes",
+        ", ".join(top),
+        "--samples",
+        12,
+        "--min-area",
+        0.005,
+        "--no-progress",
+    ]
     result = cli(*args, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

@@ -44,15 +44,25 @@ def bank_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("heat")
     (root / "vocab.txt").write_text("\n".join(CLASSES) + "\n")
-    build_bank(BuildOptions(out=root / "bank", generator="procedural", vocab=[str(root / "vocab.txt")], encoder="tiny",
-                            encoder_weights=None, templates=2, progress=False))
+    build_bank(
+        BuildOptions(
+            out=root / "bank",
+            generator="procedural",
+            vocab=[str(root / "vocab.txt")],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            progress=False,
+        )
+    )
     return root / "bank"
 
 
 def test_heatmap_on_a_real_photo_writes_three_panels_per_class(bank_dir, tmp_path, cli):
     out = tmp_path / "heat.png"
-    result = cli("analyze", "heatmap", PHOTO, "--classes", ", ".join(CLASSES), "--bank", bank_dir, "--encoder", "tiny",
-                 "-o", out)
+    result = cli(
+        "analyze", "heatmap", PHOTO, "--classes", ", ".join(CLASSES), "--bank", bank_dir, "--encoder", "tiny", "-o", out
+    )
     assert result.exit_code == 0, result.output
     with Image.open(PHOTO) as photo:
         width, height = photo.size
@@ -77,8 +87,21 @@ def test_heatmap_with_a_checkpoint_adds_the_stage_cost_volumes(bank_dir, tmp_pat
     torch.manual_seed(0)  # random towers as the bank's encoder builds them
     save_dpseg(build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None), tmp_path / "ckpt")
     out = tmp_path / "fig.png"
-    result = cli("analyze", "heatmap", PHOTO, "--classes", CLASSES[0], "--bank", bank_dir, "--checkpoint",
-                 tmp_path / "ckpt", "--size", 96, "-o", out)
+    result = cli(
+        "analyze",
+        "heatmap",
+        PHOTO,
+        "--classes",
+        CLASSES[0],
+        "--bank",
+        bank_dir,
+        "--checkpoint",
+        tmp_path / "ckpt",
+        "--size",
+        96,
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     stages = json.loads((tmp_path / "fig-stages.json").read_text())
     assert stages["strides"] == [16, 8, 4]
@@ -98,7 +121,18 @@ def test_heatmap_errors_are_one_line(bank_dir, tmp_path, cli, one_line_error):
     one_line_error(cli(*base, "--classes", CLASSES[0], "-o", tmp_path / "a.txt"), "must end in .png")
     one_line_error(cli(*base, "--classes", CLASSES[0], "--size", 100, "-o", tmp_path / "a.png"), "multiple of 32")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    bad = cli("analyze", "heatmap", tmp_path / "broken.jpg", "--bank", bank_dir, "--encoder", "tiny",
-              "--classes", CLASSES[0], "-o", tmp_path / "a.png")
+    bad = cli(
+        "analyze",
+        "heatmap",
+        tmp_path / "broken.jpg",
+        "--bank",
+        bank_dir,
+        "--encoder",
+        "tiny",
+        "--classes",
+        CLASSES[0],
+        "-o",
+        tmp_path / "a.png",
+    )
     one_line_error(bad, "cannot read image")
     assert not (tmp_path / "a.png").exists() and not (tmp_path / "a.json").exists()

@@ -44,8 +44,11 @@ def test_sd15_random_is_the_real_sd15_architecture():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        models = (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
-                  CLIPTextModel(CLIPTextConfig(**SD15_TEXT)))
+        models = (
+            UNet2DConditionModel(**SD15_UNET),
+            AutoencoderKL(**SD15_VAE),
+            CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        )
         counts = [sum(p.numel() for p in m.parameters()) for m in models]
     assert counts == [859_520_964, 83_653_863, 123_060_480]  # SD1.5's UNet, VAE and CLIP ViT-L/14 text tower
 
@@ -64,11 +67,14 @@ def test_tiny_sd_goes_through_the_sd15_loader_and_seeds_per_image():
     torch.testing.assert_close(sd.generate([Request("a photo of a dog.", 12)]).images, b, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model,needle", [
-    ("{tmp}/missing.safetensors", "does not exist"),
-    ("{tmp}", "not a diffusers pipeline directory"),
-    ("./nowhere/at/all", "neither a file, a directory nor a hub id"),
-])
+@pytest.mark.parametrize(
+    "model,needle",
+    [
+        ("{tmp}/missing.safetensors", "does not exist"),
+        ("{tmp}", "not a diffusers pipeline directory"),
+        ("./nowhere/at/all", "neither a file, a directory nor a hub id"),
+    ],
+)
 def test_sd15_loader_errors(tmp_path, model, needle):
     with pytest.raises(UserError, match=needle):
         create_generator("sd15", GeneratorOptions(model=model.format(tmp=tmp_path)))
@@ -86,21 +92,49 @@ def _tiny_sd3(path: Path) -> Path:
     from bank.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407)
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1,
-                                          attention_head_dim=8, num_attention_heads=2,
-                                          joint_attention_dim=64, caption_projection_dim=16,
-                                          pooled_projection_dim=64, out_channels=4),
+        transformer=SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=64,
+            caption_projection_dim=16,
+            pooled_projection_dim=64,
+            out_channels=4,
+        ),
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
-                          norm_num_groups=4, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=clip_tokenizer(),
-        text_encoder_3=None, tokenizer_3=None,
+        vae=AutoencoderKL(
+            block_out_channels=(8, 8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     pipe.save_pretrained(path)
     return path
@@ -160,8 +194,12 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
     torch.nn.init.normal_(decoder.conv_out.weight, std=0.5)  # random but not saturated: alpha varies
     torch.nn.init.constant_(decoder.conv_out.bias, 0.5)
     save_file(decoder.state_dict(), tmp_path / DECODER_FILE)
-    options = GeneratorOptions(model=str(ensure_tiny_sd()), resolution=64, steps=2,
-                               extra={"layer_weights": str(tmp_path), "rank": 4, "decoder_config": small})
+    options = GeneratorOptions(
+        model=str(ensure_tiny_sd()),
+        resolution=64,
+        steps=2,
+        extra={"layer_weights": str(tmp_path), "rank": 4, "decoder_config": small},
+    )
     gen = create_generator("layerdiffuse", options)
     out = gen.generate([Request("a photo of a cat.", 1), Request("a photo of a dog.", 2)])
     assert out.images.shape == (2, 3, 64, 64) and out.alpha.shape == (2, 1, 64, 64)
@@ -169,8 +207,18 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("cat\n")
     torch.manual_seed(0)
-    build_bank(BuildOptions(out=tmp_path / "bank", generator="layerdiffuse", vocab=[str(names)], encoder="tiny",
-                            templates=2, progress=False), generator=gen, encoder=PromptEncoder("tiny", None))
+    build_bank(
+        BuildOptions(
+            out=tmp_path / "bank",
+            generator="layerdiffuse",
+            vocab=[str(names)],
+            encoder="tiny",
+            templates=2,
+            progress=False,
+        ),
+        generator=gen,
+        encoder=PromptEncoder("tiny", None),
+    )
     shard = sorted((tmp_path / "bank").glob("images-*.tar"))[0]
     with ShardReader(shard) as reader:
         assert all({"png", "alpha.png", "json"} <= set(files) for files in reader.members.values()), reader.members
@@ -178,8 +226,9 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
         missing = {"layer_weights": str(tmp_path / "none")}
         create_generator("layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), extra=missing))
     with pytest.raises(UserError, match="multiple of 64"):
-        create_generator("layerdiffuse",
-                         GeneratorOptions(model=str(ensure_tiny_sd()), resolution=32, extra=options.extra))
+        create_generator(
+            "layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), resolution=32, extra=options.extra)
+        )
 
 
 def test_procedural_renders_the_shapes_benchmark():

@@ -11,8 +11,9 @@ runner = CliRunner()
 
 
 def test_summary_json_reports_the_paper_facts_for_convnext_b():
-    result = runner.invoke(app, ["model", "summary", "--encoder", "convnext-b", "--classes", "171", "--size", "768",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["model", "summary", "--encoder", "convnext-b", "--classes", "171", "--size", "768", "--json"]
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["embed_dim"] == 640
@@ -28,12 +29,33 @@ def test_summary_json_lists_the_aux_heads_and_the_fusion_blocks():
     result = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert [(h["stage"], h["stride"], h["in_channels"]) for h in info["aux_heads"]] == [(0, 32, 128), (1, 16, 64),
-                                                                                       (2, 8, 32)]
+    assert [(h["stage"], h["stride"], h["in_channels"]) for h in info["aux_heads"]] == [
+        (0, 32, 128),
+        (1, 16, 64),
+        (2, 8, 32),
+    ]
     assert [(f["stride"], f["out_channels"], f["groupnorm_groups"]) for f in info["fusion_blocks"]] == [
-        (16, 64, 4), (8, 32, 2), (4, 16, 1)]
-    plain = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64", "--json",
-                                "--no-deep-supervision", "--visual-guidance", "none"])
+        (16, 64, 4),
+        (8, 32, 2),
+        (4, 16, 1),
+    ]
+    plain = runner.invoke(
+        app,
+        [
+            "model",
+            "summary",
+            "--encoder",
+            "tiny",
+            "--classes",
+            "3",
+            "--size",
+            "64",
+            "--json",
+            "--no-deep-supervision",
+            "--visual-guidance",
+            "none",
+        ],
+    )
     info = json.loads(plain.stdout)
     assert info["aux_heads"] == [] and [f["guidance_channels"] for f in info["fusion_blocks"]] == [0, 0, 0]
 
@@ -52,8 +74,22 @@ def test_summary_table_is_readable():
 
 
 def test_concat_costs_doubles_the_cost_channels():
-    result = runner.invoke(app, ["model", "summary", "--encoder", "tiny", "--classes", "3", "--size", "64",
-                                 "--fusion", "concat-costs", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "model",
+            "summary",
+            "--encoder",
+            "tiny",
+            "--classes",
+            "3",
+            "--size",
+            "64",
+            "--fusion",
+            "concat-costs",
+            "--json",
+        ],
+    )
     assert json.loads(result.stdout)["cost_volume_shape"] == [1, 160, 3, 2, 2]
 
 
@@ -72,9 +108,31 @@ def test_bad_ablation_is_one_error_line():
 
 def test_bench_model_writes_json_with_the_decoder_share(tmp_path):
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "model", "--encoder", "tiny", "--size", "64", "--classes", "3,6",
-                                 "--batch", "1", "--warmup", "0", "--repeats", "1", "--class-chunk", "2",
-                                 "--reject-topk", "1", "-o", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "model",
+            "--encoder",
+            "tiny",
+            "--size",
+            "64",
+            "--classes",
+            "3,6",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--class-chunk",
+            "2",
+            "--reject-topk",
+            "1",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["classes"] for r in data["results"]] == [3, 6]
@@ -100,9 +158,28 @@ def test_demo_without_a_bank_uses_random_visual_prompts():
 
 def test_demo_segments_with_the_prompts_of_a_procedural_bank(tmp_path):
     bank = tmp_path / "bank"
-    built = runner.invoke(app, ["bank", "build", "--generator", "procedural", "--vocab", "shapes", "--encoder", "tiny",
-                                "--encoder-weights", "none", "--templates", "2", "--resolution", "32",
-                                "--out", str(bank), "--no-progress"])
+    built = runner.invoke(
+        app,
+        [
+            "bank",
+            "build",
+            "--generator",
+            "procedural",
+            "--vocab",
+            "shapes",
+            "--encoder",
+            "tiny",
+            "--encoder-weights",
+            "none",
+            "--templates",
+            "2",
+            "--resolution",
+            "32",
+            "--out",
+            str(bank),
+            "--no-progress",
+        ],
+    )
     assert built.exit_code == 0, built.output
     result = runner.invoke(app, ["demo", "--size", "64", "--bank", str(bank)])
     assert result.exit_code == 0, result.output
@@ -131,9 +208,33 @@ def test_a_multi_line_library_message_still_prints_as_one_line(monkeypatch):
 
 def test_bench_train_times_three_cases_and_takes_ratios_from_them(tmp_path):
     out = tmp_path / "train.json"
-    result = runner.invoke(app, ["bench", "train", "--encoder", "tiny", "--size", "32", "--classes", "2",
-                                 "--templates", "1", "--batch-size", "1", "--steps", "2", "--rounds", "1",
-                                 "--num-workers", "0", "--device", "cpu", "-o", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "train",
+            "--encoder",
+            "tiny",
+            "--size",
+            "32",
+            "--classes",
+            "2",
+            "--templates",
+            "1",
+            "--batch-size",
+            "1",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     seconds = data["seconds_per_step"]

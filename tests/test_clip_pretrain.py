@@ -12,8 +12,20 @@ from safetensors.torch import load_file
 from dpseg.data.shapes import COLOURS, SHAPES, SHAPES_CATEGORIES, TEXTURES
 from pipeline.clip import pretrain as cp
 
-FAST = dict(steps=8, batch_size=16, lr=2e-3, warmup=2, templates=2, templates_per_step=2, renders=1, eval_renders=1,
-            small_size=32, small_fraction=1.0, seed=3, threads=1)
+FAST = dict(
+    steps=8,
+    batch_size=16,
+    lr=2e-3,
+    warmup=2,
+    templates=2,
+    templates_per_step=2,
+    renders=1,
+    eval_renders=1,
+    small_size=32,
+    small_fraction=1.0,
+    seed=3,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")

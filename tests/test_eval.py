@@ -31,19 +31,40 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     write_shapes_benchmark(root / "shapes", images=1, val_images=4, size=64, progress=False)
     (root / "unseen.txt").write_text("".join(f"{n}\n" for n in UNSEEN))
-    build_bank(BuildOptions(out=root / "bank", generator="procedural", vocab=[str(root / "unseen.txt")], encoder="tiny",
-                            encoder_weights=None, templates=2, encode_size=64,
-                            generator_options=GeneratorOptions(resolution=32), progress=False))
+    build_bank(
+        BuildOptions(
+            out=root / "bank",
+            generator="procedural",
+            vocab=[str(root / "unseen.txt")],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            encode_size=64,
+            generator_options=GeneratorOptions(resolution=32),
+            progress=False,
+        )
+    )
     torch.manual_seed(0)
     model = build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None)
-    save_dpseg(model, root / "ckpt", extra={"bank": {"path": str(root / "bank")}, "encoder": "tiny",
-                                            "encode_size": 64, "recipe": {"crop_size": 64}})
+    save_dpseg(
+        model,
+        root / "ckpt",
+        extra={"bank": {"path": str(root / "bank")}, "encoder": "tiny", "encode_size": 64, "recipe": {"crop_size": 64}},
+    )
     return root
 
 
 def settings(world: Path, out: str, **kw) -> EvalSettings:
-    base = dict(checkpoint=str(world / "ckpt"), dataset=str(world / "shapes"), out=str(world / out), classes="unseen",
-                num_workers=0, shard_size=2, batch_size=2, min_area=48)
+    base = dict(
+        checkpoint=str(world / "ckpt"),
+        dataset=str(world / "shapes"),
+        out=str(world / out),
+        classes="unseen",
+        num_workers=0,
+        shard_size=2,
+        batch_size=2,
+        min_area=48,
+    )
     return EvalSettings(**{**base, **kw})
 
 
@@ -90,8 +111,10 @@ def test_metrics_equal_a_recomputation_from_saved_predictions(world, two_pass, p
 
 
 def test_pass_two_from_overlays_equals_pass_two_computed_directly(world, two_pass):
-    again = evaluate(settings(world, "from-overlays", overlays=str(world / "two" / "overlays"), save_predictions=True),
-                     progress=False)
+    again = evaluate(
+        settings(world, "from-overlays", overlays=str(world / "two" / "overlays"), save_predictions=True),
+        progress=False,
+    )
     assert list(again["passes"]) == ["2"]
     assert again["passes"]["2"]["miou"] == two_pass["passes"]["2"]["miou"]
     for png in sorted((world / "two" / "pred" / "pass2").glob("*.png")):
@@ -155,12 +178,30 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
 
 
 def test_cli_eval_prints_both_passes_and_refuses_a_missing_checkpoint(world, cli, one_line_error):
-    result = cli("eval", "--checkpoint", world / "ckpt", "--dataset", world / "shapes", "--out", world / "cli",
-                 "--classes", "unseen", "--num-workers", "0", "--limit", "2", "--passes", "1", "--no-progress")
+    result = cli(
+        "eval",
+        "--checkpoint",
+        world / "ckpt",
+        "--dataset",
+        world / "shapes",
+        "--out",
+        world / "cli",
+        "--classes",
+        "unseen",
+        "--num-workers",
+        "0",
+        "--limit",
+        "2",
+        "--passes",
+        "1",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "pass I " in result.stdout and (world / "cli" / "metrics.json").is_file()
-    one_line_error(cli("eval", "--checkpoint", world / "nowhere", "--dataset", world / "shapes", "--out",
-                       world / "cli2"), "is not a dpseg checkpoint")
+    one_line_error(
+        cli("eval", "--checkpoint", world / "nowhere", "--dataset", world / "shapes", "--out", world / "cli2"),
+        "is not a dpseg checkpoint",
+    )
 
 
 def test_the_banks_weights_stand_in_only_for_a_recorded_file_that_is_gone(tmp_path):

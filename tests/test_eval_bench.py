@@ -8,8 +8,27 @@ import json
 
 def test_bench_eval_reports_ratio_and_scaling_cases(tmp_path, cli):
     out = tmp_path / "eval.json"
-    result = cli("bench", "eval", "--size", "32", "--templates", "2", "--batch", "1", "--classes", "3",
-                 "--class-chunk", "2", "--ratio-classes", "3", "--repeats", "1", "--no-isolate", "-o", out)
+    result = cli(
+        "bench",
+        "eval",
+        "--size",
+        "32",
+        "--templates",
+        "2",
+        "--batch",
+        "1",
+        "--classes",
+        "3",
+        "--class-chunk",
+        "2",
+        "--ratio-classes",
+        "3",
+        "--repeats",
+        "1",
+        "--no-isolate",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["bench"] == "eval" and data["templates"] == 2 and data["size"] == 32

@@ -21,11 +21,22 @@ from dpseg.errors import UserError
 
 # --- the original (LDM) single-file layout of a diffusers SD1.5 pipeline, written from the
 # --- LDM module names (diffusers converts one way only); the round trip below checks it
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-          "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 
 
 def _resnet(rest: str) -> str:
@@ -95,10 +106,12 @@ def tiny_safety_checker(flag_everything: bool):
     from transformers import CLIPConfig, CLIPImageProcessor
 
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=32),
-                                                      projection_dim=16)).eval()
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(vision_config=vision, text_config=dict(hidden_size=32), projection_dim=16)
+    ).eval()
     with torch.no_grad():  # cosine - threshold > 0 flags: -2 flags every image, +2 none
         checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
         checker.special_care_embeds_weights.fill_(2.0)
@@ -136,8 +149,9 @@ def empty_hub_cache(tmp_path, monkeypatch):
 
 
 def test_single_file_loads_offline_from_a_local_config_folder(single_file, empty_hub_cache):
-    options = GeneratorOptions(model=str(single_file["file"]), model_config=str(single_file["config"]),
-                               resolution=32, steps=2)
+    options = GeneratorOptions(
+        model=str(single_file["file"]), model_config=str(single_file["config"]), resolution=32, steps=2
+    )
     gen = create_generator("sd15", options)
     ref = single_file["reference"]
     for name in ("unet", "vae", "text_encoder"):  # the round trip through the original layout is exact
@@ -152,8 +166,9 @@ def test_single_file_loads_offline_from_a_local_config_folder(single_file, empty
     with pytest.raises(UserError, match="--model-config DIR"):
         create_generator("sd15", GeneratorOptions(model=str(single_file["file"])))
     with pytest.raises(UserError, match="not a diffusers folder"):
-        create_generator("sd15", GeneratorOptions(model=str(single_file["file"]),
-                                                  model_config=str(empty_hub_cache.parent)))
+        create_generator(
+            "sd15", GeneratorOptions(model=str(single_file["file"]), model_config=str(empty_hub_cache.parent))
+        )
 
 
 def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empty_hub_cache, tmp_path):
@@ -162,8 +177,13 @@ def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empt
     from bank.merge import read_manifest
     from bank.store import BankStore
 
-    options = GeneratorOptions(model=str(single_file["file"]), model_config=str(single_file["config"]),
-                               resolution=32, steps=2, safety_checker=True)
+    options = GeneratorOptions(
+        model=str(single_file["file"]),
+        model_config=str(single_file["config"]),
+        resolution=32,
+        steps=2,
+        safety_checker=True,
+    )
     gen = create_generator("sd15", options)  # the single file gets its checker from the config folder
     assert gen.settings["safety_checker"] is True
     out = gen.generate([Request("a cat", 1), Request("a dog", 2)])
@@ -172,8 +192,13 @@ def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empt
     # the reason reaches the bank; a flagged entry is final (no retry with another seed)
     names = tmp_path / "names.txt"
     names.write_text("cat\n")
-    build_bank(BuildOptions(out=tmp_path / "bank", generator="sd15", vocab=[str(names)], encoder="tiny", templates=1,
-                            progress=False), generator=gen, encoder=PromptEncoder("tiny", None))
+    build_bank(
+        BuildOptions(
+            out=tmp_path / "bank", generator="sd15", vocab=[str(names)], encoder="tiny", templates=1, progress=False
+        ),
+        generator=gen,
+        encoder=PromptEncoder("tiny", None),
+    )
     table, _ = read_manifest(BankStore(tmp_path / "bank"))
     rows = table.to_pylist()
     assert [(r["status"], r["reason"]) for r in rows] == [("failed", "nsfw")]
@@ -184,11 +209,13 @@ def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empt
     with pytest.raises(UserError, match="ships no safety checker"):
         create_generator("sd15", GeneratorOptions(model=str(ensure_tiny_sd()), safety_checker=True))
     without = tmp_path / "config-without-checker"
-    shutil.copytree(single_file["config"], without,
-                    ignore=shutil.ignore_patterns("safety_checker", "feature_extractor"))
+    shutil.copytree(
+        single_file["config"], without, ignore=shutil.ignore_patterns("safety_checker", "feature_extractor")
+    )
     with pytest.raises(UserError, match="no safety checker in"):
-        create_generator("sd15", GeneratorOptions(model=str(single_file["file"]), model_config=str(without),
-                                                  safety_checker=True))
+        create_generator(
+            "sd15", GeneratorOptions(model=str(single_file["file"]), model_config=str(without), safety_checker=True)
+        )
     for spec in ("sd3", "sd15-random"):
         with pytest.raises(UserError, match="no safety checker"):
             create_generator(spec, GeneratorOptions(model=str(tmp_path / "none"), safety_checker=True))
@@ -216,8 +243,14 @@ def test_layerdiffuse_reference_defaults_and_explicit_safety_checker(single_file
     assert config.use_karras_sigmas and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
     assert (SD15Generator.defaults["resolution"], SD15Generator.defaults["scheduler"]) == (768, "dpm++")  # the paper's
     # the pipeline is called for latents and skips its checker: layerdiffuse runs it on the composite
-    options = GeneratorOptions(model=str(single_file["file"]), model_config=str(single_file["config"]),
-                               resolution=64, steps=2, safety_checker=True, extra=extra)
+    options = GeneratorOptions(
+        model=str(single_file["file"]),
+        model_config=str(single_file["config"]),
+        resolution=64,
+        steps=2,
+        safety_checker=True,
+        extra=extra,
+    )
     gen = create_generator("layerdiffuse", options)
     assert gen.settings["safety_checker"] is True
     out = gen.generate([Request("a cat", 1)])

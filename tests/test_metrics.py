@@ -103,7 +103,8 @@ def test_uniform_random_miou_matches_simulation():
 def test_predict_labels_equals_sigmoid_upsample_argmax_for_any_chunk(chunk):
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 5, 6)
-    want = torch.nn.functional.interpolate(logits.sigmoid(), size=(17, 23), mode="bilinear",
-                                           align_corners=False).argmax(dim=1)
+    want = torch.nn.functional.interpolate(
+        logits.sigmoid(), size=(17, 23), mode="bilinear", align_corners=False
+    ).argmax(dim=1)
     got = predict_labels(logits, (17, 23), class_chunk=chunk)
     assert got.shape == (2, 17, 23) and torch.equal(got, want)

@@ -27,6 +27,7 @@ def prompts(model, n=N_CLASSES, seed=1, batch=None):
 
 # ---- cost volumes ---------------------------------------------------------------------------
 
+
 def test_cosine_cost_matches_a_direct_computation():
     f, p = torch.randn(2, 8, 3, 4), torch.randn(5, 7, 8)
     cost = cosine_cost(f, p)
@@ -56,6 +57,7 @@ def test_fusions_of_table_2b():
 
 # ---- blocks against the computations they replace ------------------------------------------
 
+
 def test_folded_guidance_equals_cost_volume_then_1x1_conv():
     torch.manual_seed(0)
     guidance = CostGuidance(cost_channels=6, dim=4)
@@ -69,8 +71,11 @@ def test_upsampled_cost_chain_is_seds_deconv_chain():
     torch.manual_seed(0)
     chain = UpsampledCostChain(cost_channels=80, dims=(32, 16, 8))
     # ConvTranspose2d(c_in, c_out, 2): c_in * c_out * 4 weights + c_out biases per step
-    assert [sum(p.numel() for p in s.parameters()) for s in chain.steps] == [80 * 32 * 4 + 32, 32 * 16 * 4 + 16,
-                                                                           16 * 8 * 4 + 8]
+    assert [sum(p.numel() for p in s.parameters()) for s in chain.steps] == [
+        80 * 32 * 4 + 32,
+        32 * 16 * 4 + 16,
+        16 * 8 * 4 + 8,
+    ]
     x = torch.randn(3, 80, 6, 6)
     outs = []
     for k, size in enumerate([(12, 12), (24, 24), (48, 48)]):
@@ -134,6 +139,7 @@ def test_class_attention_is_permutation_equivariant_over_classes():
 
 # ---- the network ---------------------------------------------------------------------------
 
+
 def test_shapes_at_every_stage_for_the_tiny_encoder():
     info = model_summary(DPSegConfig(encoder="tiny"), num_classes=7, size=128)
     s = info["shapes"]
@@ -147,10 +153,13 @@ def test_shapes_at_every_stage_for_the_tiny_encoder():
     assert s["head"] == [1, 7, 1, 32, 32] and info["logits_shape"] == [1, 7, 32, 32]
 
 
-@pytest.mark.parametrize("encoder, embed, channels", [
-    ("convnext-b", 640, [128, 256, 512, 1024]),
-    ("convnext-l", 768, [192, 384, 768, 1536]),
-])
+@pytest.mark.parametrize(
+    "encoder, embed, channels",
+    [
+        ("convnext-b", 640, [128, 256, 512, 1024]),
+        ("convnext-l", 768, [192, 384, 768, 1536]),
+    ],
+)
 def test_summary_of_the_paper_encoders(encoder, embed, channels):
     info = model_summary(DPSegConfig(encoder=encoder), num_classes=171, size=768)
     assert info["embed_dim"] == embed and info["stage_channels"] == channels
@@ -171,11 +180,20 @@ def test_forward_gives_one_logit_map_per_class_at_stride_4():
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("cfg", [
-    {}, {"fusion": "concat-costs"}, {"fusion": "avg-costs"}, {"visual_guidance": "upsampled-cost"},
-    {"prompt_mode": "text", "visual_guidance": "upsampled-cost"}, {"prompt_mode": "visual"},
-    {"visual_guidance": "none"}, {"guidance_stages": (True, False, True)}, {"deep_supervision": False},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"fusion": "concat-costs"},
+        {"fusion": "avg-costs"},
+        {"visual_guidance": "upsampled-cost"},
+        {"prompt_mode": "text", "visual_guidance": "upsampled-cost"},
+        {"prompt_mode": "visual"},
+        {"visual_guidance": "none"},
+        {"guidance_stages": (True, False, True)},
+        {"deep_supervision": False},
+    ],
+)
 def test_chunked_decoding_equals_one_pass_in_every_mode(cfg):
     model = tiny_model(**cfg)
     text, visual = prompts(model, n=7)
@@ -190,15 +208,19 @@ def test_chunked_decoding_equals_one_pass_in_every_mode(cfg):
 def test_ablation_modes_change_the_output():
     images = torch.randn(1, 3, 64, 64)
     outs = {}
-    for name, cfg in {"dual": {}, "text": {"prompt_mode": "text", "visual_guidance": "upsampled-cost"},
-                      "visual": {"prompt_mode": "visual"}, "upsampled": {"visual_guidance": "upsampled-cost"}}.items():
+    for name, cfg in {
+        "dual": {},
+        "text": {"prompt_mode": "text", "visual_guidance": "upsampled-cost"},
+        "visual": {"prompt_mode": "visual"},
+        "upsampled": {"visual_guidance": "upsampled-cost"},
+    }.items():
         model = tiny_model(**cfg)
         text, visual = prompts(model)
         with torch.no_grad():
             outs[name] = model(images, text=text, visual=visual)
     names = list(outs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not torch.allclose(outs[a], outs[b]), (a, b)
 
 
@@ -244,9 +266,15 @@ def test_gradients_reach_decoder_and_image_tower_but_not_frozen_towers():
     assert all(p.grad is None for p in model.text_encoder.parameters())
 
 
-@pytest.mark.parametrize("guidance, guidance_grad, reaches_stride4", [
-    ("upsampled-cost", False, False), ("prompt", False, False), ("prompt", True, True), ("none", True, False),
-])
+@pytest.mark.parametrize(
+    "guidance, guidance_grad, reaches_stride4",
+    [
+        ("upsampled-cost", False, False),
+        ("prompt", False, False),
+        ("prompt", True, True),
+        ("none", True, False),
+    ],
+)
 def test_skips_are_detached_and_visual_costs_follow_guidance_grad(guidance, guidance_grad, reaches_stride4):
     model = tiny_model(visual_guidance=guidance, guidance_grad=guidance_grad)
     text, visual = prompts(model)
@@ -284,8 +312,9 @@ def test_param_groups_scale_the_image_tower_lr_and_skip_decay_on_norms_and_biase
     # independently: every norm layer's parameters and every bias are in a no-decay group
     no_decay = {id(p) for name in ("decoder_no_decay", "image_encoder_no_decay") for p in groups[name]["params"]}
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
-    expected = {id(p) for m in model.modules() if isinstance(m, norms)
-                for p in m.parameters(recurse=False) if p.requires_grad}
+    expected = {
+        id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False) if p.requires_grad
+    }
     expected |= {id(p) for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad}
     assert no_decay == expected
     assert id(model.decoder.fusions[0].norm1.weight) in no_decay and id(model.decoder.head.weight) not in no_decay
@@ -318,6 +347,7 @@ def test_config_rejects_inconsistent_ablations():
 
 
 # ---- loss ------------------------------------------------------------------------------------
+
 
 def _reference_bce(logits, labels, ignore, policy):
     lg, lb = logits.numpy().astype(np.float64), labels.numpy()

@@ -45,6 +45,7 @@ def inputs(model):
 
 # ---- aux heads and deep supervision ----------------------------------------------------------
 
+
 def test_aux_heads_are_3x3_class_heads_at_strides_32_16_8(model, inputs):
     text, visual, features = inputs
     with torch.no_grad():
@@ -52,8 +53,11 @@ def test_aux_heads_are_3x3_class_heads_at_strides_32_16_8(model, inputs):
     assert [tuple(a.shape) for a in aux] == [(2, 6, 2, 2), (2, 6, 4, 4), (2, 6, 8, 8)]
     assert logits.shape == (2, 6, 16, 16)
     # Conv2d(C, 1, 3): 9 C weights + 1 bias, on the cost embedding (128) and stage outputs (64, 32)
-    assert [sum(p.numel() for p in h.parameters()) for h in model.decoder.aux_heads] == [9 * 128 + 1, 9 * 64 + 1,
-                                                                                        9 * 32 + 1]
+    assert [sum(p.numel() for p in h.parameters()) for h in model.decoder.aux_heads] == [
+        9 * 128 + 1,
+        9 * 64 + 1,
+        9 * 32 + 1,
+    ]
     with torch.no_grad():
         assert torch.equal(model(text=text, visual=visual, features=features), logits)  # aux does not change logits
 
@@ -93,12 +97,15 @@ def test_deep_supervision_loss_is_the_sum_of_four_independent_bces():
 
 # ---- early rejection ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def rejecting(model):
     """The shared model with cfg.class_reject_topk set for one test (decoding reads it per call)."""
+
     def set_k(k):
         model.cfg.class_reject_topk = k
         return model
+
     yield set_k
     model.cfg.class_reject_topk = None
     model.eval()
@@ -145,6 +152,7 @@ def test_rejection_needs_the_aux_heads():
 
 # ---- class attention pooling, guidance switches -------------------------------------------
 
+
 def test_class_attention_is_pooled_in_training_only(model, inputs):
     text, visual, features = inputs
     assert [b.pool for b in model.decoder.blocks] == [1, 1, 1]
@@ -165,8 +173,11 @@ def test_class_attention_is_pooled_in_training_only(model, inputs):
 def test_guidance_switches_change_the_network_and_its_output(inputs):
     text, visual, features = inputs
     outs = {}
-    for name, cfg in {"all": {}, "no_stage1": {"guidance_stages": (True, False, True)},
-                      "none": {"visual_guidance": "none"}}.items():
+    for name, cfg in {
+        "all": {},
+        "no_stage1": {"guidance_stages": (True, False, True)},
+        "none": {"visual_guidance": "none"},
+    }.items():
         m = tiny_model(seed=4, **cfg)
         with torch.no_grad():
             outs[name] = m(text=text, visual=visual, features=features)
@@ -188,13 +199,16 @@ def test_summary_lists_aux_heads_fusion_blocks_and_the_cost_chain():
     info = model_summary(DPSegConfig(encoder="tiny", visual_guidance="upsampled-cost"), num_classes=3, size=64)
     assert [h["stride"] for h in info["aux_heads"]] == [32, 16, 8]
     assert [h["in_channels"] for h in info["aux_heads"]] == [128, 64, 32]
-    assert [(f["in_channels"], f["deconv_channels"], f["skip_channels"], f["guidance_channels"], f["out_channels"])
-            for f in info["fusion_blocks"]] == [(128, 96, 32, 32, 64), (64, 48, 16, 16, 32), (32, 24, 8, 8, 16)]
+    assert [
+        (f["in_channels"], f["deconv_channels"], f["skip_channels"], f["guidance_channels"], f["out_channels"])
+        for f in info["fusion_blocks"]
+    ] == [(128, 96, 32, 32, 64), (64, 48, 16, 16, 32), (32, 24, 8, 8, 16)]
     assert [f["groupnorm_groups"] for f in info["fusion_blocks"]] == [4, 2, 1]
     assert info["cost_chain"] == [[80, 32, 2, 2], [32, 16, 2, 2], [16, 8, 2, 2]]  # ConvTranspose2d (in, out, k, k)
 
 
 # ---- image tower regularisation, prompt encode size ----------------------------------------
+
 
 def test_drop_path_and_head_dropout_are_set_from_seds_values():
     assert (ENCODERS.get("convnext-b").drop_path, ENCODERS.get("convnext-b").head_dropout) == (0.0, 0.0)
@@ -230,6 +244,7 @@ def test_random_towers_do_not_depend_on_the_callers_seed():
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+
 
 def test_trainable_only_checkpoint_rebuilds_and_checks_the_frozen_towers(tmp_path, inputs):
     text, visual, features = inputs

@@ -20,9 +20,13 @@ def refinement(seed: int, counts: list[int]) -> Refinement:
         return torch.randn(*shape, generator=g).half().float()
 
     areas = torch.tensor([10 * (i + 1) for i in range(len(counts))], dtype=torch.int64)
-    return Refinement(classes=torch.arange(len(counts)) * 2, areas=areas,
-                      counts=torch.tensor(counts, dtype=torch.int64), embedding=values(k, 6),
-                      pooled={4: values(k, 2), 8: values(k, 3), 16: values(k, 5)})
+    return Refinement(
+        classes=torch.arange(len(counts)) * 2,
+        areas=areas,
+        counts=torch.tensor(counts, dtype=torch.int64),
+        embedding=values(k, 6),
+        pooled={4: values(k, 2), 8: values(k, 3), 16: values(k, 5)},
+    )
 
 
 def assert_same(a: Refinement, b: Refinement) -> None:

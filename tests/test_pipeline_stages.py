@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_explicit_keys_override_the_profile_and_null_keeps_it():
-    r = resolve({"profile": "demo", "train": {"steps": 7, "lr": None, "model_overrides": {}},
-                 "bank": {"generator": None}})
+    r = resolve(
+        {"profile": "demo", "train": {"steps": 7, "lr": None, "model_overrides": {}}, "bank": {"generator": None}}
+    )
     demo = PROFILES.get("demo")
     assert r["train"]["steps"] == 7
     assert r["train"]["lr"] == demo.defaults("train")["lr"]
@@ -74,8 +75,10 @@ def test_params_yaml_resolves_and_dvc_yaml_tracks_it():
 def _bank_params(tmp_path: Path) -> dict:
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("red striped star\nblue dotted circle\n")
-    params = {"profile": "demo", "bank": {"vocab": [str(vocab)], "templates": 2, "encoder_weights": "none",
-                                          "batch_size": 4, "out": "out/bank"}}
+    params = {
+        "profile": "demo",
+        "bank": {"vocab": [str(vocab)], "templates": 2, "encoder_weights": "none", "batch_size": 4, "out": "out/bank"},
+    }
     return params
 
 
@@ -117,11 +120,22 @@ def test_compact_metrics_and_results_table(tmp_path, monkeypatch):
     import json
 
     monkeypatch.chdir(tmp_path)
-    full = {"images": 3, "class_ids": [0, 1], "passes": {
-        "1": {"miou": 40.0, "fwiou": 41.0, "pacc": 50.0, "macc": 45.0, "uniform_random_miou": 2.5,
-              "per_class_iou": [1]},
-        "2": {"miou": 42.5, "fwiou": 43.0, "pacc": 52.0, "macc": 47.0, "uniform_random_miou": 2.5}},
-        "pass2_minus_pass1_miou": 2.5}
+    full = {
+        "images": 3,
+        "class_ids": [0, 1],
+        "passes": {
+            "1": {
+                "miou": 40.0,
+                "fwiou": 41.0,
+                "pacc": 50.0,
+                "macc": 45.0,
+                "uniform_random_miou": 2.5,
+                "per_class_iou": [1],
+            },
+            "2": {"miou": 42.5, "fwiou": 43.0, "pacc": 52.0, "macc": 47.0, "uniform_random_miou": 2.5},
+        },
+        "pass2_minus_pass1_miou": 2.5,
+    }
     compact = stages.compact_metrics(full)
     assert compact["pass1"] == {"miou": 40.0, "fwiou": 41.0, "pacc": 50.0, "macc": 45.0, "uniform_random_miou": 2.5}
     assert compact["pass2_minus_pass1_miou"] == 2.5
@@ -145,7 +159,8 @@ def test_a_text_only_checkpoint_is_evaluated_in_one_pass(tmp_path):
 
     for mode, guidance, expected in (("text", "none", False), ("dual", "prompt", True), ("visual", "prompt", True)):
         torch.manual_seed(0)
-        model = build_dpseg(DPSegConfig(encoder="tiny", templates=2, prompt_mode=mode, visual_guidance=guidance),
-                            weights=None)
+        model = build_dpseg(
+            DPSegConfig(encoder="tiny", templates=2, prompt_mode=mode, visual_guidance=guidance), weights=None
+        )
         save_dpseg(model, tmp_path / mode)
         assert checkpoint_uses_visual(str(tmp_path / mode)) is expected

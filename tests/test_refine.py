@@ -71,8 +71,9 @@ def test_slots_take_crops_round_robin():
 def test_replace_changes_exactly_the_detected_classes_of_each_image(model):
     torch.manual_seed(1)
     n, m, d = 5, 4, model.prompt_encoder.embed_dim
-    visual = VisualPrompts(torch.randn(n, m, d), {s: torch.randn(n, m, model.prompt_encoder.channels_at(s))
-                                                  for s in (4, 8, 16)})
+    visual = VisualPrompts(
+        torch.randn(n, m, d), {s: torch.randn(n, m, model.prompt_encoder.channels_at(s)) for s in (4, 8, 16)}
+    )
     images = torch.rand(2, 3, 64, 64)
     preds = torch.zeros(2, 64, 64, dtype=torch.int64)
     preds[0, 10:30, 5:40] = 2
@@ -105,8 +106,9 @@ def test_refined_features_are_the_prompt_tower_on_the_masked_crop(model):
     tower = model.prompt_encoder
     fill = tower.mean.view(3)
     crop = images[0, :, 8:24, 16:48]  # the box is the mask: no fill inside
-    crop = torch.nn.functional.interpolate(crop[None], size=(32, 32), mode="bilinear", antialias=True,
-                                           align_corners=False)
+    crop = torch.nn.functional.interpolate(
+        crop[None], size=(32, 32), mode="bilinear", antialias=True, align_corners=False
+    )
     with torch.no_grad():
         want = tower.encode_prompts(tower.normalize(crop))
     torch.testing.assert_close(ref.embedding[1], want.embedding[0].half().float())

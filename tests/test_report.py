@@ -14,12 +14,29 @@ from pipeline.evaluate.report import render_report
 def fake_eval(folder, dataset_name, dataset, bank, generator, miou1, miou2, classes=None, ids=None, names=None):
     ids = ids if ids is not None else [0, 1]
     names = names if names is not None else ["a", "b"]
-    passes = {p: {"miou": v, "uniform_random_miou": 1.5, "per_class_iou": [v] * len(ids)}
-              for p, v in (("1", miou1), ("2", miou2))}
-    metrics = {"format": "dpseg-eval-1", "images": 2, "class_ids": ids, "class_names": names, "passes": passes,
-               "settings": {"dataset_name": dataset_name, "dataset": str(dataset), "split": "val", "classes": classes,
-                            "bank": str(bank), "bank_generator": generator, "checkpoint": "ck", "encoder": "tiny",
-                            "passes_run": [1, 2], "refinement": {"min_area": 64, "crop": "masked"}}}
+    passes = {
+        p: {"miou": v, "uniform_random_miou": 1.5, "per_class_iou": [v] * len(ids)}
+        for p, v in (("1", miou1), ("2", miou2))
+    }
+    metrics = {
+        "format": "dpseg-eval-1",
+        "images": 2,
+        "class_ids": ids,
+        "class_names": names,
+        "passes": passes,
+        "settings": {
+            "dataset_name": dataset_name,
+            "dataset": str(dataset),
+            "split": "val",
+            "classes": classes,
+            "bank": str(bank),
+            "bank_generator": generator,
+            "checkpoint": "ck",
+            "encoder": "tiny",
+            "passes_run": [1, 2],
+            "refinement": {"min_area": 64, "crop": "masked"},
+        },
+    }
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return metrics
@@ -28,8 +45,16 @@ def fake_eval(folder, dataset_name, dataset, bank, generator, miou1, miou2, clas
 def test_tables_put_the_paper_numbers_beside_ours(tmp_path):
     fake_eval(tmp_path / "a150", "ade-150", tmp_path / "nowhere", tmp_path / "bank-sd15", "sd15", 30.25, 31.0)
     fake_eval(tmp_path / "a150-sd3", "ade-150", tmp_path / "nowhere", tmp_path / "bank-sd3", "sd3", 29.0, 29.5)
-    fake_eval(tmp_path / "unseen", "shapes", tmp_path / "nowhere", tmp_path / "bank-sd15", "sd15", 12.0, 14.0,
-              classes="unseen")
+    fake_eval(
+        tmp_path / "unseen",
+        "shapes",
+        tmp_path / "nowhere",
+        tmp_path / "bank-sd15",
+        "sd15",
+        12.0,
+        14.0,
+        classes="unseen",
+    )
     result = render_report([str(tmp_path / d) for d in ("a150", "unseen")], out=str(tmp_path / "rep"))
     md = result["markdown"]
     assert (tmp_path / "rep" / "report.md").read_text() == md
@@ -46,8 +71,9 @@ def test_tables_put_the_paper_numbers_beside_ours(tmp_path):
     assert row("ours pass I")[1:] == ["–", "–", "30.2", "–", "–", "12.0"]
     assert row("ours pass II")[3] == "31.0" and row("ours pass II")[6] == "14.0"
     # Table 5: one row per bank, same column under both
-    t5 = render_report([str(tmp_path / "a150"), str(tmp_path / "a150-sd3")], labels=["A-150", "A-150"],
-                       out=str(tmp_path / "rep5"))["markdown"].splitlines()
+    t5 = render_report(
+        [str(tmp_path / "a150"), str(tmp_path / "a150-sd3")], labels=["A-150", "A-150"], out=str(tmp_path / "rep5")
+    )["markdown"].splitlines()
     assert any(line.startswith("| sd15 (bank-sd15) |") and "+0.8" in line for line in t5)
     assert any(line.startswith("| sd3 (bank-sd3) |") and "+0.5" in line for line in t5)
 
@@ -60,8 +86,18 @@ def test_panels_from_saved_predictions(tmp_path):
     data = SegmentationDataset(tmp_path / "shapes", "val")
     names = [SHAPES_CATEGORIES[i] for i in UNSEEN_IDS]
     folder = tmp_path / "ev"
-    fake_eval(folder, "shapes", tmp_path / "shapes", tmp_path / "bank", "procedural", 10.0, 11.0, classes="unseen",
-              ids=UNSEEN_IDS, names=names)
+    fake_eval(
+        folder,
+        "shapes",
+        tmp_path / "shapes",
+        tmp_path / "bank",
+        "procedural",
+        10.0,
+        11.0,
+        classes="unseen",
+        ids=UNSEEN_IDS,
+        names=names,
+    )
     for p in ("1", "2"):
         for image_id in data.ids:
             out = folder / "pred" / f"pass{p}" / f"{image_id}.png"

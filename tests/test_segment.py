@@ -24,19 +24,43 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("segment")
     (root / "vocab.txt").write_text("red solid circle\n")
-    build_bank(BuildOptions(out=root / "bank", generator="procedural", vocab=[str(root / "vocab.txt")], encoder="tiny",
-                            encoder_weights=None, templates=2, encode_size=64,
-                            generator_options=GeneratorOptions(resolution=32), progress=False))
+    build_bank(
+        BuildOptions(
+            out=root / "bank",
+            generator="procedural",
+            vocab=[str(root / "vocab.txt")],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            encode_size=64,
+            generator_options=GeneratorOptions(resolution=32),
+            progress=False,
+        )
+    )
     torch.manual_seed(0)
-    save_dpseg(build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None), root / "ckpt",
-               extra={"bank": {"path": str(root / "bank")}, "encoder": "tiny", "encode_size": 64})
+    save_dpseg(
+        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
+        root / "ckpt",
+        extra={"bank": {"path": str(root / "bank")}, "encoder": "tiny", "encode_size": 64},
+    )
     return root
 
 
 def test_segment_a_real_photo_writes_a_png_and_reports_areas(world, cli):
     out = world / "out"
-    result = cli("segment", PHOTO, "--classes", "red solid circle, aeroplane, sky", "--checkpoint", world / "ckpt",
-                 "--size", "64", "-o", out, "--json")
+    result = cli(
+        "segment",
+        PHOTO,
+        "--classes",
+        "red solid circle, aeroplane, sky",
+        "--checkpoint",
+        world / "ckpt",
+        "--size",
+        "64",
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["text_only"] == ["aeroplane", "sky"] and report["passes"] == 2
@@ -47,8 +71,20 @@ def test_segment_a_real_photo_writes_a_png_and_reports_areas(world, cli):
     assert sum(d["pixels"] for d in item["detected"]) == h * w  # predictions at the photo's own size
     assert {d["class"] for d in item["detected"]} <= {"red solid circle", "aeroplane", "sky"}
     assert json.loads((out / "segment.json").read_text()) == report
-    plain = cli("segment", PHOTO, "--classes", "red solid circle, sky", "--checkpoint", world / "ckpt", "--size", "64",
-                "-o", world / "plain", "--passes", "1")
+    plain = cli(
+        "segment",
+        PHOTO,
+        "--classes",
+        "red solid circle, sky",
+        "--checkpoint",
+        world / "ckpt",
+        "--size",
+        "64",
+        "-o",
+        world / "plain",
+        "--passes",
+        "1",
+    )
     assert plain.exit_code == 0 and "text-only prompts (not in the bank): sky" in plain.stdout
     assert "1_image.png:" in plain.stdout
 
@@ -56,8 +92,22 @@ def test_segment_a_real_photo_writes_a_png_and_reports_areas(world, cli):
 def test_generate_adds_missing_classes_to_the_bank(world, cli):
     from bank.reader import Bank
 
-    result = cli("segment", PHOTO, "--classes", "blue dotted star", "--checkpoint", world / "ckpt", "--size", "64",
-                 "-o", world / "gen", "--generate", "--passes", "1", "--json")
+    result = cli(
+        "segment",
+        PHOTO,
+        "--classes",
+        "blue dotted star",
+        "--checkpoint",
+        world / "ckpt",
+        "--size",
+        "64",
+        "-o",
+        world / "gen",
+        "--generate",
+        "--passes",
+        "1",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["text_only"] == []
     assert "blue dotted star" in Bank(world / "bank").config["categories"]
@@ -67,9 +117,11 @@ def test_bad_inputs_are_one_line_errors(world, cli, one_line_error, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"this is not an image")
     one_line_error(cli("segment", bad, "--classes", "cat", "--checkpoint", world / "ckpt"), "is unreadable")
-    one_line_error(cli("segment", tmp_path / "none.jpg", "--classes", "cat", "--checkpoint", world / "ckpt"),
-                   "does not exist")
+    one_line_error(
+        cli("segment", tmp_path / "none.jpg", "--classes", "cat", "--checkpoint", world / "ckpt"), "does not exist"
+    )
     one_line_error(cli("segment", PHOTO, "--classes", " , ", "--checkpoint", world / "ckpt"), "--classes is empty")
     one_line_error(cli("segment", PHOTO, "--classes", "cat, cat", "--checkpoint", world / "ckpt"), "twice")
-    one_line_error(cli("segment", PHOTO, "--classes", str(tmp_path / "nope.txt"), "--checkpoint", world / "ckpt"),
-                   "does not exist")
+    one_line_error(
+        cli("segment", PHOTO, "--classes", str(tmp_path / "nope.txt"), "--checkpoint", world / "ckpt"), "does not exist"
+    )

@@ -47,9 +47,13 @@ def test_each_sweep_expands_to_the_paper_tables_parameter_sets():
     ]
     dual = {mode: "dual", fusion: "avg-embeddings"}
     stages = "train.model_overrides.guidance_stages"
-    assert sets("guidance") == [{**dual, guide: "none"}, {**dual, guide: "prompt", stages: [True, False, False]},
-                                {**dual, guide: "prompt", stages: [True, True, False]}, {**dual, guide: "prompt"},
-                                {**dual, guide: "upsampled-cost"}]
+    assert sets("guidance") == [
+        {**dual, guide: "none"},
+        {**dual, guide: "prompt", stages: [True, False, False]},
+        {**dual, guide: "prompt", stages: [True, True, False]},
+        {**dual, guide: "prompt"},
+        {**dual, guide: "upsampled-cost"},
+    ]
     assert sets("templates") == [{"bank.templates": 80, "train.templates": k} for k in (1, 10, 20, 40, 80)]
     noise = [{"bank.generator": f"noise:{r}"} for r in (0.2, 0.6, 0.8)]
     assert sets("banks", "demo") == [{}, *noise]
@@ -83,25 +87,46 @@ def test_set_args_and_names():
 
 # ---- fake `dvc exp show --json` --------------------------------------------------------------
 def state(rev, params, metrics=None, name=None, error=None):
-    data = {"rev": rev, "timestamp": None, "params": {"params.yaml": {"data": params}},
-            "metrics": {f: {"data": d} for f, d in (metrics or {}).items()}, "deps": {}, "outs": {}, "meta": {}}
+    data = {
+        "rev": rev,
+        "timestamp": None,
+        "params": {"params.yaml": {"data": params}},
+        "metrics": {f: {"data": d} for f, d in (metrics or {}).items()},
+        "deps": {},
+        "outs": {},
+        "meta": {},
+    }
     return {"rev": rev, "name": name, "data": data, "error": error, "experiments": None}
 
 
 def exp(name, params, metrics=None, executor="success", error=None):
-    return {"revs": [state(f"rev-{name}", params, metrics, name, error)], "executor": {"state": executor, "name": None,
-                                                                                      "local": None}, "name": name}
+    return {
+        "revs": [state(f"rev-{name}", params, metrics, name, error)],
+        "executor": {"state": executor, "name": None, "local": None},
+        "name": name,
+    }
 
 
 def tree(**train):
-    return {"profile": "demo", "bank": {"generator": "procedural", "templates": 4, "vocab": ["shapes"]},
-            "train": {"prompt_mode": "dual", "fusion": "avg-embeddings", "visual_guidance": "prompt", "templates": 4,
-                      "model_overrides": {}, **train}}
+    return {
+        "profile": "demo",
+        "bank": {"generator": "procedural", "templates": 4, "vocab": ["shapes"]},
+        "train": {
+            "prompt_mode": "dual",
+            "fusion": "avg-embeddings",
+            "visual_guidance": "prompt",
+            "templates": 4,
+            "model_overrides": {},
+            **train,
+        },
+    }
 
 
 def metrics(seen, unseen):
-    return {"out/eval/seen/metrics.json": {"passes": {"1": {"miou": seen, "pacc": 90.0}}, "uniform_random_miou": 1.0},
-            "out/eval/unseen/metrics.json": {"passes": {"1": {"miou": unseen, "pacc": 80.0}}}}
+    return {
+        "out/eval/seen/metrics.json": {"passes": {"1": {"miou": seen, "pacc": 90.0}}, "uniform_random_miou": 1.0},
+        "out/eval/unseen/metrics.json": {"passes": {"1": {"miou": unseen, "pacc": 80.0}}},
+    }
 
 
 def fake_show():
@@ -112,8 +137,13 @@ def fake_show():
     baseline["experiments"] = [
         exp("t", tree(prompt_mode="text", visual_guidance="none"), metrics(40.0, 10.0)),
         exp("v", tree(prompt_mode="visual"), None, executor="queued"),
-        exp("prompts-dual-concat-costs-000000", tree(fusion="concat-costs"), None, executor="failed",
-            error={"msg": "boom", "type": "ReproductionError"}),
+        exp(
+            "prompts-dual-concat-costs-000000",
+            tree(fusion="concat-costs"),
+            None,
+            executor="failed",
+            error={"msg": "boom", "type": "ReproductionError"},
+        ),
         exp("old", tree(fusion="avg-costs", templates=8), metrics(45.0, 15.0)),
     ]
     workspace = state("workspace", tree(fusion="avg-costs"), metrics(99.0, 99.0))
@@ -123,8 +153,12 @@ def fake_show():
 def test_exp_show_records_are_parsed():
     records = sweeps.parse_exp_show(fake_show())
     assert [(r.name, r.state) for r in records] == [
-        ("main", "baseline"), ("t", "success"), ("v", "queued"), ("prompts-dual-concat-costs-000000", "failed"),
-        ("old", "success")]
+        ("main", "baseline"),
+        ("t", "success"),
+        ("v", "queued"),
+        ("prompts-dual-concat-costs-000000", "failed"),
+        ("old", "success"),
+    ]
     base, text = records[0], records[1]
     assert base.params["train.fusion"] == "avg-embeddings" and base.params["bank.vocab"] == ["shapes"]
     assert text.metrics["out/eval/unseen/metrics.json:passes.1.miou"] == 10.0
@@ -136,8 +170,12 @@ def test_plan_resumes_only_what_has_no_results(params_file):
     records = sweeps.parse_exp_show(fake_show())
     plan = sweeps.plan_sweep(SWEEPS.get("prompts"), base, records, "demo")
     assert [(p.point.label, p.status) for p in plan] == [
-        ("text", "done"), ("visual", "pending"), ("dual", "done"), ("dual, concat costs", "todo"),
-        ("dual, average costs", "todo")]  # 'old' ran with templates 8; the workspace row never counts
+        ("text", "done"),
+        ("visual", "pending"),
+        ("dual", "done"),
+        ("dual, concat costs", "todo"),
+        ("dual, average costs", "todo"),
+    ]  # 'old' ran with templates 8; the workspace row never counts
     assert plan[0].record.name == "t" and plan[2].record.name == "main"
     # values compare by meaning: '4' in a record is the 4 of params.yaml
     expected = sweeps.expected_params(base, plan[3].point)
@@ -155,22 +193,44 @@ def test_run_issues_dvc_commands_for_missing_points_only(params_file):
         return type("Result", (), {"returncode": 0})()
 
     records = sweeps.parse_exp_show(fake_show())
-    report = sweeps.run_sweep("prompts", params_file, runner=runner, records_reader=lambda: records, dvc="dvc",
-                              echo=lambda _: None)
+    report = sweeps.run_sweep(
+        "prompts", params_file, runner=runner, records_reader=lambda: records, dvc="dvc", echo=lambda _: None
+    )
     assert [c[:4] for c in calls] == [["dvc", "exp", "run", "--name"]] * 2
     concat, costs = calls
-    assert concat[5] == "--temp" and concat[-6:] == ["-S", "train.prompt_mode=dual", "-S", "train.fusion=concat-costs",
-                                                     "-S", "train.visual_guidance=prompt"]
+    assert concat[5] == "--temp" and concat[-6:] == [
+        "-S",
+        "train.prompt_mode=dual",
+        "-S",
+        "train.fusion=concat-costs",
+        "-S",
+        "train.visual_guidance=prompt",
+    ]
     assert costs[-4:-2] == ["-S", "train.fusion=avg-costs"]
     assert [p["status"] for p in report["points"]] == ["done", "pending", "done", "ran", "ran"]
     # queue mode: queued, then workers started; queue-only: no workers
     calls.clear()
-    sweeps.run_sweep("prompts", params_file, queue=True, jobs=2, runner=runner, records_reader=lambda: records,
-                     dvc="dvc", echo=lambda _: None)
+    sweeps.run_sweep(
+        "prompts",
+        params_file,
+        queue=True,
+        jobs=2,
+        runner=runner,
+        records_reader=lambda: records,
+        dvc="dvc",
+        echo=lambda _: None,
+    )
     assert [c[5] for c in calls[:2]] == ["--queue", "--queue"] and calls[2] == ["dvc", "queue", "start", "--jobs", "2"]
     calls.clear()
-    sweeps.run_sweep("prompts", params_file, queue_only=True, runner=runner, records_reader=lambda: records, dvc="dvc",
-                     echo=lambda _: None)
+    sweeps.run_sweep(
+        "prompts",
+        params_file,
+        queue_only=True,
+        runner=runner,
+        records_reader=lambda: records,
+        dvc="dvc",
+        echo=lambda _: None,
+    )
     assert len(calls) == 2 and all("--queue" in c for c in calls)
 
 
@@ -181,8 +241,9 @@ def test_a_failing_experiment_stops_a_sequential_sweep_and_reruns_reuse_its_name
         calls.append(args)
         return type("Result", (), {"returncode": 1})()
 
-    report = sweeps.run_sweep("templates", params_file, runner=failing, records_reader=lambda: [], dvc="dvc",
-                              echo=lambda _: None)
+    report = sweeps.run_sweep(
+        "templates", params_file, runner=failing, records_reader=lambda: [], dvc="dvc", echo=lambda _: None
+    )
     assert len(calls) == 1 and report["failed"] == ["1 template"]
     name = calls[0][4]
     base = sweeps.load_params(params_file)
@@ -219,12 +280,14 @@ def test_a_model_override_replaces_the_empty_mapping_it_goes_under(params_file):
 def test_missing_params_keys_are_one_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text("bank:\n  generator: procedural\n")
     with pytest.raises(UserError, match="params.yaml has no .*train.fusion"):
-        sweeps.run_sweep("prompts", tmp_path / "params.yaml", runner=None, records_reader=lambda: [],
-                         echo=lambda _: None)
+        sweeps.run_sweep(
+            "prompts", tmp_path / "params.yaml", runner=None, records_reader=lambda: [], echo=lambda _: None
+        )
     (tmp_path / "params.yaml").write_text("train:\n  prompt_mode: dual\n  fusion: x\n  visual_guidance: none\n")
     with pytest.raises(UserError, match="guidance_stages"):  # no model_overrides mapping to put it under
-        sweeps.run_sweep("guidance", tmp_path / "params.yaml", runner=None, records_reader=lambda: [],
-                         echo=lambda _: None)
+        sweeps.run_sweep(
+            "guidance", tmp_path / "params.yaml", runner=None, records_reader=lambda: [], echo=lambda _: None
+        )
     with pytest.raises(UserError, match="no .*params.yaml here"):
         sweeps.load_params(tmp_path / "nowhere" / "params.yaml")
 
@@ -245,16 +308,27 @@ def test_table_shows_each_row_with_its_experiments_metrics(params_file):
 
 
 def test_short_headers_drop_shared_words():
-    cols = ["out/eval/seen/metrics.json:passes.1.miou", "out/eval/seen/metrics.json:passes.2.miou",
-            "out/eval/unseen/metrics.json:passes.1.miou"]
+    cols = [
+        "out/eval/seen/metrics.json:passes.1.miou",
+        "out/eval/seen/metrics.json:passes.2.miou",
+        "out/eval/unseen/metrics.json:passes.1.miou",
+    ]
     assert sweeps.short_headers(cols) == ["seen pass1", "seen pass2", "unseen pass1"]
     assert sweeps.short_headers(["m.json:miou"]) == ["miou"]
     # the pipeline's compact metrics files (metrics/eval/<set>.json: pass1.miou, ...)
-    record = sweeps.ExpRecord("r", "x", {}, {"metrics/eval/seen.json:pass1.miou": 1.0,
-                                             "metrics/eval/seen.json:pass1.uniform_random_miou": 2.0,
-                                             "metrics/eval/seen.json:pass2_minus_pass1_miou": 0.1,
-                                             "metrics/eval/unseen.json:pass2.miou": 3.0,
-                                             "out/clip/metrics.json:zero_shot_accuracy": 0.2}, "success")
+    record = sweeps.ExpRecord(
+        "r",
+        "x",
+        {},
+        {
+            "metrics/eval/seen.json:pass1.miou": 1.0,
+            "metrics/eval/seen.json:pass1.uniform_random_miou": 2.0,
+            "metrics/eval/seen.json:pass2_minus_pass1_miou": 0.1,
+            "metrics/eval/unseen.json:pass2.miou": 3.0,
+            "out/clip/metrics.json:zero_shot_accuracy": 0.2,
+        },
+        "success",
+    )
     columns = sweeps.metric_columns([record])
     assert columns == ["metrics/eval/seen.json:pass1.miou", "metrics/eval/unseen.json:pass2.miou"]
     assert sweeps.short_headers(columns) == ["seen pass1", "unseen pass2"]
@@ -272,9 +346,17 @@ def test_cli_lists_sweeps_and_refuses_bad_input(cli, one_line_error, params_file
 def test_nulls_resolved_by_the_profile_match_explicit_values(tmp_path):
     """params.yaml leaves most keys null (the profile's value): the baseline commit of such a file
     is the dual / all-stages row, though it never spells 'dual'."""
-    nulls = {"profile": "demo", "bank": {"generator": None, "templates": None},
-             "train": {"prompt_mode": None, "fusion": None, "visual_guidance": None, "templates": None,
-                       "model_overrides": {}}}
+    nulls = {
+        "profile": "demo",
+        "bank": {"generator": None, "templates": None},
+        "train": {
+            "prompt_mode": None,
+            "fusion": None,
+            "visual_guidance": None,
+            "templates": None,
+            "model_overrides": {},
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(nulls))
     base = sweeps.load_params(tmp_path / "params.yaml")
     baseline = sweeps.parse_exp_show([state("abc", nulls, metrics(50.0, 20.0), name="main")])
@@ -300,14 +382,18 @@ def test_the_projects_params_file_has_every_key_the_sweeps_set():
 
 def test_report_renders_a_sweeps_table_from_the_experiments(cli, one_line_error, params_file, monkeypatch, tmp_path):
     baseline = state("abc1234", tree(), metrics(50.0, 20.0), name="main")
-    baseline["experiments"] = [exp("n2", {**tree(), "bank": {**tree()["bank"], "generator": "noise:0.2"}},
-                                   metrics(41.0, 12.0))]
+    baseline["experiments"] = [
+        exp("n2", {**tree(), "bank": {**tree()["bank"], "generator": "noise:0.2"}}, metrics(41.0, 12.0))
+    ]
     monkeypatch.setattr(sweeps, "read_records", lambda dvc=None: sweeps.parse_exp_show([baseline]))
     result = cli("report", "--sweep", "banks", "--params", str(params_file), "-o", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.stdout
     written = (tmp_path / "rep" / "banks.md").read_text()
-    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in written.splitlines()
-            if r.startswith("| ") and "setting" not in r}
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+        for r in written.splitlines()
+        if r.startswith("| ") and "setting" not in r
+    }
     assert rows["base generator"][2:] == ["50.0", "20.0", "main"]
     assert rows["noise 0.2"][2:] == ["41.0", "12.0", "n2"]
     assert rows["noise 0.6"][2:] == ["—", "—", "todo"]

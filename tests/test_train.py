@@ -37,8 +37,14 @@ def test_the_run_folder_says_what_made_it(trained, world):
     out, summary = trained
     data, bank = world
     files = sorted(p.name for p in (out / "checkpoint").iterdir())
-    assert files == ["config.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
-                     "rng-rank0.safetensors", "state.json"]
+    assert files == [
+        "config.json",
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng-rank0.safetensors",
+        "state.json",
+    ]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     extra = config["extra"]
@@ -82,8 +88,9 @@ def test_the_checkpoint_reproduces_the_trained_network(trained, world):
 
     torch.manual_seed(0)
     initial = build_dpseg(model.cfg, weights=None)
-    assert any(not torch.equal(a, b) for a, b in zip(initial.decoder.parameters(), model.decoder.parameters(),
-                                                  strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(initial.decoder.parameters(), model.decoder.parameters(), strict=True)
+    )
 
 
 def test_rerunning_a_finished_run_trains_nothing_more(trained, world):
@@ -136,15 +143,21 @@ def test_a_damaged_checkpoint_is_one_line(world, tmp_path, cli, one_line_error):
     train(recipe(data, bank, out, steps=2, checkpoint_every=0), progress=False)
     weights = out / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    one_line_error(cli("train", *flags(recipe(data, bank, out, steps=4)), "--no-progress"),
-                   "checkpoint", "is damaged", "--resume no")
+    one_line_error(
+        cli("train", *flags(recipe(data, bank, out, steps=4)), "--no-progress"),
+        "checkpoint",
+        "is damaged",
+        "--resume no",
+    )
     assert weights.stat().st_size == 100  # left as found for the user to inspect
-    one_line_error(cli("train", *flags(recipe(data, bank, out, steps=4, lr=0.5)), "--no-progress"),
-                   "another recipe", "lr")
+    one_line_error(
+        cli("train", *flags(recipe(data, bank, out, steps=4, lr=0.5)), "--no-progress"), "another recipe", "lr"
+    )
 
 
-def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(world, tmp_path, cli, one_line_error,
-                                                                         monkeypatch):
+def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    world, tmp_path, cli, one_line_error, monkeypatch
+):
     import dpseg.model.loss as loss_module
 
     data, bank = world

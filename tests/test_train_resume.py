@@ -38,16 +38,25 @@ def assert_same_run(a, b, weights_atol=1e-5, loss_rtol=1e-5):
     lb = [(m["step"], m["loss"], m["lr"]) for m in read_metrics(b) if "loss" in m]
     assert [s for s, _, _ in la] == [s for s, _, _ in lb] == list(range(1, 13))
     assert la[0][1] == pytest.approx(lb[0][1], rel=1e-5)  # the same samples in the first global batch
-    torch.testing.assert_close(torch.tensor([x[1:] for x in la]), torch.tensor([x[1:] for x in lb]), atol=1e-6,
-                               rtol=loss_rtol, check_dtype=False)
+    torch.testing.assert_close(
+        torch.tensor([x[1:] for x in la]),
+        torch.tensor([x[1:] for x in lb]),
+        atol=1e-6,
+        rtol=loss_rtol,
+        check_dtype=False,
+    )
 
 
 @pytest.mark.slow
 def test_a_run_sigkilled_twice_resumes_to_the_uninterrupted_weights(world, continuous, tmp_path):
     data, bank = world
     out = tmp_path / "out"
-    args = ["train", *flags(recipe(data, bank, out, steps=12, checkpoint_every=4, batch_size=4)), "--no-progress",
-            "--json"]
+    args = [
+        "train",
+        *flags(recipe(data, bank, out, steps=12, checkpoint_every=4, batch_size=4)),
+        "--no-progress",
+        "--json",
+    ]
     # 1. killed after step 6: the checkpoint of step 4 survives, metrics.jsonl runs on to step 5
     killed = run_cli(args, env={"DPSEG_TRAIN_CRASH": "step:6"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -68,14 +77,32 @@ def test_a_run_sigkilled_twice_resumes_to_the_uninterrupted_weights(world, conti
 def test_two_cpu_ranks_equal_one_process_at_the_same_global_batch(world, continuous, tmp_path):
     data, bank = world
     out = tmp_path / "out"
-    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    proc = run_cli(["train", *flags(recipe(data, bank, out, steps=12, checkpoint_every=4, batch_size=4)),
-                    "--no-progress", "--json"], launch=launch)
+    launch = [
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    proc = run_cli(
+        [
+            "train",
+            *flags(recipe(data, bank, out, steps=12, checkpoint_every=4, batch_size=4)),
+            "--no-progress",
+            "--json",
+        ],
+        launch=launch,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"world_size": 2') == 1  # two ranks ran; only the main one reports
-    assert sorted(p.name for p in (out / "checkpoint").glob("rng-rank*")) == ["rng-rank0.safetensors",
-                                                                             "rng-rank1.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoint").glob("rng-rank*")) == [
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    ]
     # Splitting the batch over ranks changes the float summation order (~1e-7 relative). Adam's
     # normalised updates (about +-lr per step early on, whatever the gradient's size) amplify that
     # in weights whose gradients are near zero: the runs drift apart by ~1e-4 in the loss and up to

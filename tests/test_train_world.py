@@ -33,16 +33,39 @@ def build_world(root: Path) -> tuple[Path, Path]:
     write_shapes_benchmark(data, images=8, size=64, val_images=4, progress=False)
     names = root / "names.txt"
     names.write_text("".join(shapes.SHAPES_CATEGORIES[i] + "\n" for i in CLASS_IDS))
-    build_bank(BuildOptions(out=bank, generator="procedural", vocab=[str(names)], encoder="tiny", encoder_weights=None,
-                            encode_size=64, templates=2, batch_size=8, progress=False))
+    build_bank(
+        BuildOptions(
+            out=bank,
+            generator="procedural",
+            vocab=[str(names)],
+            encoder="tiny",
+            encoder_weights=None,
+            encode_size=64,
+            templates=2,
+            batch_size=8,
+            progress=False,
+        )
+    )
     return data, bank
 
 
 def recipe(data: Path, bank: Path, out: Path, **overrides):
     from pipeline.train.loop import TrainRecipe
 
-    base = dict(dataset=str(data), bank=str(bank), out=str(out), classes=CLASSES, steps=12, batch_size=2, crop_size=64,
-                lr=1e-3, image_lr_multiplier=1.0, num_workers=0, log_every=1, checkpoint_every=4)
+    base = dict(
+        dataset=str(data),
+        bank=str(bank),
+        out=str(out),
+        classes=CLASSES,
+        steps=12,
+        batch_size=2,
+        crop_size=64,
+        lr=1e-3,
+        image_lr_multiplier=1.0,
+        num_workers=0,
+        log_every=1,
+        checkpoint_every=4,
+    )
     return TrainRecipe(**{**base, **overrides})
 
 
@@ -65,6 +88,9 @@ def flags(r) -> list[str]:
 def run_cli(args: list[str], env: dict | None = None, launch: list[str] | None = None, timeout: int = 300):
     """`dpseg ARGS` in a fresh process (optionally under `accelerate launch`), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "cli.main"] if launch else \
-        [sys.executable, "-m", "cli.main"]
+    prefix = (
+        [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "cli.main"]
+        if launch
+        else [sys.executable, "-m", "cli.main"]
+    )
     return subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -90,8 +90,14 @@ def pick(value, default):
 def torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if str(device).startswith("cuda") else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if name not in table:
         raise UserError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
     return table[name]
@@ -110,8 +116,9 @@ def create_generator(spec: str, options: GeneratorOptions | None = None) -> Gene
     import bank.generators  # noqa: F401  (registers the built-in generators)
 
     if spec.startswith("noise:") or spec == "noise":
-        raise UserError(f"generator {spec!r} is derived from another bank: "
-                        f"use `dpseg bank derive --from DIR --noise R --out DIR2`")
+        raise UserError(
+            f"generator {spec!r} is derived from another bank: use `dpseg bank derive --from DIR --noise R --out DIR2`"
+        )
     cls = GENERATORS.get(spec)
     return cls.create(options or GeneratorOptions())
 

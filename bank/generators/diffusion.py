@@ -25,9 +25,12 @@ def set_scheduler(pipe, name: str) -> None:
     if name == "native":
         return
     dpm = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-    table = {"dpm++": (DPMSolverMultistepScheduler, dpm),
-             "dpm++-karras": (DPMSolverMultistepScheduler, {**dpm, "use_karras_sigmas": True}),
-             "ddim": (DDIMScheduler, {}), "euler": (EulerDiscreteScheduler, {})}
+    table = {
+        "dpm++": (DPMSolverMultistepScheduler, dpm),
+        "dpm++-karras": (DPMSolverMultistepScheduler, {**dpm, "use_karras_sigmas": True}),
+        "ddim": (DDIMScheduler, {}),
+        "euler": (EulerDiscreteScheduler, {}),
+    }
     if name not in table:
         raise UserError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
     cls, kwargs = table[name]
@@ -122,8 +125,10 @@ class DiffusionGenerator(Generator):
         s = self.settings
         kwargs = dict(
             prompt=[r.prompt for r in requests],
-            height=s["resolution"], width=s["resolution"],
-            num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+            height=s["resolution"],
+            width=s["resolution"],
+            num_inference_steps=s["steps"],
+            guidance_scale=s["guidance"],
             generator=seeded_generators([r.seed for r in requests]),
             output_type="pt",
         )
@@ -142,6 +147,7 @@ class DiffusionGenerator(Generator):
         kwargs = self.call_kwargs(requests)
         final: dict[str, torch.Tensor] = {}
         if self.half_vae():
+
             def keep(pipe, step, timestep, tensors):
                 final["latents"] = tensors["latents"]
                 return {}

@@ -124,33 +124,64 @@ def patch_unet(unet, state_dict: dict[str, torch.Tensor] | None = None, rank: in
 class TransparentDecoder(nn.Module):
     """(decoded RGB in [0, 1], latent) -> (alpha, foreground RGB) logits-free in [0, 1] after clip."""
 
-    def __init__(self, block_out_channels=(32, 32, 64, 128, 256, 512, 512), layers_per_block: int = 2,
-                 norm_num_groups: int = 4, attention_head_dim: int = 8, latent_channels: int = 4):
+    def __init__(
+        self,
+        block_out_channels=(32, 32, 64, 128, 256, 512, 512),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 4,
+        attention_head_dim: int = 8,
+        latent_channels: int = 4,
+    ):
         from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
         super().__init__()
         ch = list(block_out_channels)
         levels = len(ch)
         attn_from = levels - 3  # the three lowest-resolution levels have self-attention
-        common = dict(temb_channels=None, resnet_eps=1e-5, resnet_act_fn="silu", resnet_groups=norm_num_groups,
-                      attention_head_dim=attention_head_dim, dropout=0.0)
+        common = dict(
+            temb_channels=None,
+            resnet_eps=1e-5,
+            resnet_act_fn="silu",
+            resnet_groups=norm_num_groups,
+            attention_head_dim=attention_head_dim,
+            dropout=0.0,
+        )
         self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
         self.latent_conv_in = nn.Conv2d(latent_channels, ch[2], 1)
         self.down_blocks = nn.ModuleList(
-            get_down_block("AttnDownBlock2D" if i >= attn_from else "DownBlock2D", num_layers=layers_per_block,
-                           in_channels=ch[max(i - 1, 0)], out_channels=ch[i], add_downsample=i < levels - 1,
-                           downsample_padding=1, downsample_type="conv", **common)
+            get_down_block(
+                "AttnDownBlock2D" if i >= attn_from else "DownBlock2D",
+                num_layers=layers_per_block,
+                in_channels=ch[max(i - 1, 0)],
+                out_channels=ch[i],
+                add_downsample=i < levels - 1,
+                downsample_padding=1,
+                downsample_type="conv",
+                **common,
+            )
             for i in range(levels)
         )
-        self.mid_block = UNetMidBlock2D(in_channels=ch[-1], temb_channels=None, resnet_eps=1e-5,
-                                        resnet_act_fn="silu", resnet_groups=norm_num_groups,
-                                        attention_head_dim=attention_head_dim, add_attention=True)
+        self.mid_block = UNetMidBlock2D(
+            in_channels=ch[-1],
+            temb_channels=None,
+            resnet_eps=1e-5,
+            resnet_act_fn="silu",
+            resnet_groups=norm_num_groups,
+            attention_head_dim=attention_head_dim,
+            add_attention=True,
+        )
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList(
-            get_up_block("AttnUpBlock2D" if i < 3 else "UpBlock2D", num_layers=layers_per_block + 1,
-                         in_channels=rev[min(i + 1, levels - 1)], out_channels=rev[i],
-                         prev_output_channel=rev[max(i - 1, 0)],
-                         add_upsample=i < levels - 1, upsample_type="conv", **common)
+            get_up_block(
+                "AttnUpBlock2D" if i < 3 else "UpBlock2D",
+                num_layers=layers_per_block + 1,
+                in_channels=rev[min(i + 1, levels - 1)],
+                out_channels=rev[i],
+                prev_output_channel=rev[max(i - 1, 0)],
+                add_upsample=i < levels - 1,
+                upsample_type="conv",
+                **common,
+            )
             for i in range(levels)
         )
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, ch[0], eps=1e-5)
@@ -166,7 +197,7 @@ class TransparentDecoder(nn.Module):
             skips += res
         x = self.mid_block(x, None)
         for block in self.up_blocks:
-            res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             x = block(x, res, None)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
@@ -194,17 +225,28 @@ def _layer_file(source: str, name: str) -> str:
 
         return hf_hub_download(source, name)
     except Exception as err:
-        raise UserError(f"could not get {name} from {source!r} ({type(err).__name__}); pass --layer-weights DIR "
-                        f"with {ATTN_FILE} and {DECODER_FILE}") from None
+        raise UserError(
+            f"could not get {name} from {source!r} ({type(err).__name__}); pass --layer-weights DIR "
+            f"with {ATTN_FILE} and {DECODER_FILE}"
+        ) from None
 
 
 @GENERATORS.register("layerdiffuse")
 class LayerDiffuseGenerator(DiffusionGenerator):
     id = "layerdiffuse"
     makes_alpha = True
-    defaults = {"model": DEFAULT_MODEL, "layer_weights": LAYER_REPO, "resolution": 512, "steps": 20, "guidance": 7.0,
-                "scheduler": "dpm++-karras", "negative_prompt": "", "safety_checker": False, "background": 0.5,
-                "rank": 256}
+    defaults = {
+        "model": DEFAULT_MODEL,
+        "layer_weights": LAYER_REPO,
+        "resolution": 512,
+        "steps": 20,
+        "guidance": 7.0,
+        "scheduler": "dpm++-karras",
+        "negative_prompt": "",
+        "safety_checker": False,
+        "background": 0.5,
+        "rank": 256,
+    }
 
     def __init__(self, pipe, decoder: TransparentDecoder, settings, runtime):
         super().__init__(pipe, settings, runtime)
@@ -217,8 +259,9 @@ class LayerDiffuseGenerator(DiffusionGenerator):
         d = cls.defaults
         extra = options.extra or {}
         if pick(options.resolution, d["resolution"]) % 64:
-            raise UserError("layerdiffuse needs --resolution a multiple of 64 "
-                            "(its transparent decoder halves the size 6 times)")
+            raise UserError(
+                "layerdiffuse needs --resolution a multiple of 64 (its transparent decoder halves the size 6 times)"
+            )
         model = pick(options.model, d["model"])
         layer = pick(extra.get("layer_weights"), d["layer_weights"])
         dtype = torch_dtype(options.dtype, options.device)
@@ -234,8 +277,10 @@ class LayerDiffuseGenerator(DiffusionGenerator):
             raise UserError(f"{DECODER_FILE} does not match the transparent decoder: {first}") from None
         decoder.to(device=options.device, dtype=dtype).eval()
         settings = {
-            "model": extra.get("model_id", model), "layer_weights": extra.get("layer_id", layer),
-            "resolution": pick(options.resolution, d["resolution"]), "steps": pick(options.steps, d["steps"]),
+            "model": extra.get("model_id", model),
+            "layer_weights": extra.get("layer_id", layer),
+            "resolution": pick(options.resolution, d["resolution"]),
+            "steps": pick(options.steps, d["steps"]),
             "guidance": float(pick(options.guidance, d["guidance"])),
             "scheduler": pick(options.scheduler, d["scheduler"]),
             "negative_prompt": pick(options.negative_prompt, d["negative_prompt"]),

@@ -43,9 +43,16 @@ class NoiseGenerator(Generator):
         table, _ = read_manifest(self.source)
         self.entries = {r["prompt"]: r for r in table.to_pylist()}
         g = config["generator"]
-        super().__init__({"source_generator": g["id"], "source_settings_hash": g["settings_hash"],
-                          "source_seed": config["seed"], "ratio": float(ratio), "blend": BLEND},
-                         {"device": "cpu", "dtype": "float32", "compile": []})
+        super().__init__(
+            {
+                "source_generator": g["id"],
+                "source_settings_hash": g["settings_hash"],
+                "source_seed": config["seed"],
+                "ratio": float(ratio),
+                "blend": BLEND,
+            },
+            {"device": "cpu", "dtype": "float32", "compile": []},
+        )
         self.id = f"noise:{ratio:g}"
         self.ratio = float(ratio)
         self._readers: dict = {}

@@ -19,8 +19,10 @@ class ProceduralGenerator(Generator):
     @classmethod
     def create(cls, options: GeneratorOptions):
         resolution = pick(options.resolution, cls.defaults["resolution"])
-        return cls({"renderer": "dpseg.data.shapes/v1", "resolution": resolution},
-                   {"device": "cpu", "dtype": "uint8", "compile": []})
+        return cls(
+            {"renderer": "dpseg.data.shapes/v1", "resolution": resolution},
+            {"device": "cpu", "dtype": "uint8", "compile": []},
+        )
 
     def generate(self, requests: Sequence[Request]) -> Generated:
         from dpseg.data.shapes import render_prompt_image

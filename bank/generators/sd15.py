@@ -45,19 +45,23 @@ def load_safety_checker(source: str, dtype: torch.dtype) -> dict:
 
     local = {"local_files_only": True} if offline() else {}
     try:
-        checker = StableDiffusionSafetyChecker.from_pretrained(source, subfolder="safety_checker", torch_dtype=dtype,
-                                                               use_safetensors=True, **local)
+        checker = StableDiffusionSafetyChecker.from_pretrained(
+            source, subfolder="safety_checker", torch_dtype=dtype, use_safetensors=True, **local
+        )
         extractor = CLIPImageProcessor.from_pretrained(source, subfolder="feature_extractor", **local)
     except Exception as err:
-        raise UserError(f"--safety-checker: no safety checker in {source!r} ({type(err).__name__}); "
-                        f"a single .safetensors file does not hold one: pass --model-config with a diffusers SD1.5 "
-                        f"folder or hub id that has safety_checker/ and feature_extractor/, "
-                        f"or --no-safety-checker") from None
+        raise UserError(
+            f"--safety-checker: no safety checker in {source!r} ({type(err).__name__}); "
+            f"a single .safetensors file does not hold one: pass --model-config with a diffusers SD1.5 "
+            f"folder or hub id that has safety_checker/ and feature_extractor/, "
+            f"or --no-safety-checker"
+        ) from None
     return {"safety_checker": checker, "feature_extractor": extractor, "requires_safety_checker": True}
 
 
-def load_sd_pipeline(model: str, dtype: torch.dtype, device: str, safety_checker: bool | None,
-                     model_config: str | None = None):
+def load_sd_pipeline(
+    model: str, dtype: torch.dtype, device: str, safety_checker: bool | None, model_config: str | None = None
+):
     """Loads a StableDiffusionPipeline from a hub id, a diffusers directory or a single file.
     `safety_checker`: True = must run (refused when it cannot), False = off, None = as shipped."""
     from diffusers import StableDiffusionPipeline
@@ -71,8 +75,10 @@ def load_sd_pipeline(model: str, dtype: torch.dtype, device: str, safety_checker
     try:
         if path.suffix == ".safetensors":
             if not path.is_file():
-                raise UserError(f"model file {path} does not exist; pass a .safetensors checkpoint, "
-                                f"a diffusers directory or a hub id")
+                raise UserError(
+                    f"model file {path} does not exist; pass a .safetensors checkpoint, "
+                    f"a diffusers directory or a hub id"
+                )
             config = _single_file_config(model_config)
             if safety_checker:  # from_single_file never loads the checker: load it from the configs
                 kwargs.update(load_safety_checker(config, dtype))
@@ -89,11 +95,15 @@ def load_sd_pipeline(model: str, dtype: torch.dtype, device: str, safety_checker
         raise
     except Exception as err:  # hub/network/format errors all mean: these weights cannot be loaded here
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"could not load Stable Diffusion weights {model!r}: {type(err).__name__}: {first}; "
-                        f"pass --model with a local diffusers directory or .safetensors file") from None
+        raise UserError(
+            f"could not load Stable Diffusion weights {model!r}: {type(err).__name__}: {first}; "
+            f"pass --model with a local diffusers directory or .safetensors file"
+        ) from None
     if safety_checker and getattr(pipe, "safety_checker", None) is None:
-        raise UserError(f"--safety-checker: {model!r} ships no safety checker; pass --no-safety-checker "
-                        f"(recorded in the bank's settings) or a model that has one")
+        raise UserError(
+            f"--safety-checker: {model!r} ships no safety checker; pass --no-safety-checker "
+            f"(recorded in the bank's settings) or a model that has one"
+        )
     return pipe.to(device)
 
 
@@ -102,9 +112,11 @@ def _single_file_config(model_config: str | None) -> str:
     (and, when offline and not cached, tries the network anyway), so offline it must be given."""
     if model_config is None:
         if offline():
-            raise UserError("a single .safetensors checkpoint needs its component configs: pass --model-config DIR "
-                            "(a diffusers SD1.5 folder; weights not needed) "
-                            f"or unset HF_HUB_OFFLINE to use {DEFAULT_MODEL}'s")
+            raise UserError(
+                "a single .safetensors checkpoint needs its component configs: pass --model-config DIR "
+                "(a diffusers SD1.5 folder; weights not needed) "
+                f"or unset HF_HUB_OFFLINE to use {DEFAULT_MODEL}'s"
+            )
         return DEFAULT_MODEL
     path = Path(model_config).expanduser()
     if path.is_dir():
@@ -130,8 +142,15 @@ def _from_pretrained(cls, source: str, dtype: torch.dtype, kwargs: dict, local: 
 @GENERATORS.register("sd15")
 class SD15Generator(DiffusionGenerator):
     id = "sd15"
-    defaults = {"model": DEFAULT_MODEL, "resolution": 768, "steps": 25, "guidance": 7.5, "scheduler": "dpm++",
-                "negative_prompt": "", "safety_checker": True}
+    defaults = {
+        "model": DEFAULT_MODEL,
+        "resolution": 768,
+        "steps": 25,
+        "guidance": 7.5,
+        "scheduler": "dpm++",
+        "negative_prompt": "",
+        "safety_checker": True,
+    }
 
     @classmethod
     def create(cls, options: GeneratorOptions):

@@ -18,8 +18,15 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 @GENERATORS.register("sd3")
 class SD3Generator(DiffusionGenerator):
     id = "sd3"
-    defaults = {"model": DEFAULT_MODEL, "resolution": 768, "steps": 28, "guidance": 7.0, "scheduler": "native",
-                "negative_prompt": "", "t5": True}
+    defaults = {
+        "model": DEFAULT_MODEL,
+        "resolution": 768,
+        "steps": 28,
+        "guidance": 7.0,
+        "scheduler": "native",
+        "negative_prompt": "",
+        "t5": True,
+    }
 
     @classmethod
     def create(cls, options: GeneratorOptions):
@@ -40,8 +47,10 @@ class SD3Generator(DiffusionGenerator):
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         path = Path(model).expanduser()
         if path.suffix == ".safetensors":
-            raise UserError(f"sd3 loads diffusers folders or hub ids, not single files like {path.name}: "
-                            f"pass --model with a diffusers SD3 folder (model_index.json) or {DEFAULT_MODEL}")
+            raise UserError(
+                f"sd3 loads diffusers folders or hub ids, not single files like {path.name}: "
+                f"pass --model with a diffusers SD3 folder (model_index.json) or {DEFAULT_MODEL}"
+            )
         if model.startswith((".", "/", "~")) and not path.is_dir():
             raise UserError(f"model folder {path} does not exist; pass a diffusers SD3 folder or a hub id")
         quiet_loading()
@@ -51,14 +60,19 @@ class SD3Generator(DiffusionGenerator):
             pipe = _from_pretrained(StableDiffusion3Pipeline, source, dtype, kwargs, local)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise UserError(f"could not load SD3 weights {model!r}: {type(err).__name__}: {first}; the hub "
-                            f"repository is gated: accept its licence and log in, or pass --model with a local "
-                            f"diffusers folder") from None
+            raise UserError(
+                f"could not load SD3 weights {model!r}: {type(err).__name__}: {first}; the hub "
+                f"repository is gated: accept its licence and log in, or pass --model with a local "
+                f"diffusers folder"
+            ) from None
         pipe = pipe.to(options.device)
         settings = {
-            "model": extra.get("model_id", model), "t5": bool(t5),
-            "resolution": pick(options.resolution, d["resolution"]), "steps": pick(options.steps, d["steps"]),
-            "guidance": float(pick(options.guidance, d["guidance"])), "scheduler": scheduler,
+            "model": extra.get("model_id", model),
+            "t5": bool(t5),
+            "resolution": pick(options.resolution, d["resolution"]),
+            "steps": pick(options.steps, d["steps"]),
+            "guidance": float(pick(options.guidance, d["guidance"])),
+            "scheduler": scheduler,
             "negative_prompt": pick(options.negative_prompt, d["negative_prompt"]),
         }
         compile_modules(pipe, options.compile)

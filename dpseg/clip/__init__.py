@@ -6,7 +6,16 @@ from dpseg.clip.templates import NUM_TEMPLATES, TEMPLATES, split_synonyms
 from dpseg.clip.text import TextTower
 
 __all__ = [
-    "ENCODERS", "EncoderSpec", "WeightsError", "load_clip", "ClipTowers",
-    "ImageFeatures", "ImageTower", "PromptFeatures",
-    "TEMPLATES", "NUM_TEMPLATES", "split_synonyms", "TextTower",
+    "ENCODERS",
+    "EncoderSpec",
+    "WeightsError",
+    "load_clip",
+    "ClipTowers",
+    "ImageFeatures",
+    "ImageTower",
+    "PromptFeatures",
+    "TEMPLATES",
+    "NUM_TEMPLATES",
+    "split_synonyms",
+    "TextTower",
 ]

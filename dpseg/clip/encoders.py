@@ -46,8 +46,12 @@ ENCODERS: Registry[EncoderSpec] = Registry("encoder")
 ENCODERS.register("convnext-b", EncoderSpec("convnext-b", "convnext_base_w_320", "laion_aesthetic_s13b_b82k", 768, 320))
 # SED's open_clip copy sets no drop for convnext_base_w_320 (upstream open_clip now says drop_path 0.1)
 # and timm_drop 0.1 / timm_drop_path 0.1 for convnext_large_d_320: set here, never inherited.
-ENCODERS.register("convnext-l", EncoderSpec("convnext-l", "convnext_large_d_320", "laion2b_s29b_b131k_ft_soup",
-                                            768, 320, drop_path=0.1, head_dropout=0.1))
+ENCODERS.register(
+    "convnext-l",
+    EncoderSpec(
+        "convnext-l", "convnext_large_d_320", "laion2b_s29b_b131k_ft_soup", 768, 320, drop_path=0.1, head_dropout=0.1
+    ),
+)
 # A small ResNet CLIP (timm's 0.4M-parameter `test_resnet` trunk) built from a config shipped in this
 # package: tests and the demo (which pretrains it). Not ConvNeXt-atto: from scratch on the shapes world
 # it never learnt texture; not resnet10t: 3x the CPU step for less zero-shot accuracy per minute (docs/clip.md).
@@ -118,29 +122,37 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> str
     )
 
 
-def create_open_clip(spec: EncoderSpec, weights: str | os.PathLike | None = DEFAULT_WEIGHTS,
-                     device: str | torch.device = "cpu") -> tuple[torch.nn.Module, str]:
+def create_open_clip(
+    spec: EncoderSpec, weights: str | os.PathLike | None = DEFAULT_WEIGHTS, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, str]:
     """Builds the open_clip model and loads its weights; returns (model, weights id)."""
     pretrained = resolve_weights(spec, weights)
 
     try:
         with _quiet_logging():  # "initialized randomly" is what we asked for; failures are re-raised below
-            model = open_clip.create_model(spec.open_clip_model, pretrained=pretrained, device=device,
-                                           weights_only=True)
+            model = open_clip.create_model(
+                spec.open_clip_model, pretrained=pretrained, device=device, weights_only=True
+            )
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors alike
         if pretrained is None:
             raise
         reason = first_line(err)
-        what = (f"weights file {pretrained}" if Path(pretrained).is_file()
-                else f"open_clip pretrained tag {pretrained!r} (a published-weights name, not a file)")
-        hint = ("pass --encoder-weights /path/to/open_clip_model.safetensors (or its folder), "
-                "or --encoder-weights none for random init")
+        what = (
+            f"weights file {pretrained}"
+            if Path(pretrained).is_file()
+            else f"open_clip pretrained tag {pretrained!r} (a published-weights name, not a file)"
+        )
+        hint = (
+            "pass --encoder-weights /path/to/open_clip_model.safetensors (or its folder), "
+            "or --encoder-weights none for random init"
+        )
         raise WeightsError(f"could not load the {what} for encoder {spec.name!r} ({reason}); {hint}") from None
     return model, "random" if pretrained is None else pretrained
 
 
-def load_clip(name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS,
-              device: str | torch.device = "cpu") -> ClipTowers:
+def load_clip(
+    name: str, weights: str | os.PathLike | None = DEFAULT_WEIGHTS, device: str | torch.device = "cpu"
+) -> ClipTowers:
     """Builds the image, prompt and text towers of encoder `name`.
 
     Random towers ("random" / None) are built under torch.manual_seed(0) whatever the caller's
@@ -183,8 +195,9 @@ def same_weights(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bo
     return file_sha256(paths[0]) == file_sha256(paths[1])
 
 
-def matches_recorded(given: str | os.PathLike | None, recorded: str | os.PathLike | None,
-                     recorded_sha256: str | None = None) -> bool:
+def matches_recorded(
+    given: str | os.PathLike | None, recorded: str | os.PathLike | None, recorded_sha256: str | None = None
+) -> bool:
     """Whether `given` weights are the ones a bank recorded as (`recorded` path, its sha256). When
     the recorded file is gone (a bank restored from DVC's run cache records the temporary
     workspace of the run that built it; a bank copied to another machine, its old path), the
@@ -192,8 +205,12 @@ def matches_recorded(given: str | os.PathLike | None, recorded: str | os.PathLik
     if same_weights(given, recorded):
         return True
     path = Path(str(given))
-    return bool(recorded_sha256) and not Path(str(recorded)).exists() and path.is_file() \
+    return (
+        bool(recorded_sha256)
+        and not Path(str(recorded)).exists()
+        and path.is_file()
         and file_sha256(path) == recorded_sha256
+    )
 
 
 def weights_digest(weights: str | os.PathLike | None) -> str | None:

@@ -90,8 +90,13 @@ class ImageTower(nn.Module):
         from timm.layers import DropPath
 
         # ConvNeXt blocks hold an Identity or DropPath; timm's ResNet blocks hold None when off
-        blocks = [m for m in self.visual.trunk.modules() if hasattr(m, "drop_path") and isinstance(m, nn.Module)
-                  and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))]
+        blocks = [
+            m
+            for m in self.visual.trunk.modules()
+            if hasattr(m, "drop_path")
+            and isinstance(m, nn.Module)
+            and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))
+        ]
         rates = [drop_path * i / max(1, len(blocks) - 1) for i in range(len(blocks))]  # no tensors: works under meta
         for block, rate in zip(blocks, rates, strict=False):
             block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
@@ -105,10 +110,14 @@ class ImageTower(nn.Module):
         """The drop-path rate of the last block and the head dropout now in effect."""
         from timm.layers import DropPath
 
-        rates = [m.drop_path.drop_prob for m in self.visual.trunk.modules()
-                 if isinstance(getattr(m, "drop_path", None), DropPath)]
-        drops = [m.p for n, m in self.visual.head.named_modules()
-                 if isinstance(m, nn.Dropout) and n in ("drop", "mlp.drop1")]
+        rates = [
+            m.drop_path.drop_prob
+            for m in self.visual.trunk.modules()
+            if isinstance(getattr(m, "drop_path", None), DropPath)
+        ]
+        drops = [
+            m.p for n, m in self.visual.head.named_modules() if isinstance(m, nn.Dropout) and n in ("drop", "mlp.drop1")
+        ]
         return {"drop_path": max(rates, default=0.0), "head_dropout": max(drops, default=0.0)}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

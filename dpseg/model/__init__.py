@@ -6,5 +6,15 @@ from dpseg.model.loss import deep_supervision_bce, segmentation_bce
 from dpseg.model.network import DPSeg, build_dpseg
 from dpseg.model.prompts import VisualPrompts
 
-__all__ = ["CONFIG_VERSION", "DPSegConfig", "DPSeg", "build_dpseg", "load_dpseg", "read_checkpoint_config",
-           "save_dpseg", "VisualPrompts", "segmentation_bce", "deep_supervision_bce"]
+__all__ = [
+    "CONFIG_VERSION",
+    "DPSegConfig",
+    "DPSeg",
+    "build_dpseg",
+    "load_dpseg",
+    "read_checkpoint_config",
+    "save_dpseg",
+    "VisualPrompts",
+    "segmentation_bce",
+    "deep_supervision_bce",
+]

@@ -86,8 +86,9 @@ class AggregationBlock(nn.Module):
     `pool_train` in training and `pool_eval` at evaluation (SED: 2x2 and 1x1) and is upsampled
     back bilinearly (align_corners=True, as SED)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, depthwise: bool = True,
-                 pool_train: int = 2, pool_eval: int = 1):
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: int, depthwise: bool = True, pool_train: int = 2, pool_eval: int = 1
+    ):
         super().__init__()
         self.spatial = HybridDilatedConv(dim, depthwise=depthwise)
         self.norm1 = nn.LayerNorm(dim)

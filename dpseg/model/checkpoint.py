@@ -55,13 +55,21 @@ def save_dpseg(model: DPSeg, path: str | os.PathLike, extra: dict | None = None,
         weights = str(Path(weights).resolve())
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if not (trainable_only and _is_frozen_key(k))}
+        state = {
+            k: v.detach().contiguous().cpu()
+            for k, v in model.state_dict().items()
+            if not (trainable_only and _is_frozen_key(k))
+        }
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         config = {
-            "format": FORMAT, "config_version": CONFIG_VERSION, "dpseg_version": dpseg.__version__,
-            "model": model.cfg.to_dict(), "encoder": model.encoder_spec.to_dict(), "encoder_weights": weights,
-            "stored": "trainable" if trainable_only else "all", "frozen_towers_id": frozen_towers_id(model),
+            "format": FORMAT,
+            "config_version": CONFIG_VERSION,
+            "dpseg_version": dpseg.__version__,
+            "model": model.cfg.to_dict(),
+            "encoder": model.encoder_spec.to_dict(),
+            "encoder_weights": weights,
+            "stored": "trainable" if trainable_only else "all",
+            "frozen_towers_id": frozen_towers_id(model),
             "extra": extra or {},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -102,8 +110,9 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_dpseg(path: str | os.PathLike, device: str | torch.device = "cpu",
-               encoder_weights: str | os.PathLike | None = None) -> DPSeg:
+def load_dpseg(
+    path: str | os.PathLike, device: str | torch.device = "cpu", encoder_weights: str | os.PathLike | None = None
+) -> DPSeg:
     """Rebuilds the network from `config.json` and loads its weights strictly. For a
     trainable-only checkpoint the frozen towers come from `encoder_weights` (default: the
     recorded ones) and must match the recorded id."""

@@ -28,8 +28,9 @@ def dual_prompt_embeddings(text: torch.Tensor, visual: torch.Tensor) -> torch.Te
     return (F.normalize(text, dim=-1) + F.normalize(visual.to(text.dtype), dim=-1)) / 2
 
 
-def initial_cost(dense: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
-                 prompt_mode: str, fusion: str) -> torch.Tensor:
+def initial_cost(
+    dense: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None, prompt_mode: str, fusion: str
+) -> torch.Tensor:
     """The stride-32 cost volume the decoder starts from, per prompt mode and fusion (Table 2b)."""
     if prompt_mode == "text":
         return cosine_cost(dense, text)

@@ -77,8 +77,15 @@ class CostDecoder(nn.Module):
         self.cost_embed = nn.Conv2d(cost_channels, cfg.cost_dim, cfg.cost_kernel, padding=cfg.cost_kernel // 2)
         in_dims = (cfg.cost_dim, *cfg.decoder_dims[:-1])
         self.blocks = nn.ModuleList(
-            AggregationBlock(d, cfg.attention_heads, cfg.mlp_ratio, cfg.hdc_depthwise,
-                             cfg.attention_pool_train, cfg.attention_pool_eval) for d in in_dims
+            AggregationBlock(
+                d,
+                cfg.attention_heads,
+                cfg.mlp_ratio,
+                cfg.hdc_depthwise,
+                cfg.attention_pool_train,
+                cfg.attention_pool_eval,
+            )
+            for d in in_dims
         )
         self.skips = nn.ModuleList(
             nn.Sequential(nn.Conv2d(encoder_channels[s], g, 3, padding=1), nn.ReLU())

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from dpseg.errors import UserError
 
 
-def segmentation_bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
-                     policy: str = "negative") -> torch.Tensor:
+def segmentation_bce(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, policy: str = "negative"
+) -> torch.Tensor:
     """logits (B, N, h, w) at any stride, labels (B, H, W) of train ids.
 
     Logits are upsampled bilinearly to the label size. Ignored pixels (`ignore_index`):
@@ -23,8 +24,10 @@ def segmentation_bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= n))
     if bad.any():
-        raise UserError(f"labels hold train ids {sorted(labels[bad].unique().tolist())[:5]} outside 0..{n - 1} "
-                        f"(and not the ignore value {ignore_index})")
+        raise UserError(
+            f"labels hold train ids {sorted(labels[bad].unique().tolist())[:5]} outside 0..{n - 1} "
+            f"(and not the ignore value {ignore_index})"
+        )
     target = F.one_hot(torch.where(valid, labels, 0), n).permute(0, 3, 1, 2).to(logits.dtype)
     target = target * valid.unsqueeze(1)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -36,8 +39,13 @@ def segmentation_bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     raise UserError(f"ignore policy {policy!r} is not one of negative, exclude")
 
 
-def deep_supervision_bce(logits: torch.Tensor, aux_logits: list[torch.Tensor], labels: torch.Tensor,
-                         ignore_index: int = 255, policy: str = "negative") -> torch.Tensor:
+def deep_supervision_bce(
+    logits: torch.Tensor,
+    aux_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    policy: str = "negative",
+) -> torch.Tensor:
     """SED's training objective: the BCE of the final logits plus, unweighted, the BCE of every
     aux head's logits (each upsampled to the label size). With no aux logits it is the plain BCE."""
     total = segmentation_bce(logits, labels, ignore_index, policy)

@@ -1,8 +1,8 @@
 """DPSeg: image tower + dual-prompt cost volume + cost-volume-guided decoder.
 
-    model = build_dpseg(DPSegConfig(encoder="convnext-b"), weights=None)
-    features = model.encode_image(images)            # reusable by pass II
-    logits = model(text=T, visual=V, features=features)   # (B, N, H/4, W/4)
+model = build_dpseg(DPSegConfig(encoder="convnext-b"), weights=None)
+features = model.encode_image(images)            # reusable by pass II
+logits = model(text=T, visual=V, features=features)   # (B, N, H/4, W/4)
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class DPSeg(nn.Module):
         return self.text_encoder.encode_classes(class_names, first_templates(self.cfg.templates))
 
     @torch.no_grad()
-    def encode_prompt_images(self, images: torch.Tensor, size: int | None = None
-                             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def encode_prompt_images(
+        self, images: torch.Tensor, size: int | None = None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """RGB [0, 1] prompt images (K, 3, H, W), resized to `size` (default: the segmenter's input
         size, as the bank encodes) -> global (K, D) and pooled {stride: (K, C_l)}."""
         tower = self.prompt_encoder
@@ -61,9 +62,15 @@ class DPSeg(nn.Module):
         return self.image_encoder(images)
 
     # ---- decoding ------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                visual: VisualPrompts | None = None, features: ImageFeatures | None = None,
-                class_chunk: int | None = None, aux: bool = False):
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        visual: VisualPrompts | None = None,
+        features: ImageFeatures | None = None,
+        class_chunk: int | None = None,
+        aux: bool = False,
+    ):
         """Per-class logits (B, N, H/4, W/4); with `aux`, (logits, aux_logits) where aux_logits
         are the aux heads' (B, N, h, w) maps at strides 32, 16, 8 ([] without deep supervision).
 
@@ -83,8 +90,9 @@ class DPSeg(nn.Module):
         reject = None if self.training else self.cfg.class_reject_topk
         chunk = class_chunk or self.cfg.class_chunk
         if reject or not chunk or chunk >= num_classes:
-            logits, aux_logits = self.decoder(self._inputs(features, text, visual, slice(None)), aux=aux,
-                                              reject_topk=reject)
+            logits, aux_logits = self.decoder(
+                self._inputs(features, text, visual, slice(None)), aux=aux, reject_topk=reject
+            )
             return (logits, aux_logits) if aux else logits
         logits, aux_logits = self._decode_in_chunks(features, text, visual, num_classes, chunk, aux)
         return (logits, aux_logits) if aux else logits
@@ -150,8 +158,9 @@ class DPSeg(nn.Module):
         cfg = self.cfg
         text_c = text[..., classes, :, :] if text is not None and cfg.uses_text else None
         visual_c = visual.select(classes) if visual is not None and cfg.uses_visual else None
-        cost = initial_cost(features.dense, text_c,
-                            visual_c.embedding if visual_c is not None else None, cfg.prompt_mode, cfg.fusion)
+        cost = initial_cost(
+            features.dense, text_c, visual_c.embedding if visual_c is not None else None, cfg.prompt_mode, cfg.fusion
+        )
         guidance = visual_c.pooled if cfg.visual_guidance == "prompt" else None
         return DecoderInputs(cost=cost, levels=features.levels, guidance_prompts=guidance)
 
@@ -162,8 +171,10 @@ class DPSeg(nn.Module):
         which SED trains with; biases: our choice, see docs/model.md). The text and prompt
         towers are frozen and in no group."""
         groups = []
-        for name, module, group_lr in (("decoder", self.decoder, lr),
-                                       ("image_encoder", self.image_encoder, lr * self.cfg.image_lr_multiplier)):
+        for name, module, group_lr in (
+            ("decoder", self.decoder, lr),
+            ("image_encoder", self.image_encoder, lr * self.cfg.image_lr_multiplier),
+        ):
             decay, no_decay = no_decay_split(module)
             groups.append({"name": name, "params": decay, "lr": group_lr, "weight_decay": weight_decay})
             groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": group_lr, "weight_decay": 0.0})
@@ -173,14 +184,27 @@ class DPSeg(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         aux = self.decoder.aux_heads
-        return {"params_trainable": trainable, "params_frozen": frozen,
-                "params_decoder": sum(p.numel() for p in self.decoder.parameters()),
-                "params_aux_heads": sum(p.numel() for p in aux.parameters()) if aux is not None else 0,
-                "params_image_encoder": sum(p.numel() for p in self.image_encoder.parameters())}
+        return {
+            "params_trainable": trainable,
+            "params_frozen": frozen,
+            "params_decoder": sum(p.numel() for p in self.decoder.parameters()),
+            "params_aux_heads": sum(p.numel() for p in aux.parameters()) if aux is not None else 0,
+            "params_image_encoder": sum(p.numel() for p in self.image_encoder.parameters()),
+        }
 
 
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+NORM_LAYERS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
+)
 
 
 def no_decay_split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -196,8 +220,9 @@ def no_decay_split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
     return decay, no_decay
 
 
-def build_dpseg(cfg: DPSegConfig | None = None, weights: str | os.PathLike | None = "default",
-                device: str | torch.device = "cpu") -> DPSeg:
+def build_dpseg(
+    cfg: DPSegConfig | None = None, weights: str | os.PathLike | None = "default", device: str | torch.device = "cpu"
+) -> DPSeg:
     """The network for `cfg.encoder`; `weights=None` gives random towers (built under
     torch.manual_seed(0), as the bank builds them; no download). The decoder is initialised from
     the caller's RNG."""

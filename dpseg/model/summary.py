@@ -16,8 +16,10 @@ def random_prompts(model, num_classes: int, device="cpu", dtype=torch.float32, b
     text = torch.randn(*lead, num_classes, m, tower.embed_dim, device=device, dtype=dtype)
     visual = VisualPrompts(
         torch.randn(*lead, num_classes, m, tower.embed_dim, device=device, dtype=dtype),
-        {s: torch.randn(*lead, num_classes, m, tower.channels_at(s), device=device, dtype=dtype)
-         for s in cfg.guidance_strides},
+        {
+            s: torch.randn(*lead, num_classes, m, tower.channels_at(s), device=device, dtype=dtype)
+            for s in cfg.guidance_strides
+        },
     )
     return text, visual
 
@@ -35,6 +37,7 @@ def model_summary(cfg: DPSegConfig, num_classes: int, size: int, batch: int = 1)
                 if shape[0] == batch * num_classes and (name in ("cost_embed", "head") or name.endswith(".aux")):
                     shape = [batch, num_classes, *shape[1:]]
                 shapes[name] = shape
+
         return hook
 
     decoder = model.decoder
@@ -62,18 +65,35 @@ def model_summary(cfg: DPSegConfig, num_classes: int, size: int, batch: int = 1)
     ordered = ["cost_embed"] + [f"stage{k}.{p}" for k in range(decoder.num_stages) for p in parts] + ["head"]
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     in_dims = [cfg.cost_dim, *cfg.decoder_dims[:-1]]
-    aux_heads = [{"stage": k, "stride": size // shapes[f"stage{k}.aux"][-1], "in_channels": in_dims[k],
-                  "shape": shapes[f"stage{k}.aux"], "params": n_params(decoder.aux_heads[k])}
-                 for k in range(decoder.num_stages)] if decoder.aux_heads is not None else []
+    aux_heads = (
+        [
+            {
+                "stage": k,
+                "stride": size // shapes[f"stage{k}.aux"][-1],
+                "in_channels": in_dims[k],
+                "shape": shapes[f"stage{k}.aux"],
+                "params": n_params(decoder.aux_heads[k]),
+            }
+            for k in range(decoder.num_stages)
+        ]
+        if decoder.aux_heads is not None
+        else []
+    )
     fusion_blocks = []
     for k, fusion in enumerate(decoder.fusions):
-        fusion_blocks.append({
-            "stage": k, "stride": cfg.guidance_strides[k], "in_channels": in_dims[k],
-            "deconv_channels": fusion.up.out_channels, "skip_channels": fusion.from_skip.in_channels,
-            "guidance_channels": fusion.from_guidance.in_channels if fusion.from_guidance is not None else 0,
-            "out_channels": fusion.conv2.out_channels, "groupnorm_groups": fusion.norm1.num_groups,
-            "params": n_params(fusion),
-        })
+        fusion_blocks.append(
+            {
+                "stage": k,
+                "stride": cfg.guidance_strides[k],
+                "in_channels": in_dims[k],
+                "deconv_channels": fusion.up.out_channels,
+                "skip_channels": fusion.from_skip.in_channels,
+                "guidance_channels": fusion.from_guidance.in_channels if fusion.from_guidance is not None else 0,
+                "out_channels": fusion.conv2.out_channels,
+                "groupnorm_groups": fusion.norm1.num_groups,
+                "params": n_params(fusion),
+            }
+        )
     return {
         "encoder": cfg.encoder,
         "open_clip_model": model.encoder_spec.open_clip_model,

@@ -41,10 +41,17 @@ def dual_prompts(text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 def gap_statistics(images: torch.Tensor, text: torch.Tensor, visual: torch.Tensor) -> dict[str, Any]:
     """images (P, D), text and visual prompts of each pair's class (P, M, D) -> per-pair
     similarities and the summary of each modality (definitions in the module docstring)."""
-    if images.dim() != 2 or text.shape != visual.shape or text.dim() != 3 or text.shape[0] != images.shape[0] \
-            or text.shape[-1] != images.shape[-1]:
-        raise ValueError(f"need images (P, D) and prompts (P, M, D); got {tuple(images.shape)}, "
-                         f"{tuple(text.shape)}, {tuple(visual.shape)}")
+    if (
+        images.dim() != 2
+        or text.shape != visual.shape
+        or text.dim() != 3
+        or text.shape[0] != images.shape[0]
+        or text.shape[-1] != images.shape[-1]
+    ):
+        raise ValueError(
+            f"need images (P, D) and prompts (P, M, D); got {tuple(images.shape)}, "
+            f"{tuple(text.shape)}, {tuple(visual.shape)}"
+        )
     x = F.normalize(images.double(), dim=-1)
     prompts = {"text": F.normalize(text.double(), dim=-1), "visual": F.normalize(visual.double(), dim=-1)}
     prompts["dual"] = dual_prompts(prompts["text"], prompts["visual"])
@@ -56,8 +63,10 @@ def gap_statistics(images: torch.Tensor, text: torch.Tensor, visual: torch.Tenso
         similarity[name] = sims
         centroid = p.flatten(0, 1).mean(dim=0)
         summary[name] = {
-            "mean_similarity": float(sims.mean()), "std_similarity": float(sims.std(unbiased=False)),
-            "median_similarity": float(sims.median()), "min_similarity": float(sims.min()),
+            "mean_similarity": float(sims.mean()),
+            "std_similarity": float(sims.std(unbiased=False)),
+            "median_similarity": float(sims.median()),
+            "min_similarity": float(sims.min()),
             "max_similarity": float(sims.max()),
             "centroid_distance": float((image_centroid - centroid).norm()),
             "centroid_cosine": float(F.cosine_similarity(image_centroid, centroid, dim=0)),
@@ -109,8 +118,10 @@ def open_dataset(images: str, split: str | None):
         if not (root / META).is_file() and (where / images / META).is_file():
             root = where / images
     if not (root / META).is_file():
-        raise UserError(f"--images {images}: not a prepared dataset (no {META}); make one with `dpseg data synth --out "
-                        f"data/shapes` or `dpseg data prepare NAME --src RAW --out data/NAME`")
+        raise UserError(
+            f"--images {images}: not a prepared dataset (no {META}); make one with `dpseg data synth --out "
+            f"data/shapes` or `dpseg data prepare NAME --src RAW --out data/NAME`"
+        )
     from dpseg.data.layout import read_layout
 
     splits = read_layout(root).splits
@@ -124,8 +135,12 @@ def resolve_classes(dataset, classes: str | None) -> list[int]:
     from dpseg.clip.templates import split_synonyms
     from dpseg.data.subsets import available_subsets, resolve_subset
 
-    if classes is None or classes in ("all", "") or classes in available_subsets(dataset.info) \
-            or all(p.strip().isdigit() for p in classes.split(",")):
+    if (
+        classes is None
+        or classes in ("all", "")
+        or classes in available_subsets(dataset.info)
+        or all(p.strip().isdigit() for p in classes.split(","))
+    ):
         return resolve_subset(dataset.info, classes)
     index = {}
     for i, name in enumerate(dataset.class_names):
@@ -134,9 +149,11 @@ def resolve_classes(dataset, classes: str | None) -> list[int]:
     wanted = [p.strip() for p in classes.split(",") if p.strip()]
     unknown = [w for w in wanted if w.lower() not in index]
     if unknown:
-        raise UserError(f"--classes: {', '.join(map(repr, unknown))} not in the vocabulary of {dataset.info.root} "
-                        f"({dataset.info.vocabulary}); give class names from it, a subset "
-                        f"({', '.join(available_subsets(dataset.info)) or 'none declared'}) or ids")
+        raise UserError(
+            f"--classes: {', '.join(map(repr, unknown))} not in the vocabulary of {dataset.info.root} "
+            f"({dataset.info.vocabulary}); give class names from it, a subset "
+            f"({', '.join(available_subsets(dataset.info)) or 'none declared'}) or ids"
+        )
     return list(dict.fromkeys(index[w.lower()] for w in wanted))
 
 
@@ -162,8 +179,10 @@ def bank_encoder_info(bank, encoder: str) -> dict:
     info = bank.config.get("encoders", {}).get(encoder)
     if info is None:
         have = ", ".join(bank.encoders()) or "none"
-        raise UserError(f"bank {bank.root} has no features for encoder {encoder!r} (it has: {have}); "
-                        f"add them with: dpseg bank encode {bank.root} --encoder {encoder}")
+        raise UserError(
+            f"bank {bank.root} has no features for encoder {encoder!r} (it has: {have}); "
+            f"add them with: dpseg bank encode {bank.root} --encoder {encoder}"
+        )
     return info
 
 
@@ -180,8 +199,10 @@ def load_towers(encoder: str, info: dict, weights: str | None, device: str):
     if weights is not None:
         chosen = resolve_weights(ENCODERS.get(encoder), weights) or "random"
         if not matches_recorded(chosen, bank_weights, info.get("weights_sha256")):
-            raise UserError(f"the bank's {encoder!r} prompts were encoded with weights {bank_weights!r}, "
-                            f"not {chosen!r}; omit --encoder-weights or pass {bank_weights}")
+            raise UserError(
+                f"the bank's {encoder!r} prompts were encoded with weights {bank_weights!r}, "
+                f"not {chosen!r}; omit --encoder-weights or pass {bank_weights}"
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return load_clip(encoder, None if chosen == "random" else chosen, device)
@@ -227,8 +248,10 @@ def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
     class_ids = resolve_classes(dataset, settings.classes)
     pairs = sample_pairs(dataset, class_ids, settings.samples, settings.min_area, settings.seed)
     if len(pairs) < 2:
-        raise UserError(f"found {len(pairs)} (region, class) pairs in {dataset.info.root} ({dataset.split}); "
-                        f"lower --min-area (now {settings.min_area}) or choose other --classes")
+        raise UserError(
+            f"found {len(pairs)} (region, class) pairs in {dataset.info.root} ({dataset.split}); "
+            f"lower --min-area (now {settings.min_area}) or choose other --classes"
+        )
     used = sorted({c for _, c, _ in pairs})
     names = [dataset.class_names[c] for c in used]
     # 2. prompts of the classes that occur: text (the bank's templates), bank visual, dual
@@ -244,22 +267,41 @@ def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     sims = {m: stats["similarity"][m].numpy() for m in MODALITIES}
-    plots.write_csv(out / "pairs.csv", [
-        {"item": dataset.ids[i], "class_id": c, "class": dataset.class_names[c], "area": a,
-         **{f"sim_{m}": round(float(sims[m][k]), 6) for m in MODALITIES}} for k, (i, c, a) in enumerate(pairs)])
+    plots.write_csv(
+        out / "pairs.csv",
+        [
+            {
+                "item": dataset.ids[i],
+                "class_id": c,
+                "class": dataset.class_names[c],
+                "area": a,
+                **{f"sim_{m}": round(float(sims[m][k]), 6) for m in MODALITIES},
+            }
+            for k, (i, c, a) in enumerate(pairs)
+        ],
+    )
     files = {"pairs": str(out / "pairs.csv")}
     files["histogram"] = histogram(sims, out / "similarity_histogram.png", len(pairs))["figure"]
     files["embedding"] = embedding_plot(images, text, visual, row, names, out / "embedding_pca.png")["figure"]
     summary = {
-        "settings": settings.to_dict(), "bank": {"root": str(bank.root), "generator": bank.generator,
-                                                 "encoder": settings.encoder, "weights": info["weights"],
-                                                 "templates": templates, "encode_size": size},
+        "settings": settings.to_dict(),
+        "bank": {
+            "root": str(bank.root),
+            "generator": bank.generator,
+            "encoder": settings.encoder,
+            "weights": info["weights"],
+            "templates": templates,
+            "encode_size": size,
+        },
         "dataset": {"root": str(dataset.info.root), "split": dataset.split, "vocabulary": dataset.info.vocabulary},
-        "pairs": len(pairs), "classes": len(used), "templates": templates,
+        "pairs": len(pairs),
+        "classes": len(used),
+        "templates": templates,
         "summary": stats["summary"],
         "centroid_distance": {m: stats["summary"][m]["centroid_distance"] for m in MODALITIES},
         "paper_centroid_distance": PAPER_CENTROID_DISTANCES,
-        "definitions": DEFINITIONS, "files": files,
+        "definitions": DEFINITIONS,
+        "files": files,
     }
     plots.atomic_write_json(out / "gap.json", plots.to_jsonable(summary))
     return summary
@@ -267,7 +309,7 @@ def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
 
 DEFINITIONS = {
     "image_embedding": "masked crop of the class's ground-truth region (bounding box, outside-mask pixels = CLIP mean "
-                       "colour) resized to the bank's encode size, encoded by the frozen prompt tower, L2-normalised",
+    "colour) resized to the bank's encode size, encoded by the frozen prompt tower, L2-normalised",
     "dual_prompt": "normalise((t/|t| + v/|v|) / 2) per template (Eq. 1)",
     "similarity": "mean over the M templates of cos(image embedding, prompt)",
     "centroid_distance": "|| mean of unit image embeddings - mean of unit prompts (over pairs and templates) ||_2",
@@ -283,8 +325,9 @@ def histogram(sims: dict[str, np.ndarray], path: Path, pairs: int) -> dict[str, 
     bins = np.linspace(lo - 1e-6, hi + 1e-6, 31)
     counts = {m: np.histogram(v, bins=bins)[0].tolist() for m, v in sims.items()}
     fig = plots.histogram_figure(sims, bins, f"image-prompt cosine similarity ({pairs} pairs)", "cosine similarity")
-    return plots.save_figure(fig, path, {"bin_edges": bins, "counts": counts,
-                                         "mean": {m: float(v.mean()) for m, v in sims.items()}})
+    return plots.save_figure(
+        fig, path, {"bin_edges": bins, "counts": counts, "mean": {m: float(v.mean()) for m, v in sims.items()}}
+    )
 
 
 def embedding_plot(images, text, visual, row, names, path: Path) -> dict[str, str]:
@@ -302,8 +345,18 @@ def embedding_plot(images, text, visual, row, names, path: Path) -> dict[str, st
     centroids = {"image": project(x.mean(dim=0).numpy()[None])[0]}
     for m in MODALITIES:
         centroids[m] = project(per_class[m][row].flatten(0, 1).mean(dim=0).numpy()[None])[0]
-    fig = plots.scatter_figure(points, centroids, "image embeddings and prompts (PCA)",
-                               (f"PC1 ({ratio[0]:.0%})", f"PC2 ({ratio[1]:.0%})"))
-    return plots.save_figure(fig, path, {"projection": "pca", "explained_variance_ratio": ratio,
-                                         "points": points, "centroids": centroids, "classes": names,
-                                         "image_rows": row.tolist()})
+    fig = plots.scatter_figure(
+        points, centroids, "image embeddings and prompts (PCA)", (f"PC1 ({ratio[0]:.0%})", f"PC2 ({ratio[1]:.0%})")
+    )
+    return plots.save_figure(
+        fig,
+        path,
+        {
+            "projection": "pca",
+            "explained_variance_ratio": ratio,
+            "points": points,
+            "centroids": centroids,
+            "classes": names,
+            "image_rows": row.tolist(),
+        },
+    )

@@ -39,8 +39,11 @@ def prompt_costs(dense: torch.Tensor, text: torch.Tensor, visual: torch.Tensor) 
     """The three Fig. 3 maps at stride 32: {kind: (N, h, w)}."""
     from dpseg.model.cost_volume import dual_prompt_embeddings
 
-    return {"text": template_mean_cost(dense, text), "visual": template_mean_cost(dense, visual),
-            "dual": template_mean_cost(dense, dual_prompt_embeddings(text.float(), visual.float()))}
+    return {
+        "text": template_mean_cost(dense, text),
+        "visual": template_mean_cost(dense, visual),
+        "dual": template_mean_cost(dense, dual_prompt_embeddings(text.float(), visual.float())),
+    }
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -66,9 +69,17 @@ def parse_classes(classes: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, encoder: str | None, out: str | Path,
-                encoder_weights: str | None = None, checkpoint: str | Path | None = None, size: int | None = None,
-                device: str = "cpu") -> dict[str, Any]:
+def run_heatmap(
+    image_path: str | Path,
+    classes: str,
+    bank_dir: str | Path,
+    encoder: str | None,
+    out: str | Path,
+    encoder_weights: str | None = None,
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     from bank.reader import Bank
     from dpseg.clip.templates import templates as first_templates
     from pipeline.analyze import plots
@@ -86,8 +97,10 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
         config = read_checkpoint_config(checkpoint)
         ckpt_encoder = config["model"]["encoder"]
         if encoder not in (None, ckpt_encoder):
-            raise UserError(f"checkpoint {checkpoint} was trained with encoder {ckpt_encoder!r}, not {encoder!r}; "
-                            f"omit --encoder or pass {ckpt_encoder}")
+            raise UserError(
+                f"checkpoint {checkpoint} was trained with encoder {ckpt_encoder!r}, not {encoder!r}; "
+                f"omit --encoder or pass {ckpt_encoder}"
+            )
         encoder = ckpt_encoder
         model = load_dpseg(checkpoint, device).eval()
         templates = int(model.cfg.templates)
@@ -118,20 +131,37 @@ def run_heatmap(image_path: str | Path, classes: str, bank_dir: str | Path, enco
     full = image.shape[:2]
     maps = torch.stack([upsample(coarse[k], full) for k in KINDS], dim=1)  # (N, 3, H, W)
     # 4. Fig. 3: rows = classes, columns = image | text | visual | dual
-    data = {"image": str(image_path), "classes": names, "kinds": list(KINDS), "size": size, "templates": templates,
-            "encode_size": encode_size, "encoder": encoder, "bank": str(bank.root),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "definition": "mean over templates of cos(dense stride-32 embedding, prompt), upsampled bilinearly",
-            "range": {k: [float(coarse[k].min()), float(coarse[k].max())] for k in KINDS},
-            "image_size": list(full), "shape": list(maps.shape), "stride32": {k: coarse[k] for k in KINDS}}
+    data = {
+        "image": str(image_path),
+        "classes": names,
+        "kinds": list(KINDS),
+        "size": size,
+        "templates": templates,
+        "encode_size": encode_size,
+        "encoder": encoder,
+        "bank": str(bank.root),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "definition": "mean over templates of cos(dense stride-32 embedding, prompt), upsampled bilinearly",
+        "range": {k: [float(coarse[k].min()), float(coarse[k].max())] for k in KINDS},
+        "image_size": list(full),
+        "shape": list(maps.shape),
+        "stride32": {k: coarse[k] for k in KINDS},
+    }
     fig = plots.heatmap_grid(image, names, list(KINDS), maps.cpu().numpy(), "prompt cost maps (Fig. 3)")
     files = {"prompts": plots.save_figure(fig, out, data)}
-    result = {"classes": names, "size": size, "image_size": list(full), "shape": list(maps.shape),
-              "range": data["range"], "files": files}
+    result = {
+        "classes": names,
+        "size": size,
+        "image_size": list(full),
+        "shape": list(maps.shape),
+        "range": data["range"],
+        "files": files,
+    }
     # 5. Fig. 8: with a checkpoint, Eq. 2 per decoder stage beside the upsampled stride-32 cost
     if model is not None:
-        result["stages"] = stage_figure(model, features, protos, coarse["visual"], image, names,
-                                        out.with_name(out.stem + "-stages" + out.suffix))
+        result["stages"] = stage_figure(
+            model, features, protos, coarse["visual"], image, names, out.with_name(out.stem + "-stages" + out.suffix)
+        )
     return result
 
 
@@ -140,8 +170,9 @@ def stage_costs(features, pooled: dict[int, torch.Tensor], strides) -> dict[int,
     return {s: template_mean_cost(features.levels[s], pooled[s]) for s in strides}
 
 
-def stage_figure(model, features, protos, visual32: torch.Tensor, image: np.ndarray, names: list[str],
-                 path: Path) -> dict[str, Any]:
+def stage_figure(
+    model, features, protos, visual32: torch.Tensor, image: np.ndarray, names: list[str], path: Path
+) -> dict[str, Any]:
     from pipeline.analyze import plots
 
     strides = list(model.cfg.guidance_strides)
@@ -151,11 +182,16 @@ def stage_figure(model, features, protos, visual32: torch.Tensor, image: np.ndar
     columns = [f"stride {s} (Eq. 2)" for s in strides] + ["stride 32, upsampled"]
     panels = [upsample(costs[s], full) for s in strides] + [upsample(visual32, full)]
     maps = torch.stack(panels, dim=1).cpu().numpy()  # (N, stages + 1, H, W)
-    data = {"classes": names, "strides": strides, "columns": columns,
-            "definition": "mean over templates of cos(stage features, pooled visual prompt) (Eq. 2); beside them the "
-                          "stride-32 visual cost upsampled bilinearly",
-            "range": {str(s): [float(costs[s].min()), float(costs[s].max())] for s in strides},
-            "maps": {str(s): costs[s] for s in strides}}
-    fig = plots.heatmap_grid(image, names, columns, maps, "visual cost volumes per decoder stage (Fig. 8)",
-                             shared_row_scale=False)
+    data = {
+        "classes": names,
+        "strides": strides,
+        "columns": columns,
+        "definition": "mean over templates of cos(stage features, pooled visual prompt) (Eq. 2); beside them the "
+        "stride-32 visual cost upsampled bilinearly",
+        "range": {str(s): [float(costs[s].min()), float(costs[s].max())] for s in strides},
+        "maps": {str(s): costs[s] for s in strides},
+    }
+    fig = plots.heatmap_grid(
+        image, names, columns, maps, "visual cost volumes per decoder stage (Fig. 8)", shared_row_scale=False
+    )
     return {**plots.save_figure(fig, path, data), "shape": list(maps.shape), "range": data["range"]}

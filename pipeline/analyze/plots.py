@@ -92,8 +92,15 @@ def histogram_figure(series: dict[str, np.ndarray], bins: np.ndarray, title: str
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, values in series.items():
-        ax.hist(values, bins=bins, alpha=0.55, label=f"{name} (mean {np.mean(values):.3f})",
-                color=PALETTE.get(name), edgecolor="white", linewidth=0.4)
+        ax.hist(
+            values,
+            bins=bins,
+            alpha=0.55,
+            label=f"{name} (mean {np.mean(values):.3f})",
+            color=PALETTE.get(name),
+            edgecolor="white",
+            linewidth=0.4,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("pairs")
     ax.set_title(title)
@@ -116,8 +123,9 @@ def scatter_figure(points: dict[str, np.ndarray], centroids: dict[str, np.ndarra
     return fig
 
 
-def heatmap_grid(image: np.ndarray, rows: list[str], columns: list[str], maps: np.ndarray, title: str,
-                 shared_row_scale: bool = True):
+def heatmap_grid(
+    image: np.ndarray, rows: list[str], columns: list[str], maps: np.ndarray, title: str, shared_row_scale: bool = True
+):
     """A grid: first column the image, then one heatmap per (row, column); maps (R, C, H, W).
     With `shared_row_scale` all heatmaps of a row share a colour range, so columns compare."""
     plt = pyplot()

@@ -61,6 +61,7 @@ class Sweep:
     def expand(self, profile: str | None = None) -> list[Point]:
         """The points to run under `profile` (points restricted to other profiles dropped; "paper"
         covers paper-b and paper-l)."""
+
         def allowed(p: Point) -> bool:
             return not p.profiles or any(profile == q or str(profile).startswith(q + "-") for q in p.profiles)
 
@@ -77,51 +78,73 @@ def _dual(fusion: str, guidance: str = "prompt") -> dict[str, Any]:
     return {PROMPT_MODE: "dual", FUSION: fusion, GUIDANCE: guidance}
 
 
-SWEEPS.register("prompts", Sweep(
-    "prompts", "Table 2", "Prompt strategy (a) and cost-volume fusion (b)",
-    (
-        # text only = SED: no visual prompts, so no visual cost volumes in the decoder either
-        Point("text", {PROMPT_MODE: "text", FUSION: "avg-embeddings", GUIDANCE: "none"}, "a: prompts"),
-        Point("visual", {PROMPT_MODE: "visual", FUSION: "avg-embeddings", GUIDANCE: "prompt"}, "a: prompts"),
-        Point("dual", _dual("avg-embeddings"), "a: prompts"),
-        Point("dual, concat costs", _dual("concat-costs"), "b: fusion"),
-        Point("dual, average costs", _dual("avg-costs"), "b: fusion"),
+SWEEPS.register(
+    "prompts",
+    Sweep(
+        "prompts",
+        "Table 2",
+        "Prompt strategy (a) and cost-volume fusion (b)",
+        (
+            # text only = SED: no visual prompts, so no visual cost volumes in the decoder either
+            Point("text", {PROMPT_MODE: "text", FUSION: "avg-embeddings", GUIDANCE: "none"}, "a: prompts"),
+            Point("visual", {PROMPT_MODE: "visual", FUSION: "avg-embeddings", GUIDANCE: "prompt"}, "a: prompts"),
+            Point("dual", _dual("avg-embeddings"), "a: prompts"),
+            Point("dual, concat costs", _dual("concat-costs"), "b: fusion"),
+            Point("dual, average costs", _dual("avg-costs"), "b: fusion"),
+        ),
+        notes="The 'dual' row (average of embeddings, Eq. 1) is also Table 2b's first row.",
     ),
-    notes="The 'dual' row (average of embeddings, Eq. 1) is also Table 2b's first row.",
-))
+)
 
-SWEEPS.register("guidance", Sweep(
-    "guidance", "Table 3", "Decoder guidance: visual cost volumes per stage, or the upsampled initial cost volume",
-    (
-        Point("no visual cost volumes", _dual("avg-embeddings", "none")),
-        Point("stage 1 (stride 16)", {**_dual("avg-embeddings"), GUIDANCE_STAGES: [True, False, False]}),
-        Point("stages 1-2 (strides 16, 8)", {**_dual("avg-embeddings"), GUIDANCE_STAGES: [True, True, False]}),
-        Point("stages 1-3 (strides 16, 8, 4)", _dual("avg-embeddings")),  # the model's default: every stage
-        Point("upsampled initial cost volume", _dual("avg-embeddings", "upsampled-cost")),
+SWEEPS.register(
+    "guidance",
+    Sweep(
+        "guidance",
+        "Table 3",
+        "Decoder guidance: visual cost volumes per stage, or the upsampled initial cost volume",
+        (
+            Point("no visual cost volumes", _dual("avg-embeddings", "none")),
+            Point("stage 1 (stride 16)", {**_dual("avg-embeddings"), GUIDANCE_STAGES: [True, False, False]}),
+            Point("stages 1-2 (strides 16, 8)", {**_dual("avg-embeddings"), GUIDANCE_STAGES: [True, True, False]}),
+            Point("stages 1-3 (strides 16, 8, 4)", _dual("avg-embeddings")),  # the model's default: every stage
+            Point("upsampled initial cost volume", _dual("avg-embeddings", "upsampled-cost")),
+        ),
+        notes="Per-stage switches are DPSegConfig.guidance_stages (through train.model_overrides); the full row "
+        "leaves it at its default, every stage.",
     ),
-    notes="Per-stage switches are DPSegConfig.guidance_stages (through train.model_overrides); the full row "
-          "leaves it at its default, every stage.",
-))
+)
 
 TEMPLATE_COUNTS = (1, 10, 20, 40, 80)
-SWEEPS.register("templates", Sweep(
-    "templates", "Table 4", "Number of prompt templates",
-    tuple(Point(f"{k} template{'s' * (k > 1)}", {BANK_TEMPLATES: max(TEMPLATE_COUNTS), TRAIN_TEMPLATES: k})
-          for k in TEMPLATE_COUNTS),
-    notes="One bank of 80 templates serves every row (DVC builds it once); training reads its first K.",
-))
-
-SWEEPS.register("banks", Sweep(
-    "banks", "Table 5", "Robustness to the visual-prompt bank",
-    (
-        Point("base generator", {}),
-        *(Point(f"noise {r}", {GENERATOR: f"noise:{r}"}) for r in (0.2, 0.6, 0.8)),
-        Point("sd3", {GENERATOR: "sd3"}, profiles=("paper",)),
-        Point("layerdiffuse", {GENERATOR: "layerdiffuse"}, profiles=("paper",)),
+SWEEPS.register(
+    "templates",
+    Sweep(
+        "templates",
+        "Table 4",
+        "Number of prompt templates",
+        tuple(
+            Point(f"{k} template{'s' * (k > 1)}", {BANK_TEMPLATES: max(TEMPLATE_COUNTS), TRAIN_TEMPLATES: k})
+            for k in TEMPLATE_COUNTS
+        ),
+        notes="One bank of 80 templates serves every row (DVC builds it once); training reads its first K.",
     ),
-    notes="'base generator' is the profile's own bank.generator; sd3 and layerdiffuse need their weights "
-          "(paper profile only).",
-))
+)
+
+SWEEPS.register(
+    "banks",
+    Sweep(
+        "banks",
+        "Table 5",
+        "Robustness to the visual-prompt bank",
+        (
+            Point("base generator", {}),
+            *(Point(f"noise {r}", {GENERATOR: f"noise:{r}"}) for r in (0.2, 0.6, 0.8)),
+            Point("sd3", {GENERATOR: "sd3"}, profiles=("paper",)),
+            Point("layerdiffuse", {GENERATOR: "layerdiffuse"}, profiles=("paper",)),
+        ),
+        notes="'base generator' is the profile's own bank.generator; sd3 and layerdiffuse need their weights "
+        "(paper profile only).",
+    ),
+)
 
 
 # ---- params ----------------------------------------------------------------------------------
@@ -160,6 +183,7 @@ def _parents(key: str) -> list[str]:
 def check_keys(points: Sequence[Point], params: dict[str, Any]) -> None:
     """Every key a sweep sets must be in params.yaml, or sit under a mapping that is (an empty
     `model_overrides: {}` takes any model field)."""
+
     def known(key: str) -> bool:
         if key in params:
             return True
@@ -170,9 +194,11 @@ def check_keys(points: Sequence[Point], params: dict[str, Any]) -> None:
 
     missing = sorted({k for p in points for k in p.params if not known(k)})
     if missing:
-        raise UserError(f"params.yaml has no {', '.join(missing)}; the sweep sets these keys "
-                        "(pipeline/analyze/sweeps.py "
-                        "names them): add them to params.yaml or update the sweep")
+        raise UserError(
+            f"params.yaml has no {', '.join(missing)}; the sweep sets these keys "
+            "(pipeline/analyze/sweeps.py "
+            "names them): add them to params.yaml or update the sweep"
+        )
 
 
 def expected_params(base: dict[str, Any], point: Point) -> dict[str, Any]:
@@ -250,8 +276,14 @@ def _record(state: dict, executor_state: str | None, baseline: bool) -> ExpRecor
         metrics.update({f"{file}:{k}": v for k, v in flatten(tree).items()})
     failed = state.get("error") is not None
     status = "failed" if failed else ("baseline" if baseline else (executor_state or "success"))
-    return ExpRecord(rev=state.get("rev", ""), name=state.get("name"), params=params, metrics=metrics, state=status,
-                     baseline=baseline)
+    return ExpRecord(
+        rev=state.get("rev", ""),
+        name=state.get("name"),
+        params=params,
+        metrics=metrics,
+        state=status,
+        baseline=baseline,
+    )
 
 
 def parse_exp_show(rows: list[dict]) -> list[ExpRecord]:
@@ -398,9 +430,17 @@ def exp_run_args(planned: PlannedPoint, queue: bool, dvc: str | None = None) -> 
     return args + set_args(planned.point, planned.new_keys)
 
 
-def run_sweep(name: str, params_file: str | Path = "params.yaml", queue_only: bool = False, queue: bool = False,
-              jobs: int = 1, dvc: str | None = None, runner: Runner = run_command,
-              records_reader: Callable[[], list[ExpRecord]] | None = None, echo=print) -> dict[str, Any]:
+def run_sweep(
+    name: str,
+    params_file: str | Path = "params.yaml",
+    queue_only: bool = False,
+    queue: bool = False,
+    jobs: int = 1,
+    dvc: str | None = None,
+    runner: Runner = run_command,
+    records_reader: Callable[[], list[ExpRecord]] | None = None,
+    echo=print,
+) -> dict[str, Any]:
     """Runs (or queues) the points of sweep `name` that have no results yet; returns the plan
     and what was done. Default: one `dvc exp run --temp` after another (a killed sweep resumes
     at the first point without results); `queue`: queue them and start `jobs` workers;
@@ -416,8 +456,10 @@ def run_sweep(name: str, params_file: str | Path = "params.yaml", queue_only: bo
     failed = []
     for item in planned:
         if item.status != "todo":
-            echo(f"{item.status:<6} {item.point.label}" + (f" ({item.record.name or item.record.rev[:7]})"
-                                                          if item.record else ""))
+            echo(
+                f"{item.status:<6} {item.point.label}"
+                + (f" ({item.record.name or item.record.rev[:7]})" if item.record else "")
+            )
             continue
         args = exp_run_args(item, queue or queue_only, dvc)
         echo(("queue  " if queue or queue_only else "run    ") + " ".join(args))
@@ -432,10 +474,16 @@ def run_sweep(name: str, params_file: str | Path = "params.yaml", queue_only: bo
         args = [dvc, "queue", "start", "--jobs", str(jobs)]
         echo("start  " + " ".join(args))
         runner(args)
-    return {"sweep": name, "table": sweep.table, "profile": profile, "failed": failed,
-            "points": [{"label": i.point.label, "name": i.name, "status": i.status, "params": i.point.params}
-                       for i in planned],
-            "skipped": [p.label for p in sweep.skipped(profile)]}
+    return {
+        "sweep": name,
+        "table": sweep.table,
+        "profile": profile,
+        "failed": failed,
+        "points": [
+            {"label": i.point.label, "name": i.name, "status": i.status, "params": i.point.params} for i in planned
+        ],
+        "skipped": [p.label for p in sweep.skipped(profile)],
+    }
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -445,8 +493,14 @@ def metric_columns(records: list[ExpRecord], metric: str = "miou") -> list[str]:
     regex = re.compile(metric, re.IGNORECASE)
     columns: list[str] = []
     for r in records:
-        columns.extend(k for k, v in r.metrics.items() if regex.fullmatch(re.split(r"[:.]", k)[-1])
-                       and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in columns)
+        columns.extend(
+            k
+            for k, v in r.metrics.items()
+            if regex.fullmatch(re.split(r"[:.]", k)[-1])
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and k not in columns
+        )
     return columns
 
 
@@ -460,8 +514,13 @@ def short_headers(columns: list[str]) -> list[str]:
     return [" ".join(w for w in ws if w not in common) or ws[-1] for ws in words]
 
 
-def sweep_table(name: str, params_file: str | Path = "params.yaml", records: list[ExpRecord] | None = None,
-                metric: str = "miou", dvc: str | None = None) -> str:
+def sweep_table(
+    name: str,
+    params_file: str | Path = "params.yaml",
+    records: list[ExpRecord] | None = None,
+    metric: str = "miou",
+    dvc: str | None = None,
+) -> str:
     """The sweep as a Markdown table in the paper's form: one row per point, the metrics of the
     experiment holding its params (or '—' where none has results yet)."""
     sweep = SWEEPS.get(name)
@@ -471,9 +530,12 @@ def sweep_table(name: str, params_file: str | Path = "params.yaml", records: lis
     found = [p.record for p in planned if p.record is not None and p.status == "done"]
     columns = metric_columns(found, metric)
     headers = short_headers(columns)
-    lines = [f"**{sweep.table}: {sweep.title}** (profile {profile_of(base) or '-'})", "",
-             "| | " + " | ".join(["setting", *headers, "experiment"]) + " |",
-             "|---" * (len(headers) + 3) + "|"]
+    lines = [
+        f"**{sweep.table}: {sweep.title}** (profile {profile_of(base) or '-'})",
+        "",
+        "| | " + " | ".join(["setting", *headers, "experiment"]) + " |",
+        "|---" * (len(headers) + 3) + "|",
+    ]
     for p in planned:
         values = [_fmt(p.record.metrics.get(c)) if p.status == "done" else "—" for c in columns]
         where = (p.record.name or p.record.rev[:7]) if p.status == "done" else p.status
@@ -492,4 +554,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1f}"  # dpseg.metrics reports percent
     return str(value)
-

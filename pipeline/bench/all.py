@@ -22,8 +22,13 @@ from dpseg.io import atomic_write_json
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -49,8 +54,13 @@ def _clip_bench(steps: int = 6) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ClipPretrainConfig(steps=steps, renders=1, eval_renders=1, warmup=1, out=tmp)
         result = pretrain(cfg, progress=False)
-    return {"steps": steps, "train_s_per_step": result["train_s_per_step"], "render_s": result["render_s"],
-            "eval_s": result["eval_s"], "batch_size": cfg.batch_size}
+    return {
+        "steps": steps,
+        "train_s_per_step": result["train_s_per_step"],
+        "render_s": result["render_s"],
+        "eval_s": result["eval_s"],
+        "batch_size": cfg.batch_size,
+    }
 
 
 def benchmarks(gpu: bool) -> dict[str, Callable[[], dict]]:
@@ -68,22 +78,40 @@ def benchmarks(gpu: bool) -> dict[str, Callable[[], dict]]:
         from pipeline.bench.bank import bench_bank
 
         if gpu:
-            return bench_bank("sd15-random", device, "auto", None, 25, [4], 4, (), None, "convnext-b", None, rounds=1,
-                              progress=False)
+            return bench_bank(
+                "sd15-random", device, "auto", None, 25, [4], 4, (), None, "convnext-b", None, rounds=1, progress=False
+            )
         return bench_bank("tiny-sd", device, "auto", None, 25, [4], 4, (), None, "tiny", None, rounds=1, progress=False)
 
     def train() -> dict:
         from pipeline.bench.train import bench_train
 
-        return bench_train(encoder="convnext-b" if gpu else "tiny", size=768 if gpu else 64, classes=36, templates=4,
-                           batch_size=4, steps=5, rounds=1, num_workers=1, device=device, mixed_precision="auto",
-                           data=None)
+        return bench_train(
+            encoder="convnext-b" if gpu else "tiny",
+            size=768 if gpu else 64,
+            classes=36,
+            templates=4,
+            batch_size=4,
+            steps=5,
+            rounds=1,
+            num_workers=1,
+            device=device,
+            mixed_precision="auto",
+            data=None,
+        )
 
     def evaluate() -> dict:
         from pipeline.bench.eval import bench_eval
 
-        return bench_eval(encoder="convnext-b" if gpu else "tiny", size=None, classes=[150, 847] if gpu else [48, 150],
-                          class_chunk=64, ratio_classes=150 if gpu else 48, device=device, repeats=2)
+        return bench_eval(
+            encoder="convnext-b" if gpu else "tiny",
+            size=None,
+            classes=[150, 847] if gpu else [48, 150],
+            class_chunk=64,
+            ratio_classes=150 if gpu else 48,
+            device=device,
+            repeats=2,
+        )
 
     return {"model": model, "bank": bank, "train": train, "eval": evaluate, "clip_pretrain": _clip_bench}
 
@@ -96,8 +124,11 @@ def bench_all(out: str | Path = "results/bench.json", only: list[str] | None = N
         from dpseg.errors import UserError
 
         raise UserError(f"unknown benchmarks {unknown}; known: {', '.join(runs)}")
-    result: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "benchmarks": {}}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "benchmarks": {},
+    }
     for name, run in runs.items():
         if only and name not in only:
             continue

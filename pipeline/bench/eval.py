@@ -41,8 +41,17 @@ def _detect_map(batch: int, size: int, classes: int, device) -> torch.Tensor:
     return bands.view(1, 1, size).expand(batch, size, size).contiguous()
 
 
-def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | None, batch: int, repeats: int,
-          device: str, detect_classes: int, templates: int) -> dict:
+def _case(
+    encoder: str,
+    size: int | None,
+    num_classes: int,
+    class_chunk: int | None,
+    batch: int,
+    repeats: int,
+    device: str,
+    detect_classes: int,
+    templates: int,
+) -> dict:
     from dpseg.metrics import predict_labels
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.model.summary import random_prompts
@@ -90,10 +99,17 @@ def _case(encoder: str, size: int | None, num_classes: int, class_chunk: int | N
         base_cuda = torch.cuda.memory_allocated(dev) / 2**20
     one_ms = timed(one_pass)
     two_ms = timed(two_pass)
-    result = {"classes": num_classes, "class_chunk": class_chunk, "batch": batch, "size": size,
-              "one_pass_ms": round(one_ms, 2), "two_pass_ms": round(two_ms, 2),
-              "two_pass_ms_per_image": round(two_ms / batch, 2), "two_over_one": round(two_ms / one_ms, 3),
-              "refined_classes_per_image": min(detect_classes, num_classes)}
+    result = {
+        "classes": num_classes,
+        "class_chunk": class_chunk,
+        "batch": batch,
+        "size": size,
+        "one_pass_ms": round(one_ms, 2),
+        "two_pass_ms": round(two_ms, 2),
+        "two_pass_ms_per_image": round(two_ms / batch, 2),
+        "two_over_one": round(two_ms / one_ms, 3),
+        "refined_classes_per_image": min(detect_classes, num_classes),
+    }
     if dev.type == "cuda":
         result["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         result["working_mem_mib"] = round(result["peak_mem_mib"] - base_cuda, 1)
@@ -124,17 +140,35 @@ def _run_isolated(kwargs: dict) -> dict:
     return result
 
 
-def bench_eval(encoder: str = "tiny", size: int | None = None, classes: list[int] = (150, 459, 847),
-               class_chunk: int = 64, ratio_classes: int = 150, batch: int = 2, device: str = "cpu",
-               repeats: int = 3, detect_classes: int = 8, templates: int = 80, isolate: bool = True) -> dict:
+def bench_eval(
+    encoder: str = "tiny",
+    size: int | None = None,
+    classes: list[int] = (150, 459, 847),
+    class_chunk: int = 64,
+    ratio_classes: int = 150,
+    batch: int = 2,
+    device: str = "cpu",
+    repeats: int = 3,
+    detect_classes: int = 8,
+    templates: int = 80,
+    isolate: bool = True,
+) -> dict:
     from tqdm.auto import tqdm
 
     run = _run_isolated if isolate and device == "cpu" else (lambda kw: _case(**kw))
-    common = {"encoder": encoder, "size": size, "batch": batch, "repeats": repeats, "device": device,
-              "detect_classes": detect_classes, "templates": templates}
+    common = {
+        "encoder": encoder,
+        "size": size,
+        "batch": batch,
+        "repeats": repeats,
+        "device": device,
+        "detect_classes": detect_classes,
+        "templates": templates,
+    }
     cases = [(ratio_classes, None)] + [(n, chunk) for n in classes for chunk in (None, class_chunk)]
-    results = [run({**common, "num_classes": n, "class_chunk": c})
-               for n, c in tqdm(cases, desc="bench eval", unit="case")]
+    results = [
+        run({**common, "num_classes": n, "class_chunk": c}) for n, c in tqdm(cases, desc="bench eval", unit="case")
+    ]
     ratio = results[0]
     scaling = results[1:]
     chunked = [r for r in scaling if r["class_chunk"]]
@@ -142,14 +176,24 @@ def bench_eval(encoder: str = "tiny", size: int | None = None, classes: list[int
     return {
         "bench": "eval",
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()], "encoder": encoder, "weights": "random",
-        "size": ratio["size"], "batch": batch, "repeats": repeats, "templates": templates,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "encoder": encoder,
+        "weights": "random",
+        "size": ratio["size"],
+        "batch": batch,
+        "repeats": repeats,
+        "templates": templates,
         "class_chunk": class_chunk,
-        "two_pass_over_one_pass": ratio["two_over_one"], "goal_two_pass_over_one_pass": 1.35,
-        "ratio_case": ratio, "scaling": scaling,
+        "two_pass_over_one_pass": ratio["two_over_one"],
+        "goal_two_pass_over_one_pass": 1.35,
+        "ratio_case": ratio,
+        "scaling": scaling,
         "chunked_working_mem_mib_per_class": [round(v, 3) for v in per_class],
-        "memory_note": ("CPU: peak resident memory of a fresh process per case (includes the model); "
-                        "working_mem = peak minus the resident memory before the first forward"),
+        "memory_note": (
+            "CPU: peak resident memory of a fresh process per case (includes the model); "
+            "working_mem = peak minus the resident memory before the first forward"
+        ),
         **SED_REFERENCE,
     }

@@ -46,10 +46,19 @@ def _time(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, f
     return statistics.median(times), peak
 
 
-def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[int] = (150,),
-                batches: list[int] = (1,), dtype: str = "fp32", device: str = "cpu",
-                warmup: int = 2, repeats: int = 5, class_chunk: int | None = None,
-                reject_topk: int | None = None, threads: int | None = None) -> dict:
+def bench_model(
+    encoder: str = "tiny",
+    size: int | None = None,
+    classes: list[int] = (150,),
+    batches: list[int] = (1,),
+    dtype: str = "fp32",
+    device: str = "cpu",
+    warmup: int = 2,
+    repeats: int = 5,
+    class_chunk: int | None = None,
+    reject_topk: int | None = None,
+    threads: int | None = None,
+) -> dict:
     """Per (batch, classes): the whole forward, the image tower alone, and the decoder alone on
     precomputed features; with `class_chunk`, the chunked decoder too (same run, so the ratio
     is fair); with `reject_topk`, the decoder with SED's early rejection."""
@@ -76,7 +85,8 @@ def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[in
             }
             if class_chunk:
                 cases["decoder_chunked"] = lambda f=features, t=text, v=visual: model(
-                    text=t, visual=v, features=f, class_chunk=class_chunk)
+                    text=t, visual=v, features=f, class_chunk=class_chunk
+                )
             for name, fn in cases.items():
                 ms, peak = _time(fn, dev, warmup, repeats)
                 row[f"{name}_ms"] = round(ms, 3)
@@ -85,8 +95,9 @@ def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[in
             if reject_topk:
                 model.cfg.class_reject_topk = reject_topk
                 try:
-                    ms, peak = _time(lambda f=features, t=text, v=visual: model(text=t, visual=v, features=f),
-                                     dev, warmup, repeats)
+                    ms, peak = _time(
+                        lambda f=features, t=text, v=visual: model(text=t, visual=v, features=f), dev, warmup, repeats
+                    )
                 finally:
                     model.cfg.class_reject_topk = None
                 row["decoder_reject_ms"] = round(ms, 3)
@@ -103,8 +114,13 @@ def bench_model(encoder: str = "tiny", size: int | None = None, classes: list[in
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads() if dev.type == "cpu" else None,
-        "encoder": encoder, "size": size, "dtype": dtype, "class_chunk": class_chunk, "reject_topk": reject_topk,
-        "warmup": warmup, "repeats": repeats,
+        "encoder": encoder,
+        "size": size,
+        "dtype": dtype,
+        "class_chunk": class_chunk,
+        "reject_topk": reject_topk,
+        "warmup": warmup,
+        "repeats": repeats,
         "memory_note": "CUDA: max allocated; CPU: process peak RSS (upper bound, monotonic)",
         "results": results,
         "scaling": class_scaling(results),
@@ -124,7 +140,13 @@ def class_scaling(results: list[dict]) -> list[dict]:
         lo, hi = rows[0], rows[-1]
         time_ratio = hi["decoder_ms"] / lo["decoder_ms"]
         class_ratio = hi["classes"] / lo["classes"]
-        out.append({"batch": batch, "classes": [lo["classes"], hi["classes"]],
-                    "decoder_time_ratio": round(time_ratio, 3), "class_ratio": round(class_ratio, 3),
-                    "time_over_linear": round(time_ratio / class_ratio, 3)})
+        out.append(
+            {
+                "batch": batch,
+                "classes": [lo["classes"], hi["classes"]],
+                "decoder_time_ratio": round(time_ratio, 3),
+                "class_ratio": round(class_ratio, 3),
+                "time_over_linear": round(time_ratio / class_ratio, 3),
+            }
+        )
     return out

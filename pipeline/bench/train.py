@@ -26,8 +26,9 @@ import torch
 from dpseg.data import shapes
 
 
-def _world(root: Path, size: int, classes: int, templates: int, data: Path | None,
-           with_bank: bool = True) -> tuple[Path, Path | None, list[int]]:
+def _world(
+    root: Path, size: int, classes: int, templates: int, data: Path | None, with_bank: bool = True
+) -> tuple[Path, Path | None, list[int]]:
     from bank.build import BuildOptions, build_bank
     from dpseg.data.synth import write_shapes_benchmark
 
@@ -40,14 +41,36 @@ def _world(root: Path, size: int, classes: int, templates: int, data: Path | Non
     names = root / "names.txt"
     names.write_text("".join(shapes.SHAPES_CATEGORIES[i] + "\n" for i in ids))
     bank = root / "bank"
-    build_bank(BuildOptions(out=bank, generator="procedural", vocab=[str(names)], encoder="tiny", encoder_weights=None,
-                            encode_size=size, templates=templates, batch_size=32, progress=False))
+    build_bank(
+        BuildOptions(
+            out=bank,
+            generator="procedural",
+            vocab=[str(names)],
+            encoder="tiny",
+            encoder_weights=None,
+            encode_size=size,
+            templates=templates,
+            batch_size=32,
+            progress=False,
+        )
+    )
     return data, bank, ids
 
 
-def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templates: int = 4, batch_size: int = 4,
-                steps: int = 20, rounds: int = 2, num_workers: int = 1, device: str = "auto",
-                mixed_precision: str = "auto", data: Path | None = None, warmup: int = 2) -> dict:
+def bench_train(
+    encoder: str = "tiny",
+    size: int = 64,
+    classes: int = 36,
+    templates: int = 4,
+    batch_size: int = 4,
+    steps: int = 20,
+    rounds: int = 2,
+    num_workers: int = 1,
+    device: str = "auto",
+    mixed_precision: str = "auto",
+    data: Path | None = None,
+    warmup: int = 2,
+) -> dict:
     from bank.reader import Bank
     from dpseg.data.readers import SegmentationDataset
     from dpseg.errors import UserError
@@ -75,8 +98,11 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
         torch.manual_seed(0)
         dual = build_dpseg(DPSegConfig(encoder=encoder, templates=templates), weights=None, device=device).train()
         torch.manual_seed(0)
-        text_only = build_dpseg(DPSegConfig(encoder=encoder, templates=templates, prompt_mode="text",
-                                            visual_guidance="upsampled-cost"), weights=None, device=device).train()
+        text_only = build_dpseg(
+            DPSegConfig(encoder=encoder, templates=templates, prompt_mode="text", visual_guidance="upsampled-cost"),
+            weights=None,
+            device=device,
+        ).train()
         text = dual.encode_text(names).to(device)
         if encoder == "tiny":
             protos = Bank(bank_dir).prototypes(names, "tiny", templates, encode_size=size)
@@ -90,8 +116,9 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
         # 4. inputs: the real loader, and the same batches held in memory
         total = warmup + steps
         layout = StreamLayout(batch_size, batch_size, 1, 1, 0)
-        loader = train_loader(dataset, ids, size, 0, layout, 0, total * rounds, num_workers,
-                              pin_memory=device == "cuda")
+        loader = train_loader(
+            dataset, ids, size, 0, layout, 0, total * rounds, num_workers, pin_memory=device == "cuda"
+        )
         batches = iter(loader)
         held = [next(iter(train_loader(dataset, ids, size, 0, layout, i, i + 1, 0, False))) for i in range(4)]
 
@@ -135,9 +162,17 @@ def bench_train(encoder: str = "tiny", size: int = 64, classes: int = 36, templa
                 peak[name] = torch.cuda.max_memory_allocated() if device == "cuda" else None
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result = {
-        "encoder": encoder, "size": size, "classes": classes, "templates": templates, "batch_size": batch_size,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
-        "mixed_precision": precision, "steps": steps, "rounds": rounds, "num_workers": num_workers,
+        "encoder": encoder,
+        "size": size,
+        "classes": classes,
+        "templates": templates,
+        "batch_size": batch_size,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "mixed_precision": precision,
+        "steps": steps,
+        "rounds": rounds,
+        "num_workers": num_workers,
         "seconds_per_step": {k: round(v, 5) for k, v in best.items()},
         "ratio_loader_vs_memory": round(best["loader"] / best["memory"], 4),
         "ratio_dual_vs_text": round(best["memory"] / best["text"], 4),

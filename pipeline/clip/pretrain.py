@@ -76,16 +76,19 @@ class ClipPretrainConfig:
 
     def check(self) -> None:
         if self.encoder != "tiny":
-            raise UserError(f"clip pretrain trains the demo's 'tiny' encoder only, not {self.encoder!r}; "
-                            "larger encoders come with their own pretrained weights (--encoder-weights)")
+            raise UserError(
+                f"clip pretrain trains the demo's 'tiny' encoder only, not {self.encoder!r}; "
+                "larger encoders come with their own pretrained weights (--encoder-weights)"
+            )
         for name in ("steps", "batch_size", "templates_per_step", "renders", "eval_renders"):
             if getattr(self, name) < 1:
                 raise UserError(f"clip pretrain: {name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.templates <= len(TEMPLATES):
             raise UserError(f"clip pretrain: templates must be 1..{len(TEMPLATES)}, got {self.templates}")
         if self.templates_per_step > self.templates:
-            raise UserError(f"clip pretrain: templates_per_step ({self.templates_per_step}) exceeds templates "
-                            f"({self.templates})")
+            raise UserError(
+                f"clip pretrain: templates_per_step ({self.templates_per_step}) exceeds templates ({self.templates})"
+            )
         if self.small_size % 32 or self.small_size < 32:
             raise UserError(f"clip pretrain: small_size must be a multiple of 32, got {self.small_size}")
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
@@ -97,8 +100,9 @@ class ClipPretrainConfig:
 # --- data ---------------------------------------------------------------------------------
 
 
-def render_set(size: int, renders: int, seed: int, templates: int = len(TEMPLATES), progress: bool = False,
-               desc: str = "render") -> np.ndarray:
+def render_set(
+    size: int, renders: int, seed: int, templates: int = len(TEMPLATES), progress: bool = False, desc: str = "render"
+) -> np.ndarray:
     """(48, K, renders, size, size, 3) uint8: every (category, template) drawn `renders` times."""
     out = np.empty((len(SHAPES_CATEGORIES), templates, renders, size, size, 3), dtype=np.uint8)
     pairs = [(c, t, r) for c in range(len(SHAPES_CATEGORIES)) for t in range(templates) for r in range(renders)]
@@ -201,8 +205,9 @@ def class_embeddings(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: torch.Tensor, images: np.ndarray, size: int,
-             batch_size: int = 256) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module, tokens: torch.Tensor, images: np.ndarray, size: int, batch_size: int = 256
+) -> dict[str, Any]:
     """Zero-shot accuracy over the 48 categories on `images` (48, K, R, S, S, 3), overall, per
     attribute and per template (which renders lose which attribute: sketches lose colour...)."""
     model.eval()
@@ -210,13 +215,18 @@ def evaluate(model: torch.nn.Module, tokens: torch.Tensor, images: np.ndarray, s
     classes = class_embeddings(model, tokens)
     n, m, r = images.shape[:3]
     flat = torch.from_numpy(images.reshape(n * m * r, *images.shape[3:]))
-    embeddings = torch.cat([model.encode_image(to_input(flat[i : i + batch_size].to(device), size))
-                            for i in range(0, len(flat), batch_size)])
+    embeddings = torch.cat(
+        [
+            model.encode_image(to_input(flat[i : i + batch_size].to(device), size))
+            for i in range(0, len(flat), batch_size)
+        ]
+    )
     labels = torch.arange(n, device=device).repeat_interleave(m * r)
     predicted = (F.normalize(embeddings, dim=-1) @ classes.T).argmax(dim=1)
     correct = predicted == labels
-    per_attribute = {a: float((attribute_targets(predicted)[a] == attribute_targets(labels)[a]).float().mean())
-                     for a in ATTRIBUTES}
+    per_attribute = {
+        a: float((attribute_targets(predicted)[a] == attribute_targets(labels)[a]).float().mean()) for a in ATTRIBUTES
+    }
     per_template = correct.reshape(n, m, r).float().mean(dim=(0, 2)).cpu()
     return {
         "zero_shot_accuracy": zero_shot_accuracy(embeddings, classes, labels),
@@ -242,8 +252,13 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -287,9 +302,11 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
     # 3. optimiser: AdamW, no decay on norms, biases, embeddings and the logit scale
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                  fused=True)  # one kernel per step instead of one per tensor: 25 -> 5 ms on 2 cores
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        fused=True,
+    )  # one kernel per step instead of one per tensor: 25 -> 5 ms on 2 cores
     generator = torch.Generator().manual_seed(cfg.seed)
     n_cat, n_tpl, n_ren = train_images.shape[:3]
     small_steps = int(round(cfg.steps * cfg.small_fraction))
@@ -330,9 +347,15 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
     metrics = evaluate(model, tokens, eval_images, size)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
-    metrics.update({"steps": cfg.steps, "final_loss": history[-1]["loss"], "threads": torch.get_num_threads(),
-                    **{k: round(v, 2) for k, v in timings.items()},
-                    "train_s_per_step": round(timings["train_s"] / cfg.steps, 4)})
+    metrics.update(
+        {
+            "steps": cfg.steps,
+            "final_loss": history[-1]["loss"],
+            "threads": torch.get_num_threads(),
+            **{k: round(v, 2) for k, v in timings.items()},
+            "train_s_per_step": round(timings["train_s"] / cfg.steps, 4),
+        }
+    )
     write_outputs(model, cfg, spec, metrics, history, out)
     return metrics
 
@@ -341,14 +364,21 @@ def weights_path(out: str | Path, encoder: str = "tiny") -> Path:
     return Path(out) / f"{encoder}.safetensors"
 
 
-def write_outputs(model: torch.nn.Module, cfg: ClipPretrainConfig, spec, metrics: dict, history: list[dict],
-                  out: Path) -> None:
+def write_outputs(
+    model: torch.nn.Module, cfg: ClipPretrainConfig, spec, metrics: dict, history: list[dict], out: Path
+) -> None:
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    config = {"config": asdict(cfg), "encoder": spec.to_dict(), "open_clip_model": spec.open_clip_model,
-              "categories": list(SHAPES_CATEGORIES), "templates": len(TEMPLATES), "git_commit": _git_commit(),
-              "torch": torch.__version__}
+    config = {
+        "config": asdict(cfg),
+        "encoder": spec.to_dict(),
+        "open_clip_model": spec.open_clip_model,
+        "categories": list(SHAPES_CATEGORIES),
+        "templates": len(TEMPLATES),
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+    }
     atomic_write_bytes(weights_path(out, cfg.encoder), save(state, metadata={"config": json.dumps(config)}))
     atomic_write_json(out / "config.json", config)
     atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())

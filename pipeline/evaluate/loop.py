@@ -119,16 +119,18 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     indices = list(range(len(ctx.dataset)))[: settings.limit]
     shards = [indices[i : i + settings.shard_size] for i in range(0, len(indices), settings.shard_size)]
     todo = [s for s in range(len(shards)) if not (out / PARTS / f"part-{s:06d}.npy").is_file()]
-    batches = [(s, shards[s][i : i + settings.batch_size]) for s in todo
-               for i in range(0, len(shards[s]), settings.batch_size)]
+    batches = [
+        (s, shards[s][i : i + settings.batch_size]) for s in todo for i in range(0, len(shards[s]), settings.batch_size)
+    ]
     loader = ctx.loader([b for _, b in batches], settings.num_workers)
     pred_dirs = {p: out / "pred" / f"pass{p}" for p in run_passes}
     lut = torch.as_tensor(ctx.keep, dtype=torch.int64)
     dataset_ignore, ignore = ctx.dataset.ignore_index, ctx.dataset.ignore_index
     conf = {p: np.zeros((k, k), np.int64) for p in run_passes}
     overlay_items: list = []
-    bar = tqdm(total=sum(len(b) for _, b in batches), desc=f"eval {ctx.dataset.info.dataset}", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(len(b) for _, b in batches), desc=f"eval {ctx.dataset.info.dataset}", unit="img", disable=not progress
+    )
     for (shard, batch_indices), batch in zip(batches, loader, strict=True):  # the loader yields one batch per entry
         # 4. pass I: image features once, bank prompts
         images01 = batch["image"].to(ctx.device).float().div_(255)
@@ -145,18 +147,26 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                     size = images01.shape[-2:]
                     detect_maps = predict_labels(logits[1], size, settings.class_chunk)
                     refs = refine_batch(model, images01, detect_maps, refine)
-                    overlay_items += [(i, r, {"class_ids": lut[r.classes].tolist(),
-                                              "names": [ctx.names[c] for c in r.classes.tolist()]})
-                                      for i, r in zip(batch["id"], refs, strict=True)]
-                logits[2] = model(text=text, visual=replace_prompts(visual, refs), features=features,
-                                  class_chunk=settings.class_chunk)
+                    overlay_items += [
+                        (
+                            i,
+                            r,
+                            {"class_ids": lut[r.classes].tolist(), "names": [ctx.names[c] for c in r.classes.tolist()]},
+                        )
+                        for i, r in zip(batch["id"], refs, strict=True)
+                    ]
+                logits[2] = model(
+                    text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=settings.class_chunk
+                )
         # 6. SED's protocol per image: sigmoid, upsample to the label's size, argmax, confusion
         for j, (image_id, label) in enumerate(zip(batch["id"], batch["label"], strict=True)):
             bad = label_range_error(label, ctx.dataset.num_classes, dataset_ignore)
             if bad:
-                raise UserError(f"dataset {ctx.dataset.info.root} image {image_id!r} has label values {bad} "
-                                f"outside 0..{ctx.dataset.num_classes - 1} and ignore {dataset_ignore}; "
-                                "prepare the dataset again")
+                raise UserError(
+                    f"dataset {ctx.dataset.info.root} image {image_id!r} has label values {bad} "
+                    f"outside 0..{ctx.dataset.num_classes - 1} and ignore {dataset_ignore}; "
+                    "prepare the dataset again"
+                )
             label = ctx.remap(label)
             for p in run_passes:
                 pred = predict_labels(logits[p][j : j + 1], label.shape, settings.class_chunk)[0].cpu()
@@ -193,16 +203,32 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
 # ---- pieces ---------------------------------------------------------------------------------
 def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: list[int]) -> dict:
     s = asdict(settings)
-    s.update({
-        "dataset_name": ctx.dataset.info.dataset, "vocabulary": ctx.dataset.info.vocabulary,
-        "bank": str(ctx.bank_dir), "bank_generator": ctx.bank_generator, "encoder": ctx.encoder,
-        "encoder_weights": ctx.encoder_weights, "encode_size": ctx.encode_size, "size": ctx.size,
-        "templates": ctx.templates, "prompt_mode": ctx.model.cfg.prompt_mode, "passes_run": run_passes,
-        "class_ids": list(ctx.keep), "class_names": list(ctx.names), "text_prompts": ctx.text_source,
-        "refinement": {"min_area": settings.min_area, "crop": settings.crop, "instances": settings.instances,
-                       "encode_size": ctx.encode_size, "min_area_unit": "pixels of the model input"},
-        "checkpoint_step": ctx.checkpoint_step,
-    })
+    s.update(
+        {
+            "dataset_name": ctx.dataset.info.dataset,
+            "vocabulary": ctx.dataset.info.vocabulary,
+            "bank": str(ctx.bank_dir),
+            "bank_generator": ctx.bank_generator,
+            "encoder": ctx.encoder,
+            "encoder_weights": ctx.encoder_weights,
+            "encode_size": ctx.encode_size,
+            "size": ctx.size,
+            "templates": ctx.templates,
+            "prompt_mode": ctx.model.cfg.prompt_mode,
+            "passes_run": run_passes,
+            "class_ids": list(ctx.keep),
+            "class_names": list(ctx.names),
+            "text_prompts": ctx.text_source,
+            "refinement": {
+                "min_area": settings.min_area,
+                "crop": settings.crop,
+                "instances": settings.instances,
+                "encode_size": ctx.encode_size,
+                "min_area_unit": "pixels of the model input",
+            },
+            "checkpoint_step": ctx.checkpoint_step,
+        }
+    )
     for key in ("progress", "num_workers", "device", "text_cache"):
         s.pop(key, None)
     return s
@@ -230,8 +256,20 @@ def _claim_output(out: Path, resolved: dict) -> None:
 
 
 def _overlay_settings(resolved: dict) -> dict:
-    keys = ("checkpoint", "dataset", "split", "classes", "encoder", "encoder_weights", "encode_size", "size",
-            "templates", "class_names", "refinement", "bank")
+    keys = (
+        "checkpoint",
+        "dataset",
+        "split",
+        "classes",
+        "encoder",
+        "encoder_weights",
+        "encode_size",
+        "size",
+        "templates",
+        "class_names",
+        "refinement",
+        "bank",
+    )
     return {k: resolved[k] for k in keys}
 
 
@@ -241,8 +279,10 @@ def _check_overlays(stored: dict, resolved: dict) -> None:
     for key in ("class_names", "encoder", "encoder_weights", "templates"):
         if stored.get(key) != resolved[key]:
             what = f"{key.replace('_', ' ')} ({str(stored.get(key))[:60]})"
-            raise UserError(f"the overlays were made for another {what}; "
-                            "evaluate with the settings that wrote them or write new ones with --passes 2")
+            raise UserError(
+                f"the overlays were made for another {what}; "
+                "evaluate with the settings that wrote them or write new ones with --passes 2"
+            )
 
 
 def _save_prediction(path: Path, ids: torch.Tensor, num_classes: int) -> None:
@@ -261,8 +301,14 @@ def _metrics(total: dict[int, np.ndarray], resolved: dict, ctx: EvalContext, ima
         scores["uniform_random_miou"] = uniform_random_miou(conf.sum(axis=1))
         scores["gt_pixels"] = conf.sum(axis=1).tolist()
         passes[str(p)] = scores
-    out = {"format": FORMAT, "images": images, "class_names": list(ctx.names), "class_ids": list(ctx.keep),
-           "passes": passes, "settings": resolved}
+    out = {
+        "format": FORMAT,
+        "images": images,
+        "class_names": list(ctx.names),
+        "class_ids": list(ctx.keep),
+        "passes": passes,
+        "settings": resolved,
+    }
     if "1" in passes and "2" in passes and passes["1"]["miou"] is not None:
         out["pass2_minus_pass1_miou"] = passes["2"]["miou"] - passes["1"]["miou"]
     return out

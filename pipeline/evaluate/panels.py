@@ -15,8 +15,9 @@ def palette(num_classes: int) -> np.ndarray:
     import colorsys
 
     hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
-    rows = [colorsys.hsv_to_rgb(h, 0.65 + 0.35 * ((i // 7) % 2), 0.95 - 0.3 * ((i // 3) % 2))
-            for i, h in enumerate(hues)]
+    rows = [
+        colorsys.hsv_to_rgb(h, 0.65 + 0.35 * ((i // 7) % 2), 0.95 - 0.3 * ((i // 3) % 2)) for i, h in enumerate(hues)
+    ]
     return (np.array(rows).reshape(-1, 3) * 255).astype(np.uint8)
 
 
@@ -36,8 +37,9 @@ def blend(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: floa
     return mixed.clip(0, 255).astype(np.uint8)
 
 
-def save_panels(path: str | Path, tiles: list[tuple[str, np.ndarray]], legend: list[tuple[str, np.ndarray]],
-                dpi: int = 100) -> Path:
+def save_panels(
+    path: str | Path, tiles: list[tuple[str, np.ndarray]], legend: list[tuple[str, np.ndarray]], dpi: int = 100
+) -> Path:
     """One row of titled RGB tiles and a legend of (name, colour) underneath, written atomically as PNG."""
     import matplotlib
 

@@ -90,14 +90,18 @@ def table5(runs: list[tuple[str, dict]]) -> str:
 
 
 def settings_table(runs: list[tuple[str, dict]]) -> str:
-    lines = ["| run | dataset | split | classes | images | checkpoint | encoder | bank | passes | min_area | crop |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | dataset | split | classes | images | checkpoint | encoder | bank | passes | min_area | crop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, m in runs:
         s = m["settings"]
         r = s.get("refinement", {})
-        lines.append(f"| {label} | {s.get('dataset_name')} | {s.get('split')} | {s.get('classes') or 'all'} | "
-                     f"{m['images']} | {s.get('checkpoint')} | {s.get('encoder')} | {s.get('bank')} | "
-                     f"{','.join(str(p) for p in s.get('passes_run', []))} | {r.get('min_area')} | {r.get('crop')} |")
+        lines.append(
+            f"| {label} | {s.get('dataset_name')} | {s.get('split')} | {s.get('classes') or 'all'} | "
+            f"{m['images']} | {s.get('checkpoint')} | {s.get('encoder')} | {s.get('bank')} | "
+            f"{','.join(str(p) for p in s.get('passes_run', []))} | {r.get('min_area')} | {r.get('crop')} |"
+        )
     return "\n".join(lines)
 
 
@@ -141,8 +145,13 @@ def panels_for(folder: str | Path, metrics: dict, out: Path, k: int, run_label: 
     return made
 
 
-def render_report(dirs: list[str], labels: list[str] | None = None, out: str = "out/report", panels: int = 4,
-                  title: str = "DPSeg evaluation") -> dict:
+def render_report(
+    dirs: list[str],
+    labels: list[str] | None = None,
+    out: str = "out/report",
+    panels: int = 4,
+    title: str = "DPSeg evaluation",
+) -> dict:
     if labels is not None and len(labels) != len(dirs):
         raise UserError(f"--labels gives {len(labels)} labels for {len(dirs)} folders; give one per folder")
     metrics = [load_metrics(d) for d in dirs]
@@ -151,8 +160,22 @@ def render_report(dirs: list[str], labels: list[str] | None = None, out: str = "
         runs = [(f"{label} [{Path(d).name}]", m) for (label, m), d in zip(runs, dirs, strict=True)]
     out_dir = Path(out)
     made = [p for d, (label, m) in zip(dirs, runs, strict=True) for p in panels_for(d, m, out_dir, panels, label)]
-    parts = [f"# {title}", "", "## Table 1 form: mIoU per benchmark, pass I and pass II", "", table1(runs), "",
-             "## Table 5 form: one row per bank", "", table5(runs), "", "## Settings", "", settings_table(runs), ""]
+    parts = [
+        f"# {title}",
+        "",
+        "## Table 1 form: mIoU per benchmark, pass I and pass II",
+        "",
+        table1(runs),
+        "",
+        "## Table 5 form: one row per bank",
+        "",
+        table5(runs),
+        "",
+        "## Settings",
+        "",
+        settings_table(runs),
+        "",
+    ]
     if made:
         parts += ["## Panels (image | ground truth | pass I | pass II)", ""]
         parts += [f"![{p.stem}](panels/{p.name})" for p in made] + [""]

@@ -53,7 +53,7 @@ def parse_classes(text: str) -> list[str]:
         return load_vocab(text)
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise UserError("--classes is empty; give names (\"cat, dog\"), a vocabulary name or a .txt/.json file")
+        raise UserError('--classes is empty; give names ("cat, dog"), a vocabulary name or a .txt/.json file')
     if len(set(names)) != len(names):
         raise UserError(f"--classes names a class twice: {text!r}")
     return names
@@ -89,10 +89,18 @@ def generate_missing(bank, missing: list[str], encoder: str, weights: str, encod
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "missing.txt"
         vocab.write_text("".join(f"{n}\n" for n in missing))
-        opts = BuildOptions(out=bank.root, generator=bank.generator, vocab=[str(vocab)], encoder=encoder,
-                            encoder_weights=None if weights == "random" else weights, encode_size=encode_size,
-                            templates=int(bank.config["templates"]), seed=int(bank.config["seed"]),
-                            generator_options=options, progress=False)
+        opts = BuildOptions(
+            out=bank.root,
+            generator=bank.generator,
+            vocab=[str(vocab)],
+            encoder=encoder,
+            encoder_weights=None if weights == "random" else weights,
+            encode_size=encode_size,
+            templates=int(bank.config["templates"]),
+            seed=int(bank.config["seed"]),
+            generator_options=options,
+            progress=False,
+        )
         build_bank(opts)
 
 
@@ -122,8 +130,13 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
         encode_size = int(facts["encode_size"] or info.get("encode_size") or info["prompt_size"])
         have = bank_has(bank, facts["encoder"], names)
         if settings.generate and not all(have):
-            generate_missing(bank, [n for n, h in zip(names, have, strict=True) if not h], facts["encoder"],
-                             facts["encoder_weights"], encode_size)
+            generate_missing(
+                bank,
+                [n for n, h in zip(names, have, strict=True) if not h],
+                facts["encoder"],
+                facts["encoder_weights"],
+                encode_size,
+            )
             bank = Bank(bank_dir)
             have = bank_has(bank, facts["encoder"], names)
         text_only = [n for n, h in zip(names, have, strict=True) if not h]
@@ -143,19 +156,30 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
             if settings.passes == 2:
                 detect_map = predict_labels(logits, (size, size), settings.class_chunk)
                 refs = refine_batch(model, images01, detect_map, refine)
-                logits2 = model(text=text, visual=replace_prompts(visual, refs), features=features,
-                                class_chunk=settings.class_chunk)
+                logits2 = model(
+                    text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=settings.class_chunk
+                )
                 preds[2] = predict_labels(logits2, image.shape[:2], settings.class_chunk)[0].cpu().numpy()
         final = preds[settings.passes]
         areas = np.bincount(final.ravel(), minlength=len(names))
-        detected = [{"class": names[i], "id": int(i), "pixels": int(areas[i]), "share": float(areas[i] / final.size)}
-                    for i in np.argsort(-areas, kind="stable") if areas[i] > 0]
+        detected = [
+            {"class": names[i], "id": int(i), "pixels": int(areas[i]), "share": float(areas[i] / final.size)}
+            for i in np.argsort(-areas, kind="stable")
+            if areas[i] > 0
+        ]
         target = out / f"{Path(path).stem}.png"
         tiles = [("image", image)] + [(f"pass {'I' * p}", blend(image, preds[p], colours)) for p in sorted(preds)]
         save_panels(target, tiles, legend_for(list(preds.values()), names, colours))
         results.append({"image": str(path), "output": str(target), "detected": detected})
-    report = {"classes": names, "text_only": text_only, "passes": settings.passes, "size": size,
-              "checkpoint": str(settings.checkpoint), "bank": str(bank_dir) if bank_dir else None, "images": results}
+    report = {
+        "classes": names,
+        "text_only": text_only,
+        "passes": settings.passes,
+        "size": size,
+        "checkpoint": str(settings.checkpoint),
+        "bank": str(bank_dir) if bank_dir else None,
+        "images": results,
+    }
     atomic_write_json(out / "segment.json", report)
     return report
 

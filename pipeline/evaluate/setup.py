@@ -48,14 +48,19 @@ def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
     info = (bank.config.get("encoders") or {}).get(encoder)
     if info is None:
         have = ", ".join(sorted(bank.config.get("encoders") or {})) or "none"
-        raise UserError(f"bank {bank.root} has no features for the checkpoint's encoder {encoder!r} (it has: {have}); "
-                        f"add them with: dpseg bank encode {bank.root} --encoder {encoder}")
+        raise UserError(
+            f"bank {bank.root} has no features for the checkpoint's encoder {encoder!r} (it has: {have}); "
+            f"add them with: dpseg bank encode {bank.root} --encoder {encoder}"
+        )
     from dpseg.clip.encoders import matches_recorded
 
-    if not matches_recorded(weights, info.get("weights"), info.get("weights_sha256")) \
-            and not stands_in(info.get("weights"), weights):
-        raise UserError(f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
-                        f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)")
+    if not matches_recorded(weights, info.get("weights"), info.get("weights_sha256")) and not stands_in(
+        info.get("weights"), weights
+    ):
+        raise UserError(
+            f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
+            f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)"
+        )
     return info
 
 
@@ -120,8 +125,9 @@ class EvalContext:
         """Batches of the given dataset indices, read by `workers` processes, in order."""
         from dpseg.data.transforms import collate_eval
 
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
-                                           collate_fn=collate_eval, persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_eval, persistent_workers=False
+        )
 
 
 def read_facts(path: str) -> tuple[dict, dict]:
@@ -178,9 +184,26 @@ def prepare_context(settings) -> EvalContext:
     if cfg.uses_visual:
         visual = load_prototypes(bank, names, facts["encoder"], cfg.templates, device, encode_size)
     if settings.passes == 2 and visual is None:
-        raise UserError(f"the checkpoint uses no visual prompts (prompt_mode {cfg.prompt_mode!r}): pass II has "
-                        "nothing to refine; use --passes 1")
-    return EvalContext(model=model, text=text, visual=visual, dataset=dataset, keep=keep, names=names, remap=remap,
-                       device=device, size=size, encode_size=encode_size, templates=cfg.templates,
-                       encoder=facts["encoder"], encoder_weights=facts["encoder_weights"], bank_dir=Path(bank_dir),
-                       bank_generator=bank.generator, text_source=source, checkpoint_step=facts["step"])
+        raise UserError(
+            f"the checkpoint uses no visual prompts (prompt_mode {cfg.prompt_mode!r}): pass II has "
+            "nothing to refine; use --passes 1"
+        )
+    return EvalContext(
+        model=model,
+        text=text,
+        visual=visual,
+        dataset=dataset,
+        keep=keep,
+        names=names,
+        remap=remap,
+        device=device,
+        size=size,
+        encode_size=encode_size,
+        templates=cfg.templates,
+        encoder=facts["encoder"],
+        encoder_weights=facts["encoder_weights"],
+        bank_dir=Path(bank_dir),
+        bank_generator=bank.generator,
+        text_source=source,
+        checkpoint_step=facts["step"],
+    )

@@ -86,15 +86,30 @@ class TrainSamples(torch.utils.data.Dataset):
         return sample["image"], sample["label"]
 
 
-def train_loader(dataset: SegmentationDataset, keep: list[int], crop_size: int, seed: int, layout: StreamLayout,
-                 start_step: int, steps: int, num_workers: int, pin_memory: bool,
-                 color_jitter: bool = True) -> torch.utils.data.DataLoader:
-    transform = TrainTransform(crop_size=crop_size, short_edge=crop_size, ignore_index=dataset.ignore_index,
-                               color_jitter=color_jitter)
+def train_loader(
+    dataset: SegmentationDataset,
+    keep: list[int],
+    crop_size: int,
+    seed: int,
+    layout: StreamLayout,
+    start_step: int,
+    steps: int,
+    num_workers: int,
+    pin_memory: bool,
+    color_jitter: bool = True,
+) -> torch.utils.data.DataLoader:
+    transform = TrainTransform(
+        crop_size=crop_size, short_edge=crop_size, ignore_index=dataset.ignore_index, color_jitter=color_jitter
+    )
     samples = TrainSamples(dataset, keep, transform, seed)
     sampler = SampleStream(len(dataset), seed, layout, start_step, steps)
     return torch.utils.data.DataLoader(
-        samples, batch_size=layout.micro_batch, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        samples,
+        batch_size=layout.micro_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
         generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
     )

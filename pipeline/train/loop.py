@@ -128,10 +128,21 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
         visual = VisualPrompts(p.embedding, {s: p.pooled[s] for s in plan.model_cfg.guidance_strides}).to(device)
 
     # 5. data: a seeded sample stream, this rank's slice of each global batch
-    layout = StreamLayout(r.batch_size, plan.micro_batch, r.grad_accum, accelerator.num_processes,
-                          accelerator.process_index)
-    loader = train_loader(plan.dataset, plan.keep, r.crop_size, r.seed, layout, start_step, r.steps,
-                          r.num_workers, pin_memory=gpu, color_jitter=r.color_jitter)
+    layout = StreamLayout(
+        r.batch_size, plan.micro_batch, r.grad_accum, accelerator.num_processes, accelerator.process_index
+    )
+    loader = train_loader(
+        plan.dataset,
+        plan.keep,
+        r.crop_size,
+        r.seed,
+        layout,
+        start_step,
+        r.steps,
+        r.num_workers,
+        pin_memory=gpu,
+        color_jitter=r.color_jitter,
+    )
     validator = Validator(plan.val_dataset, plan.keep, r.crop_size, r.val_images) if plan.val_dataset else None
 
     # 6. AdamW (no decay on norms and biases; image tower at lr x multiplier), cosine to zero, no warm-up
@@ -150,9 +161,15 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
 
     def save(step: int, seconds: float) -> None:
         record = {**extra, "step": step}
-        ckpt.save_checkpoint(out, model, optimizer.optimizer, scheduler,
-                             {"step": step, "seconds": seconds, "recipe": r.to_dict(), "samples": step * r.batch_size},
-                             record, accelerator)
+        ckpt.save_checkpoint(
+            out,
+            model,
+            optimizer.optimizer,
+            scheduler,
+            {"step": step, "seconds": seconds, "recipe": r.to_dict(), "samples": step * r.batch_size},
+            record,
+            accelerator,
+        )
         if accelerator.is_main_process:
             write_loss_csv(out)
 
@@ -160,8 +177,14 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     log = MetricsLog(out / METRICS_FILE, start_step, accelerator.is_main_process)
     began = time.perf_counter() - float(state["seconds"])
     batches = iter(loader)
-    bar = tqdm(total=r.steps, initial=start_step, desc="train", unit="step",
-               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=r.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
     last_saved = start_step if folder is not None else None
     loss_value = float("nan")
     for step in range(start_step, r.steps):
@@ -173,18 +196,29 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
             sync = contextlib.nullcontext() if micro == r.grad_accum - 1 else accelerator.no_sync(ddp_model)
             with sync, accelerator.autocast():
                 logits, aux = ddp_model(model.image_encoder.normalize(images), text=text, visual=visual, aux=True)
-                loss = deep_supervision_bce(logits.float(), [a.float() for a in aux], labels,
-                                            ignore_index=plan.dataset.ignore_index,
-                                            policy=plan.model_cfg.ignore_policy) / r.grad_accum
+                loss = (
+                    deep_supervision_bce(
+                        logits.float(),
+                        [a.float() for a in aux],
+                        labels,
+                        ignore_index=plan.dataset.ignore_index,
+                        policy=plan.model_cfg.ignore_policy,
+                    )
+                    / r.grad_accum
+                )
                 accelerator.backward(loss)
             step_loss += loss.detach()
         loss_value = float(accelerator.reduce(step_loss, "mean"))
         if not math.isfinite(loss_value):
             bar.close()
-            kept = f"the last good checkpoint (step {last_saved}) is kept in {out / ckpt.CHECKPOINT}" \
-                if last_saved is not None else "no checkpoint was written yet"
-            raise UserError(f"loss is {loss_value} at step {step + 1}; training stopped and {kept}; "
-                            "lower --lr or check the data")
+            kept = (
+                f"the last good checkpoint (step {last_saved}) is kept in {out / ckpt.CHECKPOINT}"
+                if last_saved is not None
+                else "no checkpoint was written yet"
+            )
+            raise UserError(
+                f"loss is {loss_value} at step {step + 1}; training stopped and {kept}; lower --lr or check the data"
+            )
         grad_norm = accelerator.clip_grad_norm_(trainable, r.grad_clip) if r.grad_clip > 0 else None
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -213,10 +247,17 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     if last_saved != final_step:
         save(final_step, seconds)
     summary = {
-        "out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": final_step, "resumed_from": start_step,
-        "final_loss": loss_value if start_step < r.steps else None, "seconds": round(seconds, 2),
-        "ranks": accelerator.num_processes, "mixed_precision": precision, "device": str(device),
-        "params": model.parameter_counts(), **extra,
+        "out": str(out),
+        "checkpoint": str(out / ckpt.CHECKPOINT),
+        "steps": final_step,
+        "resumed_from": start_step,
+        "final_loss": loss_value if start_step < r.steps else None,
+        "seconds": round(seconds, 2),
+        "ranks": accelerator.num_processes,
+        "mixed_precision": precision,
+        "device": str(device),
+        "params": model.parameter_counts(),
+        **extra,
     }
     if validator is not None and accelerator.is_main_process:
         summary["validation"] = validator(model, text, visual, device)
@@ -239,6 +280,7 @@ def resolve_precision(value: str, gpu: bool) -> str:
 
 def cosine(total: int):
     """SED's cosine schedule without warm-up, from the base lr to zero at `total` steps."""
+
     def factor(step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
@@ -268,14 +310,26 @@ def run_record(r: TrainRecipe, plan, accelerator) -> dict:
     bank = plan.bank
     return {
         "recipe": r.to_dict(),
-        "bank": None if bank is None else {
-            "path": str(bank.root), "generator": bank.generator,
-            "settings_hash": bank.config["generator"].get("settings_hash"), "seed": bank.config.get("seed"),
+        "bank": None
+        if bank is None
+        else {
+            "path": str(bank.root),
+            "generator": bank.generator,
+            "settings_hash": bank.config["generator"].get("settings_hash"),
+            "seed": bank.config.get("seed"),
         },
-        "encoder": r.encoder, "encoder_weights": r.encoder_weights, "encode_size": plan.encode_size,
-        "vocabulary": {"name": plan.dataset.info.vocabulary, "subset": r.classes, "class_ids": plan.keep,
-                       "class_names": plan.class_names},
-        "dataset": str(plan.dataset.info.root), "git_commit": git_commit(), "world_size": accelerator.num_processes,
+        "encoder": r.encoder,
+        "encoder_weights": r.encoder_weights,
+        "encode_size": plan.encode_size,
+        "vocabulary": {
+            "name": plan.dataset.info.vocabulary,
+            "subset": r.classes,
+            "class_ids": plan.keep,
+            "class_names": plan.class_names,
+        },
+        "dataset": str(plan.dataset.info.root),
+        "git_commit": git_commit(),
+        "world_size": accelerator.num_processes,
     }
 
 

@@ -13,8 +13,17 @@ from dpseg.errors import UserError
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 RESUME = ("auto", "yes", "no")
 # Recipe keys a resumed run may change: they do not alter the trajectory of the weights.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "num_workers", "resume", "val_every", "val_images",
-                     "val_split", "out"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "num_workers",
+    "resume",
+    "val_every",
+    "val_images",
+    "val_split",
+    "out",
+}
 
 
 @dataclass
@@ -33,14 +42,25 @@ class Resolved:
 
 
 def check_numbers(r) -> None:
-    positive = {"steps": r.steps, "batch_size": r.batch_size, "grad_accum": r.grad_accum, "log_every": r.log_every,
-                "lr": r.lr, "val_images": r.val_images}
+    positive = {
+        "steps": r.steps,
+        "batch_size": r.batch_size,
+        "grad_accum": r.grad_accum,
+        "log_every": r.log_every,
+        "lr": r.lr,
+        "val_images": r.val_images,
+    }
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = {"weight_decay": r.weight_decay, "image_lr_multiplier": r.image_lr_multiplier,
-                    "grad_clip": r.grad_clip, "checkpoint_every": r.checkpoint_every, "num_workers": r.num_workers,
-                    "val_every": r.val_every}
+    non_negative = {
+        "weight_decay": r.weight_decay,
+        "image_lr_multiplier": r.image_lr_multiplier,
+        "grad_clip": r.grad_clip,
+        "checkpoint_every": r.checkpoint_every,
+        "num_workers": r.num_workers,
+        "val_every": r.val_every,
+    }
     for name, value in non_negative.items():
         if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
@@ -63,15 +83,18 @@ def resolve(recipe, world_size: int) -> Resolved:
     check_numbers(r)
     per_step = world_size * r.grad_accum
     if r.batch_size % per_step:
-        raise UserError(f"--batch-size {r.batch_size} (the global batch) must be a multiple of ranks x --grad-accum "
-                        f"= {world_size} x {r.grad_accum}")
+        raise UserError(
+            f"--batch-size {r.batch_size} (the global batch) must be a multiple of ranks x --grad-accum "
+            f"= {world_size} x {r.grad_accum}"
+        )
     out = Path(r.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
     # 1b. the dataset and the classes trained on
     if not r.dataset:
-        raise UserError("--dataset is required: a prepared dataset folder "
-                        "(e.g. from `dpseg data synth --out data/shapes`)")
+        raise UserError(
+            "--dataset is required: a prepared dataset folder (e.g. from `dpseg data synth --out data/shapes`)"
+        )
     dataset = SegmentationDataset(r.dataset, "train")
     keep = resolve_subset(dataset.info, r.classes)
     names = [dataset.class_names[i] for i in keep]
@@ -84,39 +107,55 @@ def resolve(recipe, world_size: int) -> Resolved:
 
         bank = Bank(r.bank)
     elif uses_bank:
-        raise UserError(f"--prompt-mode {r.prompt_mode} with --visual-guidance {r.visual_guidance} reads visual "
-                        "prompts: pass --bank DIR (or train text-only: --prompt-mode text "
-                        "--visual-guidance upsampled-cost)")
+        raise UserError(
+            f"--prompt-mode {r.prompt_mode} with --visual-guidance {r.visual_guidance} reads visual "
+            "prompts: pass --bank DIR (or train text-only: --prompt-mode text "
+            "--visual-guidance upsampled-cost)"
+        )
     # 1d. encoder, weights, templates, encode size: the bank's unless given
     if r.encoder is None:
         have = bank.encoders() if bank is not None else []
         if len(have) != 1:
-            raise UserError(f"pass --encoder (the bank holds {', '.join(have) or 'no'} encoders)" if bank is not None
-                            else "pass --encoder (e.g. tiny, convnext-b)")
+            raise UserError(
+                f"pass --encoder (the bank holds {', '.join(have) or 'no'} encoders)"
+                if bank is not None
+                else "pass --encoder (e.g. tiny, convnext-b)"
+            )
         r.encoder = have[0]
     ENCODERS.get(r.encoder)
     info = {}
     if bank is not None:
         if r.encoder not in bank.encoders():
-            raise UserError(f"bank {bank.root} has no features for encoder {r.encoder!r} (it has: "
-                            f"{', '.join(bank.encoders()) or 'none'}); add them with: dpseg bank encode {bank.root} "
-                            f"--encoder {r.encoder}")
+            raise UserError(
+                f"bank {bank.root} has no features for encoder {r.encoder!r} (it has: "
+                f"{', '.join(bank.encoders()) or 'none'}); add them with: dpseg bank encode {bank.root} "
+                f"--encoder {r.encoder}"
+            )
         info = bank.config.get("encoders", {}).get(r.encoder, {})
     bank_weights = info.get("weights")
     if r.encoder_weights is None:
         r.encoder_weights = bank_weights or "default"
-    elif bank_weights is not None and not names_recorded_weights(r.encoder, r.encoder_weights, bank_weights,
-                                                                 info.get("weights_sha256")):
-        raise UserError(f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was "
-                        f"encoded with ({bank_weights}): the visual prompts would not match the image features; pass "
-                        f"--encoder-weights {bank_weights} or re-encode the bank")
+    elif bank_weights is not None and not names_recorded_weights(
+        r.encoder, r.encoder_weights, bank_weights, info.get("weights_sha256")
+    ):
+        raise UserError(
+            f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was "
+            f"encoded with ({bank_weights}): the visual prompts would not match the image features; pass "
+            f"--encoder-weights {bank_weights} or re-encode the bank"
+        )
     # the bank's size unless asked (its only one, or the encoder's input size): a mismatch is the reader's one line
     encode_size = r.encode_size if bank is None or r.encode_size is not None else bank.encode_size(r.encoder)
     if r.templates is None:
         r.templates = int(bank.config["templates"]) if bank is not None else 80
-    fields = {"encoder": r.encoder, "templates": r.templates, "prompt_mode": r.prompt_mode, "fusion": r.fusion,
-              "visual_guidance": r.visual_guidance, "image_lr_multiplier": r.image_lr_multiplier,
-              "deep_supervision": r.deep_supervision}
+    fields = {
+        "encoder": r.encoder,
+        "templates": r.templates,
+        "prompt_mode": r.prompt_mode,
+        "fusion": r.fusion,
+        "visual_guidance": r.visual_guidance,
+        "image_lr_multiplier": r.image_lr_multiplier,
+        "deep_supervision": r.deep_supervision,
+    }
     known = DPSegConfig.__dataclass_fields__
     bad = sorted(set(r.model_overrides) - set(known))
     if bad:
@@ -127,9 +166,19 @@ def resolve(recipe, world_size: int) -> Resolved:
     if bank is not None and model_cfg.uses_visual:
         prototypes = read_prototypes(bank, names, r.encoder, r.templates, encode_size)
     weights = None if str(r.encoder_weights).lower() in ("none", "random") else r.encoder_weights
-    return Resolved(recipe=r, model_cfg=model_cfg, dataset=dataset, val_dataset=val, keep=keep, class_names=names,
-                    bank=bank, prototypes=prototypes, weights=weights, encode_size=encode_size,
-                    micro_batch=r.batch_size // per_step)
+    return Resolved(
+        recipe=r,
+        model_cfg=model_cfg,
+        dataset=dataset,
+        val_dataset=val,
+        keep=keep,
+        class_names=names,
+        bank=bank,
+        prototypes=prototypes,
+        weights=weights,
+        encode_size=encode_size,
+        micro_batch=r.batch_size // per_step,
+    )
 
 
 def read_prototypes(bank, names, encoder, templates, encode_size):
@@ -148,5 +197,7 @@ def check_resumable(saved: dict, recipe: dict, where: Path) -> None:
     changed = sorted(k for k in recipe if k not in RESUMABLE_CHANGES and saved.get(k) != recipe[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {recipe[k]!r}" for k in changed[:4])
-        raise UserError(f"{where} holds a run with another recipe ({diffs}); resume it unchanged, pass another --out, "
-                        "or --resume no to start over")
+        raise UserError(
+            f"{where} holds a run with another recipe ({diffs}); resume it unchanged, pass another --out, "
+            "or --resume no to start over"
+        )

@@ -147,8 +147,10 @@ def read_state(folder: Path) -> dict:
 
 
 def damaged(folder: Path, err: BaseException) -> UserError:
-    return UserError(f"checkpoint {folder} is damaged ({first_line(err)}); delete it to start again "
-                     f"(or pass --resume no to overwrite the run)")
+    return UserError(
+        f"checkpoint {folder} is damaged ({first_line(err)}); delete it to start again "
+        f"(or pass --resume no to overwrite the run)"
+    )
 
 
 def load_checkpoint_model(folder: Path, device):

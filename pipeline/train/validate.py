@@ -46,5 +46,8 @@ def scores(conf: np.ndarray) -> dict:
     gt, pred = conf.sum(1), conf.sum(0)
     present = gt > 0
     iou = tp[present] / (gt + pred - tp)[present]
-    return {"val_pacc": float(tp.sum() / max(conf.sum(), 1)), "val_miou": float(iou.mean()) if present.any() else 0.0,
-            "val_classes": int(present.sum())}
+    return {
+        "val_pacc": float(tp.sum() / max(conf.sum(), 1)),
+        "val_miou": float(iou.mean()) if present.any() else 0.0,
+        "val_classes": int(present.sum()),
+    }

@@ -25,13 +25,25 @@ args = parser.parse_args()
 ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
 
 # one run: whole model, trunk, decoder, chunked decoder and early rejection, so ratios are fair
-run = bench_model(args.encoder, args.size, ints(args.classes), ints(args.batches), args.dtype, args.device,
-                  warmup=3, repeats=10, class_chunk=args.chunk, reject_topk=args.reject_topk)
+run = bench_model(
+    args.encoder,
+    args.size,
+    ints(args.classes),
+    ints(args.batches),
+    args.dtype,
+    args.device,
+    warmup=3,
+    repeats=10,
+    class_chunk=args.chunk,
+    reject_topk=args.reject_topk,
+)
 atomic_write_json(args.out, run)
 header = ("batch", "classes", "ms/img", "trunk", "decoder", "chunked", "reject", "peak MiB")
 print("".join(f"{h:>10}" for h in header))
 for r in run["results"]:
-    print(f"{r['batch']:>10}{r['classes']:>10}{r['model_ms_per_image']:>10.2f}{r['trunk_ms_per_image']:>10.2f}"
-          f"{r['decoder_ms_per_image']:>10.2f}{r['decoder_chunked_ms'] / r['batch']:>10.2f}"
-          f"{r['decoder_reject_ms'] / r['batch']:>10.2f}{r['peak_mem_mib_model']:>10.0f}")
+    print(
+        f"{r['batch']:>10}{r['classes']:>10}{r['model_ms_per_image']:>10.2f}{r['trunk_ms_per_image']:>10.2f}"
+        f"{r['decoder_ms_per_image']:>10.2f}{r['decoder_chunked_ms'] / r['batch']:>10.2f}"
+        f"{r['decoder_reject_ms'] / r['batch']:>10.2f}{r['peak_mem_mib_model']:>10.0f}"
+    )
 print(json.dumps({"device": run["device"], "torch": run["torch"], "scaling": run["scaling"]}))
