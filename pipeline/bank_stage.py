@@ -1,92 +1,65 @@
-"""The `bank` DVC stage: builds the bank that `params.yaml: bank` describes into `bank.out`
-(DVC removes that folder first, so every repro is a fresh, complete build).
+"""The `bank-base` and `bank` DVC stages' build: a params.yaml `bank:` section -> BuildOptions ->
+`build_bank` into `bank.out` (DVC removes that folder first, so every repro is a fresh build).
 
     dvc repro bank
     dvc exp run -S bank.generator=sd15 -S bank.vocab=[coco-stuff] -S bank.encoder=convnext-b ...
+
+Defaults come from the profile (pipeline/profiles.py); a key the profile leaves out takes
+BuildOptions' / GeneratorOptions' default. `python -m pipeline.stages params` prints them all.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bank.build import BuildOptions, build_bank
 from bank.generators.base import GeneratorOptions
+from dpseg.errors import UserError
 
-DEFAULTS: dict[str, Any] = {
-    "generator": "procedural",
-    "vocab": ["shapes"],
-    "encoder": "tiny",
-    "encoder_weights": "none",
-    "encode_size": None,
-    "templates": 4,
-    "resolution": None,
-    "steps": None,
-    "guidance": None,
-    "model": None,
-    "seed": 0,
-    "batch_size": 16,
-    "shard_size": 256,
-    "device": "auto",
-    "dtype": "auto",
-    "compile": [],
-    "out": "out/bank",
-}
+# params.yaml bank keys -> the GeneratorOptions field they set; every other key is a BuildOptions field
+GENERATOR_KEYS = ("model", "resolution", "steps", "guidance", "device", "dtype", "compile")
+BUILD_KEYS = ("generator", "vocab", "encoder", "encoder_weights", "encode_size", "templates", "seed")
+BUILD_KEYS += ("batch_size", "shard_size", "out")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    params = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(params.get("bank", {})) - set(DEFAULTS)
+def build_options(section: dict[str, Any], progress: bool = True) -> BuildOptions:
+    """A resolved `bank:` section (stage-only keys removed) -> the BuildOptions the stage runs."""
+    unknown = sorted(set(section) - set(GENERATOR_KEYS) - set(BUILD_KEYS))
     if unknown:
-        from dpseg.errors import UserError
-
-        raise UserError(f"params.yaml bank: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **params.get("bank", {})}
-
-
-def run_bank_stage(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    weights = None if str(params["encoder_weights"]).lower() in ("none", "random") else params["encoder_weights"]
-    vocab = params["vocab"] if isinstance(params["vocab"], list) else [params["vocab"]]
-    target = Path(params["out"])
-    options = GeneratorOptions(
-        model=params["model"],
-        resolution=params["resolution"],
-        steps=params["steps"],
-        guidance=params["guidance"],
-        device=params["device"],
-        dtype=params["dtype"],
-        compile=tuple(params["compile"]),
-    )
-    opts = BuildOptions(
-        out=target,
-        generator=params["generator"],
-        vocab=vocab,
-        encoder=params["encoder"],
-        encoder_weights=weights,
-        encode_size=params["encode_size"],
-        templates=int(params["templates"]),
-        seed=int(params["seed"]),
-        batch_size=int(params["batch_size"]),
-        shard_size=int(params["shard_size"]),
-        generator_options=options,
-        progress=progress,
-    )
-    return build_bank(opts)
+        raise UserError(f"params.yaml bank: unknown keys {unknown}; known: {sorted(GENERATOR_KEYS + BUILD_KEYS)}")
+    missing = [k for k in ("generator", "vocab", "encoder", "out") if section.get(k) is None]
+    if missing:
+        raise UserError(f"params.yaml bank: {', '.join(missing)} must be set (the profile or params.yaml)")
+    values = {k: section[k] for k in GENERATOR_KEYS if section.get(k) is not None}
+    if "compile" in values:
+        values["compile"] = tuple(values["compile"])
+    options = GeneratorOptions(**values)
+    build = {k: section[k] for k in BUILD_KEYS if k in section and section[k] is not None}
+    weights = build.get("encoder_weights")
+    if weights is not None and str(weights).lower() in ("none", "random"):
+        build["encoder_weights"] = None
+    vocab = build["vocab"]
+    build["vocab"] = list(vocab) if isinstance(vocab, (list, tuple)) else [vocab]
+    build["out"] = Path(build["out"])
+    for key in ("templates", "seed", "batch_size", "shard_size"):
+        if key in build:
+            build[key] = int(build[key])
+    return BuildOptions(**build, generator_options=options, progress=progress)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from dpseg.errors import UserError
+def options_view(opts: BuildOptions) -> dict[str, Any]:
+    """BuildOptions as the params.yaml `bank:` section that produces it (what `params` prints)."""
+    gen = opts.generator_options
+    view: dict[str, Any] = {k: getattr(opts, k) for k in BUILD_KEYS}
+    view.update({k: getattr(gen, k) for k in GENERATOR_KEYS})
+    view["vocab"] = list(view["vocab"])
+    view["compile"] = list(view["compile"])
+    view["out"] = str(view["out"])
+    if view["encoder_weights"] is None:
+        view["encoder_weights"] = "none"
+    return view
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run_bank_stage(load_params(argv[0] if argv else "params.yaml"))
-    except UserError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
-
-if __name__ == "__main__":
-    main()
+def run_bank_stage(section: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    return build_bank(build_options(section, progress=progress))

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from dpseg.errors import UserError
 from dpseg.registry import Registry
@@ -91,6 +94,7 @@ PROFILES.register(
                 "out": "out/train",
             },
             "eval": {
+                "sets": ["seen", "unseen"],
                 "checkpoint": "out/train/checkpoint",
                 "split": "val",
                 "passes": 2,
@@ -141,6 +145,7 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
                 "out": "out/train",
             },
             "eval": {
+                "sets": list(PAPER_BENCHMARKS),
                 "checkpoint": "out/train/checkpoint",
                 "split": "val",
                 "passes": 2,
@@ -156,6 +161,17 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
 
 PROFILES.register("paper-b", _paper("paper-b", "convnext-b", "the paper's ConvNeXt-B setting (GPU cluster)"))
 PROFILES.register("paper-l", _paper("paper-l", "convnext-l", "the paper's ConvNeXt-L setting (GPU cluster)"))
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml as written (nested sections); one-line errors for a missing or broken file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no {path} here; run from the project root (where dvc.yaml and params.yaml are)")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def _overlay(base: dict[str, Any], explicit: dict[str, Any] | None) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def demo_report(
 
             raise UserError(f"experiments failed: {', '.join(result['failed'])}; see `dvc exp show`")
     records = sweeps.read_records(dvc)
-    base = sweeps.load_params(params_file)
+    base = sweeps.flat_params(params_file)
     planned = sweeps.plan_sweep(selected, base, records, sweeps.profile_of(base))
     sets = ("seen", "unseen")
     header = (

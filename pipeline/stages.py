@@ -27,23 +27,13 @@ import yaml
 
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
-from pipeline.profiles import eval_set, resolve
+from pipeline.profiles import eval_set, load_params, resolve
 
 STAGES = ("data", "clip", "bank-base", "bank", "train", "eval", "report")
 BASE_BANK = "out/bank-base"
 METRICS_DIR = Path("metrics")
-# bank keys that are not bank_stage settings: which generator the base bank uses
+# bank keys that are not BuildOptions settings: which generator the base bank uses
 BANK_STAGE_EXTRA = ("base_generator",)
-
-
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no {path} here; run from the project root (where dvc.yaml and params.yaml are)")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def resolved_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -117,13 +107,8 @@ def base_generator(r: dict[str, Any]) -> str:
 
 
 def _bank_settings(r: dict[str, Any], generator: str, out: str) -> dict[str, Any]:
-    from pipeline.bank_stage import DEFAULTS
-
     settings = {k: v for k, v in r["bank"].items() if k not in BANK_STAGE_EXTRA}
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"params.yaml bank: unknown keys {unknown}; known: {sorted(DEFAULTS) + list(BANK_STAGE_EXTRA)}")
-    return {**DEFAULTS, **settings, "generator": generator, "out": out}
+    return {**settings, "generator": generator, "out": out}
 
 
 def run_bank_base(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -278,6 +263,34 @@ def run_report(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     return {"report": result["path"], "results": str(out / "results.md"), "table": table}
 
 
+# --- params: every value each stage will use ------------------------------------------------
+
+
+def stage_params(r: dict[str, Any]) -> dict[str, Any]:
+    """The resolved params with each section completed by its settings class's defaults: exactly
+    the values the stages run with (`python -m pipeline.stages params`)."""
+    from dataclasses import asdict
+
+    from pipeline.bank_stage import build_options, options_view
+    from pipeline.clip.pretrain import ClipPretrainConfig
+    from pipeline.evaluate.loop import EvalSettings
+    from pipeline.train.loop import recipe_from_params
+
+    out: dict[str, Any] = {"profile": r["profile"], "data": dict(r["data"])}
+    clip = dict(r["clip"])
+    enabled = bool(clip.pop("enabled", False))
+    out["clip"] = {"enabled": enabled, **(asdict(ClipPretrainConfig.from_dict(clip)) if enabled else clip)}
+    bank = options_view(build_options(_bank_settings(r, str(r["bank"]["generator"]), str(r["bank"]["out"]))))
+    out["bank"] = {**bank, "base_generator": base_generator(r)}
+    out["train"] = asdict(recipe_from_params(r["train"]))
+    out["eval"] = {"sets": list(r["eval"].get("sets") or [])}
+    for name in out["eval"]["sets"]:
+        settings = EvalSettings(**eval_set(r, name))
+        out["eval"][name] = asdict(settings)
+    out["report"] = dict(r["report"])
+    return out
+
+
 RUNNERS = {
     "data": run_data,
     "clip": run_clip,
@@ -305,13 +318,20 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=(*STAGES, "table"), help="a stage, or `table`: print the results table")
+    parser.add_argument(
+        "stage",
+        choices=(*STAGES, "table", "params"),
+        help="a stage; `table`: print the results table; `params`: print every value the stages will use",
+    )
     parser.add_argument("params", nargs="?", default="params.yaml")
     parser.add_argument("--set", dest="set_name", default=None, help="eval set (eval stage)")
     args = parser.parse_args(argv)
     try:
         if args.stage == "table":
             print(results_table(resolved_params(args.params)))
+            return
+        if args.stage == "params":
+            print(yaml.safe_dump(stage_params(resolved_params(args.params)), sort_keys=False), end="")
             return
         result = run_stage(args.stage, args.params, args.set_name, progress=sys.stderr.isatty())
     except UserError as err:

@@ -130,23 +130,32 @@ def test_reader_errors_name_the_fix(tmp_path):
 
 
 def test_bank_stage_builds_the_bank_its_params_describe(tmp_path):
-    """pipeline.bank_stage: params (over DEFAULTS) -> a complete bank; encode_size honoured;
+    """pipeline.bank_stage: a resolved `bank:` section -> a complete bank; encode_size honoured;
     unknown keys refused (pipeline/stages.py feeds it the profile-resolved params)."""
     from bank.inspection import info, verify
-    from pipeline.bank_stage import load_params, run_bank_stage
+    from pipeline.bank_stage import build_options, run_bank_stage
 
-    (tmp_path / "p.yaml").write_text(
-        f"bank:\n  templates: 2\n  resolution: 32\n  encode_size: 64\n  out: {tmp_path / 'bank'}\n"
-    )
-    params = load_params(tmp_path / "p.yaml")
-    assert params["generator"] == "procedural" and params["vocab"] == ["shapes"] and params["encode_size"] == 64
-    run_bank_stage(params, progress=False)
+    section = {
+        "generator": "procedural",
+        "vocab": "shapes",
+        "encoder": "tiny",
+        "encoder_weights": "none",
+        "templates": 2,
+        "resolution": 32,
+        "encode_size": 64,
+        "out": str(tmp_path / "bank"),
+    }
+    opts = build_options(section)
+    assert opts.vocab == ["shapes"] and opts.encode_size == 64 and opts.encoder_weights is None
+    assert opts.generator_options.resolution == 32 and opts.batch_size == 8  # BuildOptions' default
+    run_bank_stage(section, progress=False)
     report = info(tmp_path / "bank")
     assert report["generator"] == "procedural" and report["entries"] == 48 * 2 and verify(tmp_path / "bank") == []
     assert report["encode_sizes"] == {"tiny": [64]} and Bank(tmp_path / "bank").encode_size("tiny") == 64
-    (tmp_path / "q.yaml").write_text("bank:\n  generatr: sd15\n")
     with pytest.raises(UserError, match="generatr"):
-        load_params(tmp_path / "q.yaml")
+        build_options({**section, "generatr": "sd15"})
+    with pytest.raises(UserError, match="encoder must be set"):
+        build_options({k: v for k, v in section.items() if k != "encoder"})
 
 
 def test_two_encode_sizes_live_side_by_side_and_a_mismatch_is_refused(tmp_path):

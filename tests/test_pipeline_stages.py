@@ -164,3 +164,54 @@ def test_a_text_only_checkpoint_is_evaluated_in_one_pass(tmp_path):
         )
         save_dpseg(model, tmp_path / mode)
         assert checkpoint_uses_visual(str(tmp_path / mode)) is expected
+
+
+@pytest.mark.parametrize("profile", ["demo", "paper-b"])
+def test_printed_params_are_the_values_every_stage_runs_with(profile, tmp_path, monkeypatch):
+    """`python -m pipeline.stages params` shows, per section, exactly the settings object each
+    stage hands to its stage function (captured here in place of the real work)."""
+    from dataclasses import asdict
+
+    import pipeline.bank_stage
+    import pipeline.clip.pretrain
+    import pipeline.evaluate.loop
+    import pipeline.train.loop
+    from pipeline.bank_stage import options_view
+
+    monkeypatch.chdir(tmp_path)
+    seen: dict[str, list] = {"bank": [], "train": [], "eval": [], "clip": []}
+    monkeypatch.setattr(pipeline.bank_stage, "build_bank", lambda opts: seen["bank"].append(opts) or {})
+    monkeypatch.setattr(pipeline.train.loop, "train", lambda recipe, progress: seen["train"].append(recipe) or {})
+    monkeypatch.setattr(pipeline.evaluate.loop, "evaluate", lambda s, progress: seen["eval"].append(s) or {})
+    monkeypatch.setattr(pipeline.clip.pretrain, "pretrain", lambda cfg, progress: seen["clip"].append(cfg) or {})
+    monkeypatch.setattr(stages, "checkpoint_uses_visual", lambda checkpoint: True)
+    r = resolve({"profile": profile})
+    printed = yaml.safe_load(yaml.safe_dump(stages.stage_params(r)))  # as the command prints it
+
+    stages.run_clip(r, progress=False)
+    stages.run_bank_base(r, progress=False)
+    stages.run_train(r, progress=False)
+    for name in r["eval"]["sets"]:
+        stages.run_eval(r, name, progress=False)
+
+    bank = options_view(seen["bank"][0])  # the base bank, which the `bank` stage links as bank.out
+    assert bank["out"] == stages.BASE_BANK
+    assert printed["bank"] == {**bank, "out": r["bank"]["out"], "base_generator": r["bank"]["generator"]}
+    assert printed["train"] == asdict(seen["train"][0])
+    assert [printed["eval"][name] for name in r["eval"]["sets"]] == [asdict(s) for s in seen["eval"]]
+    if printed["clip"]["enabled"]:
+        assert {k: v for k, v in printed["clip"].items() if k != "enabled"} == asdict(seen["clip"][0])
+    else:
+        assert seen["clip"] == []
+    expected_templates = {"demo": 80, "paper-b": 80}[profile]
+    assert printed["bank"]["templates"] == expected_templates and printed["train"]["steps"] > 0
+
+
+def test_params_command_prints_yaml_and_params_yaml_says_so(tmp_path, monkeypatch, capsys):
+    assert "python -m pipeline.stages params" in (ROOT / "params.yaml").read_text().splitlines()[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("profile: demo\ntrain:\n  steps: 7\n")
+    stages.main(["params", "params.yaml"])
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["profile"] == "demo" and shown["train"]["steps"] == 7 and shown["train"]["lr"] == 2e-3
+    assert shown["bank"]["generator"] == "procedural" and shown["eval"]["seen"]["passes"] == 2

@@ -166,7 +166,7 @@ def test_exp_show_records_are_parsed():
 
 
 def test_plan_resumes_only_what_has_no_results(params_file):
-    base = sweeps.load_params(params_file)
+    base = sweeps.flat_params(params_file)
     records = sweeps.parse_exp_show(fake_show())
     plan = sweeps.plan_sweep(SWEEPS.get("prompts"), base, records, "demo")
     assert [(p.point.label, p.status) for p in plan] == [
@@ -246,7 +246,7 @@ def test_a_failing_experiment_stops_a_sequential_sweep_and_reruns_reuse_its_name
     )
     assert len(calls) == 1 and report["failed"] == ["1 template"]
     name = calls[0][4]
-    base = sweeps.load_params(params_file)
+    base = sweeps.flat_params(params_file)
     failed = sweeps.ExpRecord("rev", name, {}, {}, "failed")  # a failed run leaves no ref: same name, no force
     plan = sweeps.plan_sweep(SWEEPS.get("templates"), base, [failed], "demo")
     assert plan[0].status == "todo" and "--force" not in sweeps.exp_run_args(plan[0], queue=False, dvc="dvc")
@@ -257,7 +257,7 @@ def test_a_failing_experiment_stops_a_sequential_sweep_and_reruns_reuse_its_name
 
 
 def test_a_model_override_replaces_the_empty_mapping_it_goes_under(params_file):
-    base = sweeps.load_params(params_file)
+    base = sweeps.flat_params(params_file)
     assert base["train.model_overrides"] == {}
     point = SWEEPS.get("guidance").points[1]
     expected = sweeps.expected_params(base, point)
@@ -289,7 +289,7 @@ def test_missing_params_keys_are_one_clear_error(tmp_path):
             "guidance", tmp_path / "params.yaml", runner=None, records_reader=lambda: [], echo=lambda _: None
         )
     with pytest.raises(UserError, match="no .*params.yaml here"):
-        sweeps.load_params(tmp_path / "nowhere" / "params.yaml")
+        sweeps.flat_params(tmp_path / "nowhere" / "params.yaml")
 
 
 def test_table_shows_each_row_with_its_experiments_metrics(params_file):
@@ -358,7 +358,7 @@ def test_nulls_resolved_by_the_profile_match_explicit_values(tmp_path):
         },
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(nulls))
-    base = sweeps.load_params(tmp_path / "params.yaml")
+    base = sweeps.flat_params(tmp_path / "params.yaml")
     baseline = sweeps.parse_exp_show([state("abc", nulls, metrics(50.0, 20.0), name="main")])
     prompts = sweeps.plan_sweep(SWEEPS.get("prompts"), base, baseline, "demo")
     assert [p.status for p in prompts] == ["todo", "todo", "done", "todo", "todo"]
@@ -374,7 +374,7 @@ def test_nulls_resolved_by_the_profile_match_explicit_values(tmp_path):
 def test_the_projects_params_file_has_every_key_the_sweeps_set():
     from pathlib import Path
 
-    params = sweeps.load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = sweeps.flat_params(Path(__file__).resolve().parents[1] / "params.yaml")
     for name in SWEEPS.names():
         for profile in ("demo", "paper-b"):
             sweeps.check_keys(SWEEPS.get(name).expand(profile), params)  # raises naming a missing key

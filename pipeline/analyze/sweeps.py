@@ -160,11 +160,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no {path} here; run the sweep from the project root (where dvc.yaml and params.yaml are)")
-    return flatten(yaml.safe_load(path.read_text()) or {})
+def flat_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml flattened to dotted keys (`train.steps`), as `dvc exp show` names them."""
+    from pipeline.profiles import load_params
+
+    return flatten(load_params(path))
 
 
 def profile_of(params: dict[str, Any]) -> str | None:
@@ -447,7 +447,7 @@ def run_sweep(
     `queue_only`: queue them and stop."""
     sweep = SWEEPS.get(name)
     dvc = dvc or default_dvc()
-    base = load_params(params_file)
+    base = flat_params(params_file)
     profile = profile_of(base)
     records = (records_reader or (lambda: read_records(dvc)))()
     planned = plan_sweep(sweep, base, records, profile)
@@ -524,7 +524,7 @@ def sweep_table(
     """The sweep as a Markdown table in the paper's form: one row per point, the metrics of the
     experiment holding its params (or '—' where none has results yet)."""
     sweep = SWEEPS.get(name)
-    base = load_params(params_file)
+    base = flat_params(params_file)
     records = read_records(dvc) if records is None else records
     planned = plan_sweep(sweep, base, records, profile_of(base))
     found = [p.record for p in planned if p.record is not None and p.status == "done"]
