@@ -70,6 +70,18 @@ class Bank:
         """Encoder names with features (each may have several encode sizes)."""
         return sorted({name for name, _ in self.groups().values()})
 
+    def encoder_info(self, encoder: str) -> dict:
+        """The bank's record of `encoder` (weights, their digest, ...); a one-line error naming the
+        command that adds it when the bank has none."""
+        info = (self.config.get("encoders") or {}).get(encoder)
+        if info is None:
+            have = ", ".join(sorted(self.config.get("encoders") or {})) or "none"
+            raise UserError(
+                f"bank {self.root} has no features for encoder {encoder!r} (it has: {have}); "
+                f"add them with: {self.encode_command(encoder)}"
+            )
+        return info
+
     def encode_sizes(self, encoder: str) -> list[int]:
         return sorted(size for name, size in self.groups().values() if name == encoder)
 

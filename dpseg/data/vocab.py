@@ -88,6 +88,19 @@ def load_vocab(name_or_path: str) -> list[str]:
     )
 
 
+def parse_classes(text: str) -> list[str]:
+    """`--classes`: a registered vocabulary, a .txt/.json file, or comma-separated names."""
+    text = text.strip()
+    if text in VOCABULARIES or _looks_like_path(text):
+        return load_vocab(text)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError('--classes is empty; give names ("cat, dog"), a vocabulary name or a .txt/.json file')
+    if len(set(names)) != len(names):
+        raise UserError(f"--classes names a class twice: {text!r}")
+    return names
+
+
 def _looks_like_path(text: str) -> bool:
     return text.endswith((".txt", ".json")) or "/" in text or "\\" in text or Path(text).exists()
 

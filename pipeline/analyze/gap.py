@@ -175,17 +175,6 @@ def sample_pairs(dataset, class_ids: list[int], samples: int, min_area: float, s
     return pairs
 
 
-def bank_encoder_info(bank, encoder: str) -> dict:
-    info = bank.config.get("encoders", {}).get(encoder)
-    if info is None:
-        have = ", ".join(bank.encoders()) or "none"
-        raise UserError(
-            f"bank {bank.root} has no features for encoder {encoder!r} (it has: {have}); "
-            f"add them with: dpseg bank encode {bank.root} --encoder {encoder}"
-        )
-    return info
-
-
 def load_towers(encoder: str, info: dict, weights: str | None, device: str):
     """The CLIP towers the bank was encoded with (`info`: the bank's record of `encoder`). Given
     weights must be the recorded ones (same file, or the recorded digest when that file is gone)
@@ -242,7 +231,7 @@ def run_gap(settings: GapSettings, progress: bool = True) -> dict[str, Any]:
     if settings.samples < 1:
         raise UserError(f"--samples must be at least 1, got {settings.samples}")
     bank = Bank(settings.bank)
-    info = bank_encoder_info(bank, settings.encoder)
+    info = bank.encoder_info(settings.encoder)
     templates = int(bank.config["templates"])
     dataset = open_dataset(settings.images, settings.split)
     class_ids = resolve_classes(dataset, settings.classes)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpseg.data.vocab import parse_classes
 from dpseg.errors import UserError
 
 KINDS = ("text", "visual", "dual")
@@ -62,13 +63,6 @@ def load_image(path: str | Path) -> np.ndarray:
         raise UserError(f"cannot read image {path} ({err.__class__.__name__}); give a JPEG or PNG photo") from None
 
 
-def parse_classes(classes: str) -> list[str]:
-    names = [c.strip() for c in classes.split(",") if c.strip()]
-    if not names:
-        raise UserError('--classes is empty; give class names separated by commas, e.g. --classes "bed, mirror"')
-    return list(dict.fromkeys(names))
-
-
 def run_heatmap(
     image_path: str | Path,
     classes: str,
@@ -83,7 +77,7 @@ def run_heatmap(
     from bank.reader import Bank
     from dpseg.clip.templates import templates as first_templates
     from pipeline.analyze import plots
-    from pipeline.analyze.gap import bank_encoder_info, load_towers
+    from pipeline.analyze.gap import load_towers
 
     # 1. inputs: image, class names, bank (encoder, weights, templates), towers or checkpoint
     out = plots.check_output(out)
@@ -110,7 +104,7 @@ def run_heatmap(
         encode_size = extra.get("encode_size")
     if encoder is None:
         raise UserError("give --encoder (one of the bank's: " + (", ".join(bank.encoders()) or "none") + ")")
-    info = bank_encoder_info(bank, encoder)
+    info = bank.encoder_info(encoder)
     if model is None:
         encode_size = None
         templates = int(bank.config["templates"])

@@ -22,20 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.bench.common import sync
+
 PUBLIC_VOCABULARIES = ("coco-stuff", "ade-150", "ade-847", "pc-59", "pc-459", "voc-20")
 GOALS = {"overhead_ratio": "<= 1.05", "prototype_read_s": "< 1.0 (1,000 x 80)"}
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device: str) -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 

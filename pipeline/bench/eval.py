@@ -26,13 +26,9 @@ import time
 
 import torch
 
+from pipeline.bench.common import SED_REFERENCE, sync
+
 _MODELS: dict = {}
-SED_REFERENCE = {"sed_ms_per_image": 82, "sed_device": "A6000", "sed_note": "SED paper, whole model, ConvNeXt-B, 768"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _detect_map(batch: int, size: int, classes: int, device) -> torch.Tensor:
@@ -84,12 +80,12 @@ def _case(
     def timed(fn) -> float:
         with torch.inference_mode():
             fn()  # warm-up
-            _sync(dev)
+            sync(dev)
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 fn()
-                _sync(dev)
+                sync(dev)
                 times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 

@@ -16,28 +16,23 @@ from tqdm import tqdm
 
 from dpseg.model import DPSegConfig, build_dpseg
 from dpseg.model.summary import random_prompts
+from pipeline.bench.common import SED_REFERENCE, sync
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SED_REFERENCE = {"sed_ms_per_image": 82, "sed_device": "A6000", "sed_note": "SED paper, whole model, ConvNeXt-B, 768"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
     """Median milliseconds of `fn` and peak memory (MiB) while it ran."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20

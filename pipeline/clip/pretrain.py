@@ -39,6 +39,7 @@ from dpseg.clip.templates import TEMPLATES
 from dpseg.data.shapes import COLOURS, SHAPES, SHAPES_CATEGORIES, TEXTURES, render_prompt_image
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
+from pipeline.provenance import git_commit
 
 # SHAPES_CATEGORIES is the product colour x texture x shape in this order, so (48,) scores reshape
 # to (colour, texture, shape) and each attribute's score is a logsumexp over the other two axes.
@@ -205,7 +206,7 @@ def class_embeddings(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(
+def zero_shot_metrics(
     model: torch.nn.Module, tokens: torch.Tensor, images: np.ndarray, size: int, batch_size: int = 256
 ) -> dict[str, Any]:
     """Zero-shot accuracy over the 48 categories on `images` (48, K, R, S, S, 3), overall, per
@@ -246,22 +247,6 @@ def lr_at(step: int, cfg: ClipPretrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def pretrain(cfg: ClipPretrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -344,7 +329,7 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
 
     # 5. zero-shot accuracy on the held-out renders, then the artifacts (weights first, atomically)
     t0 = time.perf_counter()
-    metrics = evaluate(model, tokens, eval_images, size)
+    metrics = zero_shot_metrics(model, tokens, eval_images, size)
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     metrics.update(
@@ -376,7 +361,7 @@ def write_outputs(
         "open_clip_model": spec.open_clip_model,
         "categories": list(SHAPES_CATEGORIES),
         "templates": len(TEMPLATES),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "torch": torch.__version__,
     }
     atomic_write_bytes(weights_path(out, cfg.encoder), save(state, metadata={"config": json.dumps(config)}))

@@ -17,14 +17,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from bank.runtime import resolve_device
 from dpseg.clip.templates import primary_name
+from dpseg.data.vocab import parse_classes
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_json
 from dpseg.metrics import predict_labels
 from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
 from pipeline.evaluate.panels import blend, legend_for, palette, save_panels
-from pipeline.evaluate.setup import bank_encoder_info, load_prototypes, open_checkpoint, resolve_device, text_prompts
+from pipeline.evaluate.setup import bank_encoder_info, load_prototypes, open_checkpoint, text_prompts
 
 
 @dataclass
@@ -42,21 +44,6 @@ class SegmentSettings:
     generate: bool = False
     class_chunk: int | None = None
     device: str = "auto"
-
-
-def parse_classes(text: str) -> list[str]:
-    """A registered vocabulary, a .txt/.json file, or comma-separated names."""
-    from dpseg.data.vocab import VOCABULARIES, _looks_like_path, load_vocab
-
-    text = text.strip()
-    if text in VOCABULARIES or _looks_like_path(text):
-        return load_vocab(text)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise UserError('--classes is empty; give names ("cat, dog"), a vocabulary name or a .txt/.json file')
-    if len(set(names)) != len(names):
-        raise UserError(f"--classes names a class twice: {text!r}")
-    return names
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -112,7 +99,7 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
     images = [read_image(p) for p in settings.images]
     if settings.passes not in (1, 2):
         raise UserError(f"--passes must be 1 or 2, got {settings.passes}")
-    device = resolve_device(settings.device)
+    device = torch.device(resolve_device(settings.device))
     _, facts, model = open_checkpoint(settings.checkpoint, device)
     cfg = model.cfg
     size = int(settings.size or facts["size"] or model.encoder_spec.image_size)

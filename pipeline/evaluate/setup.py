@@ -5,36 +5,30 @@ Every mismatch is refused here, in one line, before any slow work."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bank.runtime import resolve_device
 from dpseg.errors import UserError
 from dpseg.model.prompts import VisualPrompts
 
 
 def checkpoint_facts(config: dict) -> dict[str, Any]:
-    """The facts training recorded in a checkpoint's config.json (`extra`), with fallbacks to the
-    model config for checkpoints saved without them (tests, hand-made ones)."""
+    """What evaluation needs from a checkpoint's config.json: the facts training records in
+    `extra` (pipeline/train/loop.py run_record); a checkpoint saved without them (save_dpseg by
+    hand) has only its model config, and evaluation then asks for --bank and --size."""
     extra = config.get("extra") or {}
-    bank = extra.get("bank")
-    bank_path = bank.get("path") if isinstance(bank, dict) else bank
-    encoder = extra.get("encoder")
-    encoder_name = encoder.get("name") if isinstance(encoder, dict) else encoder
-    recipe = extra.get("recipe") or {}
     return {
-        "bank": bank_path or extra.get("bank_path") or recipe.get("bank"),
-        "encoder": encoder_name or config["encoder"]["name"],
-        "encoder_weights": _weights_id(config.get("encoder_weights") or extra.get("encoder_weights")),
-        "encode_size": extra.get("encode_size") or recipe.get("encode_size"),
-        "size": extra.get("size") or extra.get("crop_size") or recipe.get("crop_size") or recipe.get("size"),
-        "templates": int(config["model"].get("templates", 80)),
+        "bank": (extra.get("bank") or {}).get("path"),
+        "encoder": extra.get("encoder") or config["encoder"]["name"],
+        "encoder_weights": _weights_id(config["encoder_weights"]),
+        "encode_size": extra.get("encode_size"),
+        "size": (extra.get("recipe") or {}).get("crop_size"),
         "step": extra.get("step"),
-        "class_names": extra.get("class_names"),
     }
 
 
@@ -45,13 +39,7 @@ def _weights_id(weights) -> str:
 
 def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
     """The bank's record of `encoder`, refused when absent or computed with other weights."""
-    info = (bank.config.get("encoders") or {}).get(encoder)
-    if info is None:
-        have = ", ".join(sorted(bank.config.get("encoders") or {})) or "none"
-        raise UserError(
-            f"bank {bank.root} has no features for the checkpoint's encoder {encoder!r} (it has: {have}); "
-            f"add them with: dpseg bank encode {bank.root} --encoder {encoder}"
-        )
+    info = bank.encoder_info(encoder)
     from dpseg.clip.encoders import matches_recorded
 
     if not matches_recorded(weights, info.get("weights"), info.get("weights_sha256")) and not stands_in(
@@ -75,29 +63,15 @@ def stands_in(bank_weights, recorded) -> bool:
 
 
 def load_prototypes(bank, names: list[str], encoder: str, templates: int, device, encode_size: int | None):
-    """Bank prototypes; `encode_size` is passed where the reader knows it (it refuses a group
-    encoded at another size)."""
-    kwargs = {"templates": templates, "device": device}
-    if encode_size is not None and "encode_size" in inspect.signature(bank.prototypes).parameters:
-        kwargs["encode_size"] = encode_size
-    protos = bank.prototypes(names, encoder, **kwargs)
+    """Bank prototypes at `encode_size` (the reader refuses a group encoded at another size)."""
+    protos = bank.prototypes(names, encoder, templates=templates, device=device, encode_size=encode_size)
     return VisualPrompts(protos.embedding, dict(protos.pooled))
 
 
 def text_prompts(model, names: list[str], cache_dir: str | None) -> tuple[torch.Tensor, str]:
-    try:
-        from pipeline.text_cache import cached_text_embeddings
-    except ImportError:  # pragma: no cover - the cache module is optional
-        return model.encode_text(names), "computed"
+    from pipeline.text_cache import cached_text_embeddings
+
     return cached_text_embeddings(model, names, cache_dir=cache_dir), "cached"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -119,7 +93,6 @@ class EvalContext:
     bank_generator: str
     text_source: str
     checkpoint_step: Any = None
-    extra: dict = field(default_factory=dict)
 
     def loader(self, batches: list[list[int]], workers: int):
         """Batches of the given dataset indices, read by `workers` processes, in order."""
@@ -150,7 +123,7 @@ def prepare_context(settings) -> EvalContext:
     from dpseg.data.subsets import remap_labels, resolve_subset
     from dpseg.data.transforms import EvalTransform
 
-    device = resolve_device(settings.device)
+    device = torch.device(resolve_device(settings.device))
     # 1. the facts the checkpoint records (the model loads once they are checked)
     _, facts = read_facts(settings.checkpoint)
     bank_dir = settings.bank or facts["bank"]

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
+from pipeline.provenance import git_commit
 
 SUMMARY_FILE = "train.json"
 METRICS_FILE = "metrics.jsonl"
@@ -294,15 +294,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def run_record(r: TrainRecipe, plan, accelerator) -> dict:
