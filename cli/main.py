@@ -30,15 +30,15 @@ for _module in (train, evaluate, clip, analyze):
 
 
 @app.command()
-def demo(
+def smoke(
     size: int = typer.Option(128, help="Input size (multiple of 32)."),
     bank: Path = typer.Option(None, help="A bank to take visual prompts from (the demo bank: out/bank)."),
 ):
     """Smoke check: the untrained network segments one synthetic scene with bank prompts (the main
     job, training and evaluation included, is `dvc repro`: README quick start)."""
-    from pipeline.smoke import run_demo
+    from pipeline.smoke import run_smoke
 
-    result = run_demo(size=size, bank_dir=bank)
+    result = run_smoke(size=size, bank_dir=bank)
     s = result["summary"]
     typer.echo(
         f"encoder {s['encoder']}: embed_dim={s['embed_dim']} stage_channels={s['stage_channels']} "

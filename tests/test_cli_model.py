@@ -149,7 +149,7 @@ def test_bench_model_writes_json_with_the_decoder_share(tmp_path):
 
 
 def test_demo_without_a_bank_uses_random_visual_prompts():
-    result = runner.invoke(app, ["demo", "--size", "64"])
+    result = runner.invoke(app, ["smoke", "--size", "64"])
     assert result.exit_code == 0, result.output
     assert "cost volume [1, 80, 48, 2, 2]" in result.stdout
     assert "prompts: random visual prompts, 48 classes" in result.stdout
@@ -181,14 +181,14 @@ def test_demo_segments_with_the_prompts_of_a_procedural_bank(tmp_path):
         ],
     )
     assert built.exit_code == 0, built.output
-    result = runner.invoke(app, ["demo", "--size", "64", "--bank", str(bank)])
+    result = runner.invoke(app, ["smoke", "--size", "64", "--bank", str(bank)])
     assert result.exit_code == 0, result.output
     assert f"prompts: bank {bank} (procedural, tiny), 48 classes" in result.stdout
     assert "cost volume [1, 2, 48, 2, 2]" in result.stdout  # the bank's 2 templates are the cost channels
 
 
 def test_demo_with_a_missing_bank_is_one_error_line(tmp_path):
-    result = runner.invoke(app, ["demo", "--bank", str(tmp_path / "nothing")])
+    result = runner.invoke(app, ["smoke", "--bank", str(tmp_path / "nothing")])
     assert result.exit_code == 1
     assert "Error: no bank at" in result.output and "Traceback" not in result.output
 
