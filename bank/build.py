@@ -1,7 +1,8 @@
 """`dpseg bank build`: generate, check, encode and store every missing entry of a bank.
 
-The loop (`generate_entries`) reads top to bottom: 1 settings -> 2 plan -> 3 what is durable ->
-4 split -> 5 recover features -> 6 generate/check/retry/encode/write -> 7 merge. Every entry has
+`_build` reads top to bottom: 1 settings -> 2 plan -> 3 repair, what is durable -> 4 split ->
+5 recover features -> 6 generate/check/retry/encode/write (the loop, `generate_entries`) ->
+7 the bank's other features groups -> 8 merge. Every entry has
 its own seed (one torch.Generator per image), so its image does not depend on the batch size,
 the number of ranks or which rank made it; an entry counts once its shard (image + metadata)
 and its feature part are on disk, so a run killed at any point resumes where it stopped."""
@@ -101,8 +102,8 @@ def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, devi
     started = time.time()
     stats = generate_entries(store, generator, encoder, mine, opts, state.process_index, show)
     stats["recovered_images"] = recovered
-    # 6b. the bank's other features groups (other encoders or sizes) get the new shards too, so a
-    #     repaired bank is whole for every group it had, not only for this build's encoder
+    # 7. the bank's other features groups (other encoders or sizes) get the new shards too, so a
+    #    repaired bank is whole for every group it had, not only for this build's encoder
     state.wait_for_everyone()
     stats["other_groups_encoded"] = _encode_other_groups(store, encoder.group, opts, device, state, show)
     state.wait_for_everyone()
@@ -111,7 +112,7 @@ def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, devi
 
         per_rank = gather_object([stats])
         stats = {k: sum(s[k] for s in per_rank) for k in stats}
-    # 7. merge into manifest.parquet and features.zarr (one process; the lock serialises job arrays)
+    # 8. merge into manifest.parquet and features.zarr (one process; the lock serialises job arrays)
     report = {
         "bank": str(store.root),
         "planned": len(planned),

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dpseg.refine import DEFAULT_MIN_AREA
+
 
 def eval_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder (OUT/checkpoint of `dpseg train`)."),
@@ -17,7 +19,9 @@ def eval_command(
     passes: int = typer.Option(2, min=1, max=2, help="1: bank prompts; 2: also pass II (refined prompts)."),
     classes: str | None = typer.Option(None, help="Class subset: all, a declared one (seen, unseen) or ids '0,3'."),
     size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's)."),
-    min_area: int = typer.Option(64, min=0, help="Pixels (of the model input) a class must own to be refined."),
+    min_area: int = typer.Option(
+        DEFAULT_MIN_AREA, min=0, help="Pixels (of the model input) a class must own to be refined."
+    ),
     crop: str = typer.Option("masked", help="masked (outside mask = CLIP mean) | bbox."),
     instances: int = typer.Option(0, min=0, help="Crop the K largest connected components per class (0: off)."),
     batch_size: int = typer.Option(4, min=1),
@@ -79,7 +83,7 @@ def segment_command(
     bank: Path | None = typer.Option(None, help="Bank folder (default: the checkpoint's)."),
     passes: int = typer.Option(2, min=1, max=2),
     size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's)."),
-    min_area: int = typer.Option(64, min=0),
+    min_area: int = typer.Option(DEFAULT_MIN_AREA, min=0),
     crop: str = typer.Option("masked", help="masked | bbox"),
     generate: bool = typer.Option(False, "--generate", help="Generate prompt images for classes the bank lacks."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),

@@ -378,7 +378,7 @@ def pretrain_from_params(params: dict[str, Any], progress: bool = True) -> dict[
     return pretrain(ClipPretrainConfig.from_dict(values), progress=progress)
 
 
-def main() -> None:  # `python -m pipeline.clip.pretrain [steps]` for quick experiments
+def main() -> None:  # `python -m pipeline.clip.pretrain [key=value ...]` (ClipPretrainConfig fields)
     import sys
 
     overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
