@@ -29,6 +29,9 @@ def bench_model_command(
     class_chunk: int = typer.Option(0, help="Also time the decoder in class chunks of this size (0: no)."),
     reject_topk: int = typer.Option(0, help="Also time the decoder with SED's early rejection at this top-k (0: no)."),
     threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default); 1 on a busy shared machine."),
+    compile_decoder: bool = typer.Option(
+        False, "--compile-decoder", help="Also time the one-pass decoder under torch.compile (warm-up apart)."
+    ),
     out: Path = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Forward latency and peak memory: whole network, image tower alone, decoder alone (and chunked / rejecting)."""
@@ -46,6 +49,7 @@ def bench_model_command(
         class_chunk or None,
         reject_topk or None,
         threads or None,
+        compile_decoder,
     )
     text = json.dumps(result, indent=2)
     if out:
