@@ -36,11 +36,11 @@ status=0
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
 # 1. forward: whole model, trunk, decoder (eager and compiled), chunked decoder, early rejection
 step "model forward"
-timeout 170 python3 scripts/device/bench_model.py --encoder $ENC --size $SIZE --device $DEV --dtype $DTYPE \
+timeout 160 python3 scripts/device/bench_model.py --encoder $ENC --size $SIZE --device $DEV --dtype $DTYPE \
   --classes $CLASSES --batches $BATCHES $MODEL_COMPILE --out "$OUT/model_${TAG}_${ENC}_${SIZE}_${DTYPE}.json" || status=1
 # 2. two-pass vs one-pass evaluation, memory and latency against the class count
 step "eval"
-timeout 100 $DPSEG bench eval --encoder $ENC --size $SIZE --device $DEV --classes $EVAL_CLASSES --ratio-classes $RATIO_CLASSES \
+timeout 120 $DPSEG bench eval --encoder $ENC --size $SIZE --device $DEV --classes $EVAL_CLASSES --ratio-classes $RATIO_CLASSES \
   --batch 2 --repeats 3 -o "$OUT/eval_${TAG}_${ENC}_${SIZE}.json" > /dev/null || status=1
 # 3. train step: real loader + bank vs in-memory tensors, dual vs text-only
 step "train"
@@ -49,7 +49,7 @@ timeout 90 $DPSEG bench train --encoder $ENC --size $SIZE --classes $TRAIN_CLASS
   -o "$OUT/train_${TAG}_${ENC}_${SIZE}.json" > /dev/null || status=1
 # 4. bank build: bare diffusers loop vs bank build, eager and compiled, warm-up apart (one run)
 step "bank build"
-timeout 150 python3 -m pipeline.bench.bank --generator $GEN --device $DEV --resolution $GRES --steps $GSTEPS \
+timeout 140 python3 -m pipeline.bench.bank --generator $GEN --device $DEV --resolution $GRES --steps $GSTEPS \
   --batch-sizes $GBATCH --batches $GBATCHES --rounds 1 --compile $COMPILE --encoder $ENC \
   -o "$OUT/bank_${TAG}_${GEN}_${GRES}.json" > /dev/null || status=1
 # 5. bank re-encoding throughput at the tower's native size and at the segmenter's input size
