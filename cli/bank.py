@@ -51,7 +51,9 @@ def build(
     device: str = typer.Option("auto", help="auto, cpu or cuda (under accelerate launch: each rank's GPU)."),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     compile: list[str] = typer.Option(
-        [], "--compile", help="torch.compile 'unet' and/or 'vae' (speed only; images equal up to float error)."
+        [],
+        "--compile",
+        help="torch.compile 'unet' and/or 'vae', and/or 'channels-last' (speed only; images equal up to float error).",
     ),
     safety_checker: bool | None = typer.Option(
         None, "--safety-checker/--no-safety-checker", help="SD's safety checker (default: as the model ships it)."
@@ -126,7 +128,10 @@ def encode(
     encode_size: int | None = typer.Option(
         None, help="Size prompt images are resized to (default: the encoder's segmentation input size)."
     ),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: int = typer.Option(32, min=1, help="Images per tower call (on a GPU: 128-512)."),
+    num_workers: int | None = typer.Option(
+        None, min=0, help="PNG-decoding processes per rank (default: the cores less one, at most 8)."
+    ),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
@@ -135,7 +140,14 @@ def encode(
     from bank.encode import encode_bank
 
     report = encode_bank(
-        bank_dir, encoder, _weights(encoder_weights), device, batch_size, progress, encode_size=encode_size
+        bank_dir,
+        encoder,
+        _weights(encoder_weights),
+        device,
+        batch_size,
+        progress,
+        encode_size=encode_size,
+        workers=num_workers,
     )
     if "merge" in report:
         typer.echo(

@@ -29,6 +29,9 @@ def bench_model_command(
     class_chunk: int = typer.Option(0, help="Also time the decoder in class chunks of this size (0: no)."),
     reject_topk: int = typer.Option(0, help="Also time the decoder with SED's early rejection at this top-k (0: no)."),
     threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default); 1 on a busy shared machine."),
+    compile_decoder: bool = typer.Option(
+        False, "--compile-decoder", help="Also time the one-pass decoder under torch.compile (warm-up apart)."
+    ),
     out: Path = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Forward latency and peak memory: whole network, image tower alone, decoder alone (and chunked / rejecting)."""
@@ -46,6 +49,7 @@ def bench_model_command(
         class_chunk or None,
         reject_topk or None,
         threads or None,
+        compile_decoder,
     )
     text = json.dumps(result, indent=2)
     if out:
@@ -71,11 +75,35 @@ def bench_bank_command(
     compiled_batch_sizes: str = typer.Option("", help="Batch sizes for the compiled case (default: the largest)."),
     encoder: str = typer.Option("tiny", help="Prompt encoder (convnext-b for the GPU run)."),
     encoder_weights: str = typer.Option("none", help="Encoder weights ('none': random, same cost)."),
+    encode_batch_size: int = typer.Option(32, min=1, help="Re-encoding batch size (GPU: 128-512)."),
+    encode_workers: int = typer.Option(-1, min=-1, help="PNG-decoding processes (-1: cores less one, at most 8)."),
+    encode_only: bool = typer.Option(False, "--encode-only", help="Only re-encoding throughput (no generator)."),
+    encode_sizes: str = typer.Option("", help="--encode-only: encode sizes (default: the encoder's input size)."),
+    encode_images: int = typer.Option(1024, min=1, help="--encode-only: stored images re-encoded."),
     out: Path = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
     """Bank build overhead vs the bare generator loop, encode throughput, prototype read time, dedup ratio."""
-    from pipeline.bench.bank import bench_bank
+    from pipeline.bench.bank import bench_bank, bench_encode
 
+    workers = None if encode_workers < 0 else encode_workers
+    weights = None if encoder_weights.lower() in ("none", "random") else encoder_weights
+    if encode_only:
+        from dpseg.clip.encoders import ENCODERS
+
+        result = bench_encode(
+            encoder,
+            _ints(encode_sizes) or [ENCODERS.get(encoder).image_size],
+            encode_images,
+            resolution or 768,
+            encode_batch_size,
+            workers,
+            device,
+            weights,
+        )
+        if out:
+            atomic_write_json(out, result)
+        typer.echo(json.dumps(result, indent=2))
+        return
     result = bench_bank(
         generator,
         device,
@@ -87,8 +115,10 @@ def bench_bank_command(
         tuple(c for c in compile.split(",") if c),
         _ints(compiled_batch_sizes) or None,
         encoder,
-        None if encoder_weights.lower() in ("none", "random") else encoder_weights,
+        weights,
         rounds=rounds,
+        encode_batch_size=encode_batch_size,
+        encode_workers=workers,
     )
     if out:
         atomic_write_json(out, result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -60,6 +61,8 @@ def eval_command(
         device=device,
     )
     metrics = evaluate(settings, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the main rank reports
+        return
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return

@@ -210,10 +210,16 @@ def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, A
     if int(settings.get("passes") or 1) == 2 and not checkpoint_uses_visual(settings["checkpoint"]):
         settings["passes"] = 1  # a text-only model has no visual prompts for pass II to replace
     out = Path(settings["out"])
-    if out.exists():  # DVC removed it already; by hand, a stale run of other settings would be refused
+    # under `accelerate launch` (the stage's shards split over ranks) the main rank owns the folders
+    from bank.runtime import distributed_state
+
+    state = distributed_state(settings.get("device") or "auto")
+    if out.exists() and state.is_main_process:  # DVC removed it already; by hand, a stale run would be refused
         shutil.rmtree(out)
-    metrics = eval_from_params(settings, progress=progress)
-    atomic_write_json(METRICS_DIR / "eval" / f"{name}.json", compact_metrics(metrics))
+    state.wait_for_everyone()
+    metrics = eval_from_params(settings, progress=progress and state.is_main_process)
+    if state.is_main_process:
+        atomic_write_json(METRICS_DIR / "eval" / f"{name}.json", compact_metrics(metrics))
     return metrics
 
 

@@ -47,7 +47,7 @@ class GeneratorOptions:
     t5: bool | None = None  # sd3 only
     device: str = "cpu"
     dtype: str = "auto"  # auto = fp16 on cuda, fp32 on cpu
-    compile: tuple[str, ...] = ()  # "unet", "vae": torch.compile those modules (speed only)
+    compile: tuple[str, ...] = ()  # "unet", "vae": torch.compile those; "channels-last" (speed only)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

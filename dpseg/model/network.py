@@ -37,6 +37,14 @@ class DPSeg(nn.Module):
         self.text_encoder = towers.text  # frozen
         encoder_channels = dict(zip(self.image_encoder.strides, self.image_encoder.channels, strict=False))
         self.decoder = CostDecoder(cfg, encoder_channels, cfg.cost_channels)
+        self.compiled_decoder = None  # a plain function (not a submodule): see compile_decoder
+
+    def compile_decoder(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile the one-pass decoder (fuses its per-class elementwise chains and layout
+        copies). Speed only: the parameters and state dict stay the decoder's own (the compiled
+        function is not a submodule); chunked decoding and training keep the eager modules. A new
+        class count or batch size recompiles once, then shapes are marked dynamic."""
+        self.compiled_decoder = torch.compile(self.decoder.forward, backend=backend, mode=mode)
 
     # ---- prompts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -90,9 +98,8 @@ class DPSeg(nn.Module):
         reject = None if self.training else self.cfg.class_reject_topk
         chunk = class_chunk or self.cfg.class_chunk
         if reject or not chunk or chunk >= num_classes:
-            logits, aux_logits = self.decoder(
-                self._inputs(features, text, visual, slice(None)), aux=aux, reject_topk=reject
-            )
+            decode = self.compiled_decoder if self.compiled_decoder is not None and not self.training else self.decoder
+            logits, aux_logits = decode(self._inputs(features, text, visual, slice(None)), aux=aux, reject_topk=reject)
             return (logits, aux_logits) if aux else logits
         logits, aux_logits = self._decode_in_chunks(features, text, visual, num_classes, chunk, aux)
         return (logits, aux_logits) if aux else logits

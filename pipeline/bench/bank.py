@@ -121,6 +121,112 @@ def prototype_read_figure(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def encode_figure(
+    bank_dir: Path,
+    encoder: str,
+    sizes: Sequence[int],
+    batch_size: int,
+    workers: int | None,
+    device: str,
+    encoder_weights: str | None = None,
+) -> list[dict[str, Any]]:
+    """`bank encode` of every stored image of `bank_dir` at each encode size: the pipeline (tar
+    read + PNG decode in workers + tower + parts on a thread), then the one merge, timed apart;
+    beside it the tower alone on the same batches held in device memory (what the hardware gives)."""
+    from bank.encode import PromptEncoder, encode_shards, missing_parts, record_encoder
+    from bank.merge import merge
+    from bank.store import BankStore
+
+    store = BankStore(bank_dir)
+    rows = []
+    for size in sizes:
+        enc = PromptEncoder(encoder, encoder_weights, device, size)
+        for folder in ("staging", "features.zarr"):  # every stored image is encoded again
+            shutil.rmtree(store.root / folder / enc.group, ignore_errors=True)
+        shards = missing_parts(store, enc.group)
+        x = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, device=device)
+        for _ in range(2):  # warm-up: kernel selection, allocator
+            enc(x)
+        tower_s = _timed(lambda e=enc, x=x: [e(x) for _ in range(3)], device) / 3
+        done: dict = {}
+        encode_s = _timed(
+            lambda e=enc, d=done, t=shards: d.update(n=encode_shards(store, e, t, batch_size, False, workers)), device
+        )
+        images = done["n"]
+        with store.lock():
+            config = store.read_config()
+            record_encoder(config, enc.info)
+            store.write_config(config)
+        merge_s = _timed(lambda: merge(store), device)
+        rows.append(
+            {
+                "encode_size": size,
+                "images": images,
+                "batch_size": batch_size,
+                "workers": workers,
+                "encode_s": round(encode_s, 4),
+                "merge_s": round(merge_s, 4),
+                "images_per_s": round(images / (encode_s + merge_s), 2),
+                "images_per_s_without_merge": round(images / encode_s, 2),
+                "tower_only_images_per_s": round(batch_size / tower_s, 2),
+            }
+        )
+    return rows
+
+
+def bench_encode(
+    encoder: str = "tiny",
+    sizes: Sequence[int] = (64,),
+    images: int = 64,
+    resolution: int = 64,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "cpu",
+    encoder_weights: str | None = None,
+) -> dict[str, Any]:
+    """Re-encoding throughput alone: a procedural bank of `images` PNGs at `resolution` (what
+    SD would store; the generator does not matter to re-encoding), re-encoded with `encoder`."""
+    from bank.build import BuildOptions, build_bank
+    from bank.generators.base import GeneratorOptions
+    from bank.runtime import distributed_state, resolve_device
+
+    device = resolve_device(device)
+    distributed_state(device)
+    work = Path(tempfile.mkdtemp(prefix="dpseg-bench-encode-"))
+    try:
+        templates = 8
+        categories = max(1, -(-images // templates))
+        names = work / "names.txt"
+        names.write_text("".join(f"bench object {i}\n" for i in range(categories)))
+        build_bank(
+            BuildOptions(
+                out=work / "bank",
+                generator="procedural",
+                vocab=[str(names)],
+                encoder="tiny",
+                encoder_weights=None,
+                encode_size=32,
+                templates=templates,
+                batch_size=64,
+                shard_size=256,
+                progress=False,
+                generator_options=GeneratorOptions(resolution=resolution),
+            )
+        )
+        rows = encode_figure(work / "bank", encoder, sizes, batch_size, workers, device, encoder_weights)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "bench": "bank-encode",
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "encoder": encoder,
+        "image_resolution": resolution,
+        "encode": rows,
+        "goals": {"convnext-b at 320": ">= 1000 images/s", "convnext-b at 768": ">= 250 images/s"},
+    }
+
+
 def overhead_figure(
     generator, encoder, batch_size: int, batches: int, device: str, work: Path, tag: str, rounds: int = 2
 ) -> dict[str, Any]:
@@ -136,8 +242,10 @@ def overhead_figure(
     entries = plan_entries(categories, batch_size, generator.id, generator.settings_hash, 0)
     requests = [Request(e.prompt, e.seed, e.category, e.template) for e in entries]
     call = getattr(generator, "pipe", None)
-    warm = generator.generate(requests[:batch_size])  # warm-up (and compilation) of both models
-    _timed(lambda: encoder(checks.to_uint8(warm.images)), device)
+    warm: dict = {}
+    # warm-up (and compilation) of both models, reported apart from the steady state
+    warmup_s = _timed(lambda: warm.update(out=generator.generate(requests[:batch_size])), device)
+    _timed(lambda: encoder(checks.to_uint8(warm["out"].images)), device)
 
     def bare():
         for i in range(0, n, batch_size):
@@ -172,6 +280,7 @@ def overhead_figure(
         "bare_s_per_image": round(bare_s / n, 5),
         "bank_s_per_image": round(bank_s / n, 5),
         "ratio": round(bank_s / bare_s, 4),
+        "warmup_s": round(warmup_s, 3),
         "rounds": rounds,
         "bare_s_all": [round(t, 4) for t in bare_times],
         "bank_s_all": [round(t, 4) for t in bank_times],
@@ -195,6 +304,8 @@ def bench_bank(
     read_templates: int = 80,
     rounds: int = 2,
     progress: bool = True,
+    encode_batch_size: int = 32,
+    encode_workers: int | None = None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -243,7 +354,17 @@ def bench_bank(
         shutil.rmtree(bank_dir / "staging" / enc.group)  # encode everything again, from the stored images
         shutil.rmtree(bank_dir / "features.zarr" / enc.group)
         encode_s = _timed(
-            lambda: encode_bank(bank_dir, encoder, encoder_weights, device, 32, False, encoder=enc), device
+            lambda: encode_bank(
+                bank_dir,
+                encoder,
+                encoder_weights,
+                device,
+                encode_batch_size,
+                False,
+                encoder=enc,
+                workers=encode_workers,
+            ),
+            device,
         )
         from bank.inspection import info
 
@@ -252,8 +373,10 @@ def bench_bank(
             "images": images,
             "seconds": round(encode_s, 4),
             "images_per_s": round(images / encode_s, 2),
+            "batch_size": encode_batch_size,
+            "workers": encode_workers,
             "note": "re-encodes every stored image with the loaded prompt tower: "
-            "tar read + PNG decode + tower + part + merge",
+            "tar read + PNG decode (worker processes) + tower + parts (a thread) + merge",
         }
         result["encode_images_per_s"] = result["encode"]["images_per_s"]
     finally:
@@ -291,9 +414,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compiled-batch-sizes", type=ints, default=[])
     p.add_argument("--encoder", default="tiny")
     p.add_argument("--encoder-weights", default="none")
+    p.add_argument("--encode-batch-size", type=int, default=32)
+    p.add_argument("--encode-workers", type=int, default=-1, help="-1: the default (cores less one, at most 8)")
+    p.add_argument("--encode-only", action="store_true", help="only re-encoding throughput (no generator)")
+    p.add_argument("--encode-sizes", type=ints, default=[], help="encode sizes (default: the encoder's input size)")
+    p.add_argument("--encode-images", type=int, default=1024)
     p.add_argument("-o", "--out", default=None)
     a = p.parse_args(argv)
     weights = None if a.encoder_weights.lower() in ("none", "random") else a.encoder_weights
+    workers = None if a.encode_workers < 0 else a.encode_workers
+    if a.encode_only:
+        from dpseg.clip.encoders import ENCODERS
+
+        result = bench_encode(
+            a.encoder,
+            a.encode_sizes or [ENCODERS.get(a.encoder).image_size],
+            a.encode_images,
+            a.resolution or 768,
+            a.encode_batch_size,
+            workers,
+            a.device,
+            weights,
+        )
+        if a.out:
+            atomic_write_json(a.out, result)
+        print(json.dumps(result, indent=2))
+        return
     result = bench_bank(
         a.generator,
         a.device,
@@ -307,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         a.encoder,
         weights,
         rounds=a.rounds,
+        encode_batch_size=a.encode_batch_size,
+        encode_workers=workers,
     )
     if a.out:
         atomic_write_json(a.out, result)

@@ -53,6 +53,7 @@ def bench_model(
     class_chunk: int | None = None,
     reject_topk: int | None = None,
     threads: int | None = None,
+    compile_decoder: bool = False,
 ) -> dict:
     """Per (batch, classes): the whole forward, the image tower alone, and the decoder alone on
     precomputed features; with `class_chunk`, the chunked decoder too (same run, so the ratio
@@ -64,6 +65,7 @@ def bench_model(
         raise ValueError("fp16 on the CPU is not supported here; use fp32 or bf16")
     cfg = DPSegConfig(encoder=encoder)
     model = build_dpseg(cfg, weights=None, device=dev).to(DTYPES[dtype]).eval()
+    compiled = torch.compile(model.decoder.forward) if compile_decoder else None
     size = size or model.encoder_spec.image_size
     results = []
     grid = [(b, n) for b in batches for n in classes]
@@ -98,6 +100,25 @@ def bench_model(
                 row["decoder_reject_ms"] = round(ms, 3)
                 row["reject_speedup"] = round(row["decoder_ms"] / ms, 3)
                 row["peak_mem_mib_decoder_reject"] = round(peak, 1)
+            if compiled is not None:
+                # the first call compiles (this shape): reported apart from the steady state
+                eager = model(text=text, visual=visual, features=features)
+                model.compiled_decoder = compiled
+                try:
+                    start = time.perf_counter()
+                    fast = model(text=text, visual=visual, features=features)
+                    sync(dev)
+                    row["decoder_compiled_warmup_s"] = round(time.perf_counter() - start, 2)
+                    ms, peak = _time(
+                        lambda f=features, t=text, v=visual: model(text=t, visual=v, features=f), dev, warmup, repeats
+                    )
+                finally:
+                    model.compiled_decoder = None
+                row["decoder_compiled_ms"] = round(ms, 3)
+                row["decoder_compiled_ms_per_image"] = round(ms / batch, 3)
+                row["compiled_speedup"] = round(row["decoder_ms"] / ms, 3)
+                row["compiled_max_abs_diff"] = float((fast.float() - eager.float()).abs().max())
+                row["peak_mem_mib_decoder_compiled"] = round(peak, 1)
         row["decoder_share"] = round(1 - row["trunk_ms"] / row["model_ms"], 4)
         if class_chunk:
             row["chunked_over_unchunked"] = round(row["decoder_chunked_ms"] / row["decoder_ms"], 3)

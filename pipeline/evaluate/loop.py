@@ -10,12 +10,16 @@ OUT/overlays/overlay-%06d.tar refined prompts per image (bank/overlays.py)
 OUT/.parts/           per-shard confusion matrices: a killed run resumes at the first unfinished shard
 
 The images are processed in shards of `shard_size`; a shard is done when its confusion part is
-written (after its overlay shard and predictions), so a rerun skips done shards.
+written (after its overlay shard and predictions), so a rerun skips done shards. Under
+`accelerate launch` the shards not yet done are dealt round-robin over the ranks; every rank
+writes its own shards' parts, overlays and predictions under the names one process would use,
+and the main rank sums the parts once at the end (OUT must be one shared folder).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -95,30 +99,45 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
 
     # 1. resolve checkpoint, bank, dataset, prompts (one-line errors before any slow work)
     settings.validate()
+    state = _world(settings.device)
+    settings = dataclasses.replace(settings, device=_rank_device(state, settings.device))
     ctx = prepare_context(settings)
     out = Path(settings.out)
     run_passes = [2] if settings.overlays else list(range(1, settings.passes + 1))
     resolved = _resolved_settings(settings, ctx, run_passes)
-    _claim_output(out, resolved)
+    # every rank checks the folder as it was; only the main rank writes the marker
+    _check_output(out, resolved)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _claim_output(out, resolved)
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
     refine = RefineSettings(ctx.encode_size, settings.min_area, settings.crop, settings.instances)
 
-    # 2. overlays: read (pass II from storage) or write (after computing them)
+    # 2. overlays: read (pass II from storage) or write (after computing them; the main rank
+    # records their settings before the others open the folder)
     reader = writer = None
     if settings.overlays:
         from bank.overlays import OverlayReader
 
         reader = OverlayReader(settings.overlays)
         _check_overlays(reader.settings, resolved)
-    elif settings.passes == 2 and settings.write_overlays:
-        from bank.overlays import OverlayWriter
+    writes_overlays = settings.passes == 2 and settings.write_overlays and not settings.overlays
+    for turn in (True, False):
+        if writes_overlays and state.is_main_process == turn:
+            from bank.overlays import OverlayWriter
 
-        writer = OverlayWriter(out / "overlays", _overlay_settings(resolved))
+            writer = OverlayWriter(out / "overlays", _overlay_settings(resolved))
+        if turn:
+            state.wait_for_everyone()
 
-    # 3. shards of images, each a resumable unit; batches never straddle shards
+    # 3. shards of images, each a resumable unit; batches never straddle shards. The shards not
+    # done yet (the same list on every rank: read before any rank writes a part) are dealt
+    # round-robin, so a resume on another number of ranks splits what is left
     indices = list(range(len(ctx.dataset)))[: settings.limit]
     shards = [indices[i : i + settings.shard_size] for i in range(0, len(indices), settings.shard_size)]
-    todo = [s for s in range(len(shards)) if not (out / PARTS / f"part-{s:06d}.npy").is_file()]
+    missing = [s for s in range(len(shards)) if not part_path(out, s).is_file()]
+    state.wait_for_everyone()
+    todo = rank_shards(missing, state.num_processes, state.process_index)
     batches = [
         (s, shards[s][i : i + settings.batch_size]) for s in todo for i in range(0, len(shards[s]), settings.batch_size)
     ]
@@ -129,7 +148,10 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     conf = {p: np.zeros((k, k), np.int64) for p in run_passes}
     overlay_items: list = []
     bar = tqdm(
-        total=sum(len(b) for _, b in batches), desc=f"eval {ctx.dataset.info.dataset}", unit="img", disable=not progress
+        total=sum(len(b) for _, b in batches),
+        desc=f"eval {ctx.dataset.info.dataset}",
+        unit="img",
+        disable=not (progress and state.is_main_process),
     )
     for (shard, batch_indices), batch in zip(batches, loader, strict=True):  # the loader yields one batch per entry
         # 4. pass I: image features once, bank prompts
@@ -178,26 +200,77 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         if batch_indices[-1] == shards[shard][-1]:
             if writer is not None:
                 writer.write_shard(shard, overlay_items)
-            part = np.stack([conf[p] for p in run_passes])
-            buf = io.BytesIO()
-            np.save(buf, part, allow_pickle=False)
-            atomic_write_bytes(out / PARTS / f"part-{shard:06d}.npy", buf.getvalue())
+            write_part(out, shard, np.stack([conf[p] for p in run_passes]))
             overlay_items = []
             conf = {p: np.zeros((k, k), np.int64) for p in run_passes}
     bar.close()
     if reader is not None:
         reader.close()
 
-    # 8. sum the parts (this run's and earlier runs'), score, write
-    total = {p: np.zeros((k, k), np.int64) for p in run_passes}
-    for s in range(len(shards)):
-        part = np.load(out / PARTS / f"part-{s:06d}.npy", allow_pickle=False)
-        for i, p in enumerate(run_passes):
-            total[p] += part[i]
+    # 8. once every rank is done: sum the parts (all ranks', this run's and earlier runs'), score;
+    # the main rank writes, every rank returns the same numbers
+    state.wait_for_everyone()
+    parts, _ = gather_parts(out, len(shards))
+    total = {
+        p: sum(part[i] for part in parts) if parts else np.zeros((k, k), np.int64) for i, p in enumerate(run_passes)
+    }
     metrics = _metrics(total, resolved, ctx, len(indices))
-    _write_per_class(out / "per_class.csv", metrics, ctx)
-    atomic_write_json(out / "metrics.json", metrics)
+    metrics["ranks"] = state.num_processes  # not a setting: any number of ranks gives these numbers
+    if state.is_main_process:
+        _write_per_class(out / "per_class.csv", metrics, ctx)
+        atomic_write_json(out / "metrics.json", metrics)
+    state.wait_for_everyone()
     return metrics
+
+
+# ---- ranks and parts ------------------------------------------------------------------------
+def _world(device: str):
+    from bank.runtime import distributed_state
+
+    return distributed_state(device)
+
+
+def _rank_device(state, device: str) -> str:
+    from bank.runtime import rank_device
+
+    return rank_device(state, device)
+
+
+def rank_shards(missing: list[int], world_size: int, rank: int) -> list[int]:
+    """This rank's share of the shards still to do: round-robin, so ranks differ by one shard at most."""
+    return missing[rank::world_size]
+
+
+def part_path(out: Path, shard: int) -> Path:
+    return out / PARTS / f"part-{shard:06d}.npy"
+
+
+def records_path(out: Path, shard: int) -> Path:
+    return out / PARTS / f"records-{shard:06d}.json"
+
+
+def write_part(out: Path, shard: int, confusion: np.ndarray, records: list[dict] | None = None) -> None:
+    """A shard's results: optional per-image records (JSON, e.g. keyed by image id), then its
+    confusion stack, whose presence marks the shard done (so records are never missing for it)."""
+    if records is not None:
+        atomic_write_json(records_path(out, shard), records)
+    buf = io.BytesIO()
+    np.save(buf, confusion, allow_pickle=False)
+    atomic_write_bytes(part_path(out, shard), buf.getvalue())
+
+
+def gather_parts(out: Path, shards: int) -> tuple[list[np.ndarray], list[dict]]:
+    """Every shard's confusion stack and per-image records in shard order, whichever rank or run
+    wrote them: the order (and so every sum and list) is the one a single process gives."""
+    parts, records = [], []
+    for s in range(shards):
+        path = part_path(out, s)
+        if not path.is_file():
+            raise UserError(f"{path} is missing after every rank finished; run the same eval again to resume")
+        parts.append(np.load(path, allow_pickle=False))
+        if records_path(out, s).is_file():
+            records += json.loads(records_path(out, s).read_text())
+    return parts, records
 
 
 # ---- pieces ---------------------------------------------------------------------------------
@@ -241,18 +314,21 @@ def _identity(resolved: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _claim_output(out: Path, resolved: dict) -> None:
+def _check_output(out: Path, resolved: dict) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     marker = out / PARTS / "settings.json"
-    ident = _identity(resolved)
     if marker.is_file():
         previous = json.loads(marker.read_text()).get("identity")
-        if previous != ident:
+        if previous != _identity(resolved):
             raise UserError(f"--out {out} holds an evaluation with other settings; choose another --out or delete it")
     elif out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty and holds no evaluation; choose an empty or new folder")
-    atomic_write_json(marker, {"identity": ident, "settings": resolved})
+
+
+def _claim_output(out: Path, resolved: dict) -> None:
+    _check_output(out, resolved)
+    atomic_write_json(out / PARTS / "settings.json", {"identity": _identity(resolved), "settings": resolved})
 
 
 def _overlay_settings(resolved: dict) -> dict:

@@ -21,6 +21,7 @@ parser.add_argument("--batches", default="1,8")
 parser.add_argument("--chunk", type=int, default=128)
 parser.add_argument("--out", required=True)
 parser.add_argument("--reject-topk", type=int, default=1)  # SED's TEST.TOPK
+parser.add_argument("--compile-decoder", action="store_true")
 args = parser.parse_args()
 ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
 
@@ -36,6 +37,7 @@ run = bench_model(
     repeats=10,
     class_chunk=args.chunk,
     reject_topk=args.reject_topk,
+    compile_decoder=args.compile_decoder,
 )
 atomic_write_json(args.out, run)
 header = ("batch", "classes", "ms/img", "trunk", "decoder", "chunked", "reject", "peak MiB")
