@@ -27,13 +27,14 @@ import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
 
 from dpseg import faults
 from dpseg.errors import UserError
-from dpseg.io import atomic_write_bytes
+from dpseg.io import atomic_write_bytes, folder_lock
 
 SCHEMA_VERSION = 2  # 2: features groups are (encoder, encode size)
 BANK_JSON = "bank.json"
@@ -98,11 +99,12 @@ class BankStore:
         if not self.root.exists():
             raise UserError(
                 f"no bank at {self.root}: the folder does not exist; "
-                f"build one with `dpseg bank build --out {self.root} ...`"
+                f"build one with `dpseg bank build --out {quote(str(self.root))} ...`"
             )
         if not self.exists():
             raise UserError(
-                f"{self.root} is not a bank (no {BANK_JSON}); build one with `dpseg bank build --out {self.root} ...`"
+                f"{self.root} is not a bank (no {BANK_JSON}); build one with "
+                f"`dpseg bank build --out {quote(str(self.root))} ...`"
             )
         return self
 
@@ -145,30 +147,15 @@ class BankStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def build_lock(self, job: int, jobs: int, rank: int, ranks: int) -> Iterator[None]:
+    def build_lock(self, job: int, jobs: int, rank: int, ranks: int) -> contextlib.AbstractContextManager[None]:
         """Held for a whole build by each (job-array index, rank): a second identical build into
         the same folder is refused instead of generating the same entries twice."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".build-{job}-of-{jobs}.rank-{rank}-of-{ranks}.lock"
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise UserError(
-                    f"another `dpseg bank build` ({holder}) is writing the same entries into {self.root}; "
-                    f"wait for it to finish (then run this again to check), or stop it"
-                ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()}")
-            f.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return folder_lock(
+            self.root,
+            "dpseg bank build",
+            doing="writing the same entries into",
+            name=f".build-{job}-of-{jobs}.rank-{rank}-of-{ranks}.lock",
+        )
 
     # ---- shards -------------------------------------------------------------------------
     def shards(self) -> list[str]:

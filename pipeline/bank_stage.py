@@ -78,13 +78,13 @@ def run_bank_stage(params: dict[str, Any], progress: bool = True) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dpseg.errors import UserError
+    from dpseg.errors import UserError, error_line
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         run_bank_stage(load_params(argv[0] if argv else "params.yaml"))
-    except UserError as err:
-        print(f"Error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        print(f"Error: {error_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

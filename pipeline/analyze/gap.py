@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
@@ -181,7 +182,7 @@ def bank_encoder_info(bank, encoder: str) -> dict:
         have = ", ".join(bank.encoders()) or "none"
         raise UserError(
             f"bank {bank.root} has no features for encoder {encoder!r} (it has: {have}); "
-            f"add them with: dpseg bank encode {bank.root} --encoder {encoder}"
+            f"add them with: dpseg bank encode {quote(str(bank.root))} --encoder {quote(encoder)}"
         )
     return info
 
