@@ -34,7 +34,7 @@ import numpy as np
 
 from dpseg import faults
 from dpseg.errors import UserError
-from dpseg.io import atomic_write_bytes, folder_lock
+from dpseg.io import atomic_write_bytes, folder_lock, write_failed
 
 SCHEMA_VERSION = 2  # 2: features groups are (encoder, encode size)
 BANK_JSON = "bank.json"
@@ -264,6 +264,7 @@ class ShardWriter:
         self.file = open(self.path, "wb")
         fcntl.flock(self.file, fcntl.LOCK_EX)
         self.tar = wds.TarWriter(self.file)
+        self.bytes = 0
         self.keys: list[str] = []  # entries with an image (and so features)
         self.features: dict[str, list[np.ndarray]] = {n: [] for n in FEATURE_NAMES}
         self.count = 0
@@ -275,9 +276,8 @@ class ShardWriter:
         try:
             self.tar.write({"__key__": key, **files})
         except OSError as err:  # a full disk: name the file (the shard is dropped by abort(), never kept half-written)
-            if err.filename is None:
-                raise OSError(err.errno, err.strerror, str(self.path)) from None
-            raise
+            raise write_failed(err, self.path, self.needed()) from None
+        self.bytes += sum(len(v) for v in files.values())
         if features is not None:
             self.keys.append(key)
             for name in FEATURE_NAMES:
@@ -286,12 +286,21 @@ class ShardWriter:
         crash_point("tar")
         return self.commit() if self.count >= self.max_samples else None
 
+    def needed(self) -> int:
+        """About the size the shard being written needs: its samples and a tar's own blocks."""
+        return self.bytes + 1024 * (self.count + 1) + tarfile.RECORDSIZE
+
     def commit(self) -> str | None:
         if self.file is None:
             return None
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as err:
+            failed = write_failed(err, self.path, self.needed())
+            self.abort()
+            raise failed from None
         shard = self.store.link_shard(self.path)
         self.path.unlink()
         self.file.close()  # releases the lock
@@ -304,7 +313,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self.file is not None:
-            self.file.close()
+            self.tar.tarstream.closed = True  # nothing more is written into a dropped shard, not even at exit
+            with contextlib.suppress(OSError):  # the buffer that failed to reach the disk fails again: drop it
+                self.file.close()
             self.path.unlink(missing_ok=True)
             self.file = None
 

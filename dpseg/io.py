@@ -40,6 +40,13 @@ def write_failed(err: OSError, path: str | os.PathLike, needed: int | None = Non
     return failed
 
 
+def renamed(err: OSError, name: str | os.PathLike) -> OSError:
+    """`err` naming `name` instead: a file written under a temporary name, named as the user knows it."""
+    failed = OSError(err.errno, err.strerror, str(name))
+    failed.needed = getattr(err, "needed", None)
+    return failed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync: bool = True) -> None:
     """`sync=False` skips the fsync: still whole-or-nothing against a killed process, just not
     against power loss (for bulk writes such as dataset preparation). The file gets the mode a

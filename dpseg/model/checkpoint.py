@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 import dpseg
 from dpseg.errors import UserError, first_line
-from dpseg.io import atomic_write_bytes, copy_file, current_umask, save_tensors, write_failed
+from dpseg.io import atomic_write_bytes, copy_file, current_umask, renamed, save_tensors
 from dpseg.model.config import CONFIG_VERSION, DPSegConfig
 from dpseg.model.network import DPSeg, build_dpseg
 
@@ -101,7 +101,7 @@ def save_dpseg(
         shutil.rmtree(tmp, ignore_errors=True)
         # name the file as it will be called, not its temporary folder
         name = str(err.filename).replace(str(tmp), str(path), 1) if err.filename else str(path)
-        raise write_failed(err, name) from None
+        raise renamed(err, name) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

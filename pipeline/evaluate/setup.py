@@ -60,7 +60,8 @@ def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
     ):
         raise UserError(
             f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
-            f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)"
+            f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank) or the weights it was "
+            f"trained with (--encoder-weights)"
         )
     return info
 

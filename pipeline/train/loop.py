@@ -136,7 +136,8 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
     if folder is not None:
         state = ckpt.read_state(folder)
         recorded = recorded_recipe(r, out)
-        check_resumable(same_places(state.get("recipe", {}), recorded, out), recorded, folder)
+        saved = same_places(state.get("recipe", {}), recorded, out, ckpt.weights_sha256(folder))
+        check_resumable(saved, recorded, folder)
     elif accelerator.is_main_process:
         for name in (ckpt.CHECKPOINT, METRICS_FILE, LOSS_CSV, SUMMARY_FILE):
             remove(out / name)
@@ -386,13 +387,21 @@ def recorded_recipe(r: TrainRecipe, out: Path) -> dict:
     return recipe
 
 
-def same_places(saved: dict, recorded: dict, out: Path) -> dict:
-    """`saved` with each path that names the same place as `recorded`'s replaced by it: runs that
-    recorded paths relative to the directory they were started from resume unchanged."""
+def same_places(saved: dict, recorded: dict, out: Path, weights_sha256: str | None = None) -> dict:
+    """`saved` with each path that names the same thing as `recorded`'s replaced by it: runs that
+    recorded paths relative to the directory they were started from resume unchanged, and a
+    weights file is the same weights at any path when its digest is the one the checkpoint
+    recorded (the weights file it carries, say)."""
+    from dpseg.clip.encoders import weights_digest
+
     saved = dict(saved)
     for key in RUN_PATHS:
         old, new = saved.get(key), recorded.get(key)
-        if old and new and old != new and Path(old).resolve() == (out / new).resolve():
+        if not (old and new) or old == new:
+            continue
+        if Path(old).resolve() == (out / new).resolve():
+            saved[key] = new
+        elif key == "encoder_weights" and weights_sha256 and weights_digest(out / new) == weights_sha256:
             saved[key] = new
     return saved
 

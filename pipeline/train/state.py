@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dpseg.errors import UserError, first_line
-from dpseg.io import atomic_write_json, save_tensors, write_failed
+from dpseg.io import atomic_write_json, renamed, save_tensors
 
 CHECKPOINT = "checkpoint"
 NEW, OLD = ".checkpoint-new", ".checkpoint-old"
@@ -137,7 +137,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, extra: 
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)  # the last complete checkpoint stays the one to resume
         name = str(failed.filename or staging).replace(str(staging), str(out / CHECKPOINT), 1)
-        raise write_failed(failed, name) from None
+        raise renamed(failed, name) from None
     if accelerator.is_main_process:
         atomic_write_json(staging / STATE_FILE, state)  # the folder is complete from here on
         crash_point("swap")
@@ -164,6 +164,14 @@ def _first_failure(failed: OSError | None, accelerator) -> OSError | None:
         return None
     first = errors[0]
     return failed or OSError(first.errno, first.strerror, first.filename)
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """The digest of the local weights file a checkpoint was trained with (None: a tag, random)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("encoder_weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_state(folder: Path) -> dict:
