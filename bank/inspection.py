@@ -7,6 +7,7 @@ import io
 import json
 from collections import Counter
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
@@ -175,7 +176,7 @@ def _verify_features(store: BankStore, config: dict, ok_cells: set, by_shard: di
         )
     for group in groups:
         name, size = split_group(group)
-        fix = f"repair with: dpseg bank encode {store.root} --encoder {name} --encode-size {size}"
+        fix = f"repair with: dpseg bank encode {quote(str(store.root))} --encoder {name} --encode-size {size}"
         try:
             g = zarr.open_group(str(store.features_path / group), mode="r")
             problems += _verify_group(g, group, ok_cells, fix)

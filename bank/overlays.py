@@ -17,7 +17,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 
 from dpseg.clip.image import PROMPT_STRIDES
 from dpseg.errors import UserError
-from dpseg.io import atomic_write_json
+from dpseg.io import atomic_write_bytes, atomic_write_json
 from dpseg.refine import Refinement
 
 SETTINGS_FILE = "overlays.json"
@@ -72,35 +71,27 @@ class OverlayWriter:
         import webdataset as wds
 
         path = self.root / shard_name(index)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer = wds.TarWriter(f)
-                for image_id, ref, extra in items:
-                    meta = {
-                        "id": image_id,
-                        "classes": ref.classes.tolist(),
-                        "areas": ref.areas.tolist(),
-                        "counts": ref.counts.tolist(),
-                        **extra,
-                        "settings": self.settings,
-                    }
-                    sample = {
-                        "__key__": sample_key(image_id),
-                        "json": json.dumps(meta).encode(),
-                        "embedding.npy": _npy(ref.embedding.numpy().astype(np.float16)),
-                    }
-                    for s in PROMPT_STRIDES:
-                        sample[f"pooled_{s}.npy"] = _npy(ref.pooled[s].numpy().astype(np.float16))
-                    writer.write(sample)
-                writer.close()
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()  # a shard holds a few images' prompts: built in memory, written whole
+        writer = wds.TarWriter(buf)
+        for image_id, ref, extra in items:
+            meta = {
+                "id": image_id,
+                "classes": ref.classes.tolist(),
+                "areas": ref.areas.tolist(),
+                "counts": ref.counts.tolist(),
+                **extra,
+                "settings": self.settings,
+            }
+            sample = {
+                "__key__": sample_key(image_id),
+                "json": json.dumps(meta).encode(),
+                "embedding.npy": _npy(ref.embedding.numpy().astype(np.float16)),
+            }
+            for s in PROMPT_STRIDES:
+                sample[f"pooled_{s}.npy"] = _npy(ref.pooled[s].numpy().astype(np.float16))
+            writer.write(sample)
+        writer.close()
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ class Bank:
 
     def encode_command(self, encoder: str, encode_size: int | None = None) -> str:
         size = f" --encode-size {encode_size}" if encode_size else ""
-        return f"dpseg bank encode {self.root} --encoder {encoder}{size}"
+        return f"dpseg bank encode {quote(str(self.root))} --encoder {quote(encoder)}{size}"
 
     def _missing_encoder(self, encoder: str, encode_size: int | None):
         have = ", ".join(self.groups()) or "none"
@@ -155,7 +156,8 @@ class Bank:
     def build_command(self, encoder: str, templates: int) -> str:
         g = self.config["generator"]
         return (
-            f"dpseg bank build --out {self.root} --generator {g['id']} --encoder {encoder} --templates {templates} "
+            f"dpseg bank build --out {quote(str(self.root))} --generator {quote(g['id'])} --encoder {encoder} "
+            f"--templates {templates} "
             f"--seed {self.config['seed']} --vocab VOCAB (a vocabulary or file that lists them)"
         )
 

@@ -27,13 +27,14 @@ import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
 
 from dpseg import faults
 from dpseg.errors import UserError
-from dpseg.io import atomic_write_bytes
+from dpseg.io import atomic_write_bytes, folder_lock, write_failed
 
 SCHEMA_VERSION = 2  # 2: features groups are (encoder, encode size)
 BANK_JSON = "bank.json"
@@ -98,11 +99,12 @@ class BankStore:
         if not self.root.exists():
             raise UserError(
                 f"no bank at {self.root}: the folder does not exist; "
-                f"build one with `dpseg bank build --out {self.root} ...`"
+                f"build one with `dpseg bank build --out {quote(str(self.root))} ...`"
             )
         if not self.exists():
             raise UserError(
-                f"{self.root} is not a bank (no {BANK_JSON}); build one with `dpseg bank build --out {self.root} ...`"
+                f"{self.root} is not a bank (no {BANK_JSON}); build one with "
+                f"`dpseg bank build --out {quote(str(self.root))} ...`"
             )
         return self
 
@@ -145,30 +147,15 @@ class BankStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def build_lock(self, job: int, jobs: int, rank: int, ranks: int) -> Iterator[None]:
+    def build_lock(self, job: int, jobs: int, rank: int, ranks: int) -> contextlib.AbstractContextManager[None]:
         """Held for a whole build by each (job-array index, rank): a second identical build into
         the same folder is refused instead of generating the same entries twice."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".build-{job}-of-{jobs}.rank-{rank}-of-{ranks}.lock"
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise UserError(
-                    f"another `dpseg bank build` ({holder}) is writing the same entries into {self.root}; "
-                    f"wait for it to finish (then run this again to check), or stop it"
-                ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()}")
-            f.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return folder_lock(
+            self.root,
+            "dpseg bank build",
+            doing="writing the same entries into",
+            name=f".build-{job}-of-{jobs}.rank-{rank}-of-{ranks}.lock",
+        )
 
     # ---- shards -------------------------------------------------------------------------
     def shards(self) -> list[str]:
@@ -277,6 +264,7 @@ class ShardWriter:
         self.file = open(self.path, "wb")
         fcntl.flock(self.file, fcntl.LOCK_EX)
         self.tar = wds.TarWriter(self.file)
+        self.bytes = 0
         self.keys: list[str] = []  # entries with an image (and so features)
         self.features: dict[str, list[np.ndarray]] = {n: [] for n in FEATURE_NAMES}
         self.count = 0
@@ -288,9 +276,8 @@ class ShardWriter:
         try:
             self.tar.write({"__key__": key, **files})
         except OSError as err:  # a full disk: name the file (the shard is dropped by abort(), never kept half-written)
-            if err.filename is None:
-                raise OSError(err.errno, err.strerror, str(self.path)) from None
-            raise
+            raise write_failed(err, self.path, self.needed()) from None
+        self.bytes += sum(len(v) for v in files.values())
         if features is not None:
             self.keys.append(key)
             for name in FEATURE_NAMES:
@@ -299,12 +286,21 @@ class ShardWriter:
         crash_point("tar")
         return self.commit() if self.count >= self.max_samples else None
 
+    def needed(self) -> int:
+        """About the size the shard being written needs: its samples and a tar's own blocks."""
+        return self.bytes + 1024 * (self.count + 1) + tarfile.RECORDSIZE
+
     def commit(self) -> str | None:
         if self.file is None:
             return None
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as err:
+            failed = write_failed(err, self.path, self.needed())
+            self.abort()
+            raise failed from None
         shard = self.store.link_shard(self.path)
         self.path.unlink()
         self.file.close()  # releases the lock
@@ -317,7 +313,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self.file is not None:
-            self.file.close()
+            self.tar.tarstream.closed = True  # nothing more is written into a dropped shard, not even at exit
+            with contextlib.suppress(OSError):  # the buffer that failed to reach the disk fails again: drop it
+                self.file.close()
             self.path.unlink(missing_ok=True)
             self.file = None
 

@@ -10,6 +10,11 @@ import typer
 
 from dpseg.refine import DEFAULT_MIN_AREA
 
+WEIGHTS_HELP = (
+    "Encoder weights the checkpoint was trained with: a .safetensors file, an open_clip tag, or 'none' "
+    "(default: the checkpoint's: carried in it, or recorded)."
+)
+
 
 def eval_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder (OUT/checkpoint of `dpseg train`)."),
@@ -17,6 +22,7 @@ def eval_command(
     out: Path = typer.Option(..., help="Output folder: metrics.json, per_class.csv, pred/, overlays/ (resumable)."),
     split: str = typer.Option("val", help="Dataset split."),
     bank: Path | None = typer.Option(None, help="Bank folder (default: the one the checkpoint was trained with)."),
+    encoder_weights: str | None = typer.Option(None, help=WEIGHTS_HELP),
     passes: int = typer.Option(2, min=1, max=2, help="1: bank prompts; 2: also pass II (refined prompts)."),
     classes: str | None = typer.Option(None, help="Class subset: all, a declared one (seen, unseen) or ids '0,3'."),
     size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's)."),
@@ -45,6 +51,7 @@ def eval_command(
         out=str(out),
         split=split,
         bank=str(bank) if bank else None,
+        encoder_weights=encoder_weights,
         passes=passes,
         classes=classes,
         size=size,
@@ -84,6 +91,7 @@ def segment_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
     out: Path = typer.Option(Path("out/segment"), "-o", "--out", help="Output folder for the overlay PNGs."),
     bank: Path | None = typer.Option(None, help="Bank folder (default: the checkpoint's)."),
+    encoder_weights: str | None = typer.Option(None, help=WEIGHTS_HELP),
     passes: int = typer.Option(2, min=1, max=2),
     size: int | None = typer.Option(None, help="Model input size (default: the checkpoint's)."),
     min_area: int = typer.Option(DEFAULT_MIN_AREA, min=0),
@@ -102,6 +110,7 @@ def segment_command(
             checkpoint=str(checkpoint),
             out=str(out),
             bank=str(bank) if bank else None,
+            encoder_weights=encoder_weights,
             passes=passes,
             size=size,
             min_area=min_area,

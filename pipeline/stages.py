@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from dpseg.errors import UserError
+from dpseg.errors import UserError, error_line
 from dpseg.io import atomic_write_bytes, atomic_write_json
 from pipeline.profiles import eval_set, load_params, resolve
 
@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> None:
             print(yaml.safe_dump(stage_params(resolved_params(args.params)), sort_keys=False), end="")
             return
         result = run_stage(args.stage, args.params, args.set_name, progress=sys.stderr.isatty())
-    except UserError as err:
-        print(f"Error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        print(f"Error: {error_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.stage == "report":
         print(result["table"])

@@ -2,6 +2,7 @@
 checkpoint reproduces the trained network, and every bad input is one line before any compute."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -49,7 +50,9 @@ def test_the_run_folder_says_what_made_it(trained, world):
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     extra = config["extra"]
     assert extra["step"] == 32 and json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 32
-    assert extra["bank"]["path"] == str(bank) and extra["bank"]["generator"] == "procedural"
+    # paths relative to the run folder: the folder moves together with what it names
+    assert extra["bank"]["path"] == os.path.relpath(bank, out) and extra["bank"]["generator"] == "procedural"
+    assert extra["dataset"] == extra["recipe"]["dataset"] == os.path.relpath(data, out)
     assert extra["bank"]["settings_hash"] == json.loads((bank / "bank.json").read_text())["generator"]["settings_hash"]
     assert extra["encoder"] == "tiny" and extra["encoder_weights"] == "random" and extra["encode_size"] == 64
     assert extra["vocabulary"]["class_ids"] == CLASS_IDS

@@ -15,6 +15,7 @@ image), which is what makes a rerun resume.
 
 from __future__ import annotations
 
+from shlex import quote
 import json
 import os
 import tempfile
@@ -89,7 +90,7 @@ def read_layout(root: str | Path) -> LayoutInfo:
     if not root.is_dir():
         raise LayoutError(
             f"prepared dataset folder {str(root)!r} does not exist; create it with "
-            f"`dpseg data prepare NAME --src RAW --out {root}` or `dpseg data synth --out {root}`"
+            f"`dpseg data prepare NAME --src RAW --out {quote(str(root))}` or `dpseg data synth --out {quote(str(root))}`"
         )
     meta_path = root / META
     if not meta_path.is_file():

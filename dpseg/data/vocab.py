@@ -84,32 +84,67 @@ def load_vocab(name_or_path: str) -> list[str]:
     known = ", ".join(vocab_names())
     # the registry's own error type, so callers catch one class for "unknown name"
     raise UnknownNameError(
-        f"unknown vocabulary {name_or_path!r}; known: {known} (or pass a .txt/.json file of class names)"
+        f"unknown vocabulary {cut(name_or_path)!r}; known: {known} (or pass a .txt/.json file of class names)"
     )
 
 
-def parse_classes(text: str) -> list[str]:
-    """`--classes`: a registered vocabulary, a .txt/.json file, or comma-separated names."""
+def _looks_like_path(text: str) -> bool:
+    return text.endswith((".txt", ".json")) or "/" in text or "\\" in text or _exists(text)
+
+
+def _exists(text: str) -> bool:
+    try:  # a long inline list is no file name ("File name too long" is the answer, not a file)
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def parse_classes(text: str, option: str = "--classes") -> list[str]:
+    """What a user means by `--classes TEXT`: a value with a comma is class names, whatever its
+    length or characters ("car, truck/lorry"); otherwise a registered vocabulary, an existing
+    .txt/.json file, or one class name. Errors quote long values cut to their first names."""
     text = text.strip()
-    if text in VOCABULARIES or _looks_like_path(text):
-        return load_vocab(text)
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    if "," not in text:
+        if not text:
+            raise VocabularyError(
+                f'{option} is empty: no classes; give names ("cat, dog"), a vocabulary name or a .txt/.json file'
+            )
+        if text in VOCABULARIES:
+            return VOCABULARIES.get(text).load()
+        if text.endswith((".txt", ".json")) or _exists(text):
+            return load_vocab_file(text)
+        return [unicodedata.normalize("NFC", text)]
+    names = [unicodedata.normalize("NFC", n.strip()) for n in text.split(",")]
+    names = [n for n in names if n]
     if not names:
-        raise UserError('--classes is empty; give names ("cat, dog"), a vocabulary name or a .txt/.json file')
-    if len(set(names)) != len(names):
-        raise UserError(f"--classes names a class twice: {text!r}")
+        raise VocabularyError(f"{option} is empty ({cut(text)!r}): no classes; give names such as 'cat, dog'")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise VocabularyError(
+                f"{option} names the class {cut(n)!r} twice (names {seen[n] + 1} and {i + 1} of {len(names)}: "
+                f"{shorten(names)}); give each class once"
+            )
+        seen[n] = i
     return names
 
 
-def _looks_like_path(text: str) -> bool:
-    return text.endswith((".txt", ".json")) or "/" in text or "\\" in text or Path(text).exists()
+def cut(text: str, limit: int = 40) -> str:
+    """`text`, cut to `limit` characters for an error line."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shorten(names: list[str], first: int = 3) -> str:
+    """'a', 'b', 'c' … and N more: a long list of names as an error line quotes it."""
+    shown = ", ".join(repr(cut(n, 30)) for n in names[:first])
+    return shown + (f" … and {len(names) - first} more" if len(names) > first else "")
 
 
 def load_vocab_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise VocabularyError(
-            f"vocabulary file {str(path)!r} does not exist; "
+            f"vocabulary file {cut(str(path), 120)!r} does not exist; "
             f"pass a registered name ({', '.join(vocab_names())}) or an existing .txt/.json file"
         )
     try:

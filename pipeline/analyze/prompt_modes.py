@@ -90,7 +90,7 @@ if __name__ == "__main__":
     import argparse
     import sys
 
-    from dpseg.errors import UserError
+    from dpseg.errors import UserError, error_line
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.analyze.prompt_modes", description=__doc__.splitlines()[0]
@@ -102,6 +102,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         print(prompt_modes_report(args.params, run=args.run, out=args.out, paragraph=args.paragraph)["markdown"])
-    except UserError as err:
-        print(f"Error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        print(f"Error: {error_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None

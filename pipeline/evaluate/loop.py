@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 
 from dpseg.errors import UserError
-from dpseg.io import atomic_write_bytes, atomic_write_json
+from dpseg.io import LOCK_FILE, atomic_write_bytes, atomic_write_json
 from dpseg.metrics import confusion_matrix, label_range_error, predict_labels, segmentation_scores, uniform_random_miou
 from dpseg.refine import CROP_MODES, DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
 from pipeline.evaluate.setup import EvalContext, prepare_context
@@ -64,6 +65,7 @@ class EvalSettings:
     limit: int | None = None  # evaluate the first N images only
     device: str = "auto"
     text_cache: str | None = None
+    encoder_weights: str | None = None  # default: the checkpoint's (carried in it, or recorded)
 
     def validate(self) -> None:
         if self.passes not in (1, 2):
@@ -95,6 +97,19 @@ def eval_from_params(section: dict, progress: bool = True) -> dict:
 
 
 def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
+    """Under the lock of the output folder (one evaluation writes into it at a time; under
+    `accelerate launch` the main rank holds it for the launch)."""
+    from dpseg.io import folder_lock
+
+    settings.validate()
+    out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    with folder_lock(out, "dpseg eval", hold=os.environ.get("RANK", "0") == "0"):
+        return _evaluate(settings, progress)
+
+
+def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     # 1. resolve checkpoint, bank, dataset, prompts (one-line errors before any slow work)
@@ -322,7 +337,7 @@ def _check_output(out: Path, resolved: dict) -> None:
         previous = json.loads(marker.read_text()).get("identity")
         if previous != _identity(resolved):
             raise UserError(f"--out {out} holds an evaluation with other settings; choose another --out or delete it")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise UserError(f"--out {out} is not empty and holds no evaluation; choose an empty or new folder")
 
 

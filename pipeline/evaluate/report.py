@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 
@@ -32,7 +33,7 @@ PAPER = {
 def load_metrics(folder: str | Path) -> dict:
     path = Path(folder) / "metrics.json"
     if not path.is_file():
-        raise UserError(f"{folder} holds no metrics.json; run `dpseg eval --out {folder}` first")
+        raise UserError(f"{folder} holds no metrics.json; run `dpseg eval --out {quote(str(folder))}` first")
     try:
         return json.loads(path.read_text())
     except ValueError as err:

@@ -26,7 +26,14 @@ from dpseg.metrics import predict_labels
 from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
 from pipeline.evaluate.panels import blend, legend_for, palette, save_panels
-from pipeline.evaluate.setup import bank_encoder_info, load_prototypes, open_checkpoint, text_prompts
+from pipeline.evaluate.setup import (
+    bank_encoder_info,
+    load_prototypes,
+    open_bank,
+    read_facts,
+    text_prompts,
+    tower_weights,
+)
 
 
 @dataclass
@@ -44,6 +51,7 @@ class SegmentSettings:
     generate: bool = False
     class_chunk: int | None = None
     device: str = "auto"
+    encoder_weights: str | None = None  # default: the checkpoint's (carried or recorded)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -100,7 +108,17 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
     if settings.passes not in (1, 2):
         raise UserError(f"--passes must be 1 or 2, got {settings.passes}")
     device = torch.device(resolve_device(settings.device))
-    _, facts, model = open_checkpoint(settings.checkpoint, device)
+    from dpseg.model.checkpoint import load_dpseg
+    from dpseg.model.config import DPSegConfig
+
+    config, facts = read_facts(settings.checkpoint)
+    if settings.encoder_weights is not None:
+        facts["encoder_weights"] = tower_weights(settings.encoder_weights, facts, None)[0]
+    bank = info = None
+    if DPSegConfig.from_dict(config["model"]).uses_visual:
+        bank = open_bank(settings.bank, facts, settings.checkpoint)
+        info = bank_encoder_info(bank, facts["encoder"], facts["encoder_weights"])
+    model = load_dpseg(settings.checkpoint, device, tower_weights(settings.encoder_weights, facts, info)[1]).eval()
     cfg = model.cfg
     size = int(settings.size or facts["size"] or model.encoder_spec.image_size)
     # 2. prompts: bank prototypes where the bank has the class, text-only otherwise
@@ -110,10 +128,6 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
     visual = None
     encode_size = facts["encode_size"] or model.prompt_encoder.image_size
     if cfg.uses_visual:
-        if not bank_dir:
-            raise UserError(f"checkpoint {settings.checkpoint} records no bank; pass --bank DIR")
-        bank = Bank(bank_dir)
-        info = bank_encoder_info(bank, facts["encoder"], facts["encoder_weights"])
         encode_size = int(facts["encode_size"] or info.get("encode_size") or info["prompt_size"])
         have = bank_has(bank, facts["encoder"], names)
         if settings.generate and not all(have):

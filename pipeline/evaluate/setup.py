@@ -47,7 +47,8 @@ def bank_encoder_info(bank, encoder: str, weights: str) -> dict:
     ):
         raise UserError(
             f"checkpoint encoder {encoder!r} has weights {weights!r} but bank {bank.root} was encoded with "
-            f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank)"
+            f"{info.get('weights')!r}; pass the bank the checkpoint was trained with (--bank) or the weights it was "
+            f"trained with (--encoder-weights)"
         )
     return info
 
@@ -104,21 +105,71 @@ class EvalContext:
 
 
 def read_facts(path: str) -> tuple[dict, dict]:
-    from dpseg.model.checkpoint import read_checkpoint_config
+    """The checkpoint's config and facts, with its recorded paths made usable from anywhere: the
+    carried weights file as its path inside the checkpoint, the bank relative to the run folder."""
+    from dpseg.model.checkpoint import read_checkpoint_config, recorded_weights
 
     config = read_checkpoint_config(path)
-    return config, checkpoint_facts(config)
+    facts = checkpoint_facts(config)
+    if config.get("encoder_weights") is not None:
+        facts["encoder_weights"] = _weights_id(recorded_weights(path, config))
+    facts["bank"] = run_path(path, facts["bank"])
+    return config, facts
 
 
-def open_checkpoint(path: str, device: torch.device):
-    from dpseg.model.checkpoint import load_dpseg
+def run_path(checkpoint: str | Path, recorded: str | None) -> str | None:
+    """A path a run recorded relative to its run folder (the checkpoint folder's parent), as a path
+    from here. Checkpoints written before runs recorded relative paths hold paths relative to the
+    directory they were made in: such a path is used as it is when only it exists."""
+    if not recorded or Path(recorded).is_absolute():
+        return recorded
+    from_run = Path(checkpoint).parent / recorded
+    return str(from_run) if from_run.exists() or not Path(recorded).exists() else recorded
 
-    config, facts = read_facts(path)
-    return config, facts, load_dpseg(path, device).eval()
+
+def open_bank(given: str | None, facts: dict, checkpoint: str):
+    """The bank to read prompts from: `--bank`, else the one the checkpoint was trained with."""
+    from bank.reader import Bank
+
+    bank_dir = given or facts["bank"]
+    if not bank_dir:
+        raise UserError(f"checkpoint {checkpoint} records no bank; pass --bank DIR")
+    if not given and not Path(bank_dir).exists():
+        raise UserError(
+            f"the bank checkpoint {checkpoint} was trained with ({bank_dir}) does not exist here; pass --bank DIR "
+            f"(that bank, moved or copied)"
+        )
+    if given and not Path(bank_dir).exists():
+        raise UserError(f"--bank {bank_dir} does not exist; pass the folder of the bank the checkpoint used")
+    return Bank(bank_dir)
+
+
+def tower_weights(given: str | None, facts: dict, bank_info: dict | None) -> tuple[str, str | None]:
+    """(the weights the checkpoint's towers are identified by, what load_dpseg rebuilds them from:
+    None for the recorded ones). `given` (--encoder-weights) wins; a recorded local file that is
+    gone is stood in for by the bank's file (load_dpseg checks the towers' digest either way)."""
+    if given is not None:
+        from dpseg.clip.encoders import ENCODERS, resolve_weights
+
+        resolved = _weights_id(resolve_weights(ENCODERS.get(facts["encoder"]), given))
+        return resolved, resolved
+    recorded = facts["encoder_weights"]
+    bank_weights = (bank_info or {}).get("weights")
+    if bank_info is not None and stands_in(bank_weights, recorded):
+        return recorded, bank_weights
+    return recorded, None
+
+
+def weights_label(weights: str) -> str:
+    """How an evaluation records the towers' weights: a tag or "random" as it is, a local file by
+    its digest (the file's path changes when a run folder moves; its bytes do not)."""
+    from dpseg.clip.encoders import weights_digest
+
+    digest = weights_digest(weights)
+    return f"sha256:{digest}" if digest else weights
 
 
 def prepare_context(settings) -> EvalContext:
-    from bank.reader import Bank
     from dpseg.data.readers import SegmentationDataset
     from dpseg.data.subsets import remap_labels, resolve_subset
     from dpseg.data.transforms import EvalTransform
@@ -126,11 +177,12 @@ def prepare_context(settings) -> EvalContext:
     device = torch.device(resolve_device(settings.device))
     # 1. the facts the checkpoint records (the model loads once they are checked)
     _, facts = read_facts(settings.checkpoint)
+    weights = getattr(settings, "encoder_weights", None)
+    if weights is not None:
+        facts["encoder_weights"] = tower_weights(weights, facts, None)[0]
     bank_dir = settings.bank or facts["bank"]
-    if not bank_dir:
-        raise UserError(f"checkpoint {settings.checkpoint} records no bank; pass --bank DIR")
     # 2. bank: same encoder and weights as the checkpoint's towers
-    bank = Bank(bank_dir)
+    bank = open_bank(settings.bank, facts, settings.checkpoint)
     info = bank_encoder_info(bank, facts["encoder"], facts["encoder_weights"])
     encode_size = int(settings.encode_size or facts["encode_size"] or info.get("encode_size") or info["prompt_size"])
     from dpseg.clip.encoders import ENCODERS
@@ -144,8 +196,8 @@ def prepare_context(settings) -> EvalContext:
     names = [dataset.class_names[i] for i in keep]
     from dpseg.model.checkpoint import load_dpseg
 
-    stand_in = info.get("weights") if stands_in(info.get("weights"), facts["encoder_weights"]) else None
-    model = load_dpseg(settings.checkpoint, device, encoder_weights=stand_in).eval()
+    _, source = tower_weights(weights, facts, info)
+    model = load_dpseg(settings.checkpoint, device, encoder_weights=source).eval()
 
     def remap(label):
         return remap_labels(label, keep, dataset.num_classes, dataset.ignore_index)
@@ -174,7 +226,7 @@ def prepare_context(settings) -> EvalContext:
         encode_size=encode_size,
         templates=cfg.templates,
         encoder=facts["encoder"],
-        encoder_weights=facts["encoder_weights"],
+        encoder_weights=weights_label(facts["encoder_weights"]),
         bank_dir=Path(bank_dir),
         bank_generator=bank.generator,
         text_source=source,

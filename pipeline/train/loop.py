@@ -73,15 +73,8 @@ class TrainRecipe:
 
 def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from dpseg.model import VisualPrompts, build_dpseg
-    from dpseg.model.loss import deep_supervision_bce
-    from pipeline.text_cache import cached_text_embeddings
-    from pipeline.train import state as ckpt
-    from pipeline.train.data import StreamLayout, train_loader
-    from pipeline.train.resolve import check_numbers, check_resumable, resolve
-    from pipeline.train.validate import Validator
+    from pipeline.train.resolve import check_numbers, resolve
 
     # 1. resolve and check everything before any compute
     check_numbers(recipe)
@@ -89,6 +82,44 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     precision = resolve_precision(recipe.mixed_precision, gpu)
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)
     plan = resolve(recipe, accelerator.num_processes)
+    # the run folder has one writer: this launch (its main rank holds the lock for every rank)
+    with run_lock(Path(plan.recipe.out), "dpseg train", accelerator):
+        return _train(plan, accelerator, precision, gpu, progress)
+
+
+def run_lock(out: Path, command: str, accelerator) -> contextlib.AbstractContextManager:
+    """`folder_lock` on the main rank; the other ranks learn whether it was refused, so a refused
+    launch stops on every rank with the same line instead of waiting at its first barrier."""
+    from dpseg.io import folder_lock
+
+    stack = contextlib.ExitStack()
+    refused = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(folder_lock(out, command))
+        except UserError as err:
+            refused = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        stack.close()
+        raise UserError(refused)
+    return stack
+
+
+def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from dpseg.model import VisualPrompts, build_dpseg
+    from dpseg.model.loss import deep_supervision_bce
+    from pipeline.text_cache import cached_text_embeddings
+    from pipeline.train import state as ckpt
+    from pipeline.train.data import StreamLayout, train_loader
+    from pipeline.train.resolve import check_resumable
+    from pipeline.train.validate import Validator
+
     r = plan.recipe
     out = Path(r.out)
     device = accelerator.device
@@ -104,7 +135,9 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     state = {"step": 0, "seconds": 0.0}
     if folder is not None:
         state = ckpt.read_state(folder)
-        check_resumable(state.get("recipe", {}), r.to_dict(), folder)
+        recorded = recorded_recipe(r, out)
+        saved = same_places(state.get("recipe", {}), recorded, out, ckpt.weights_sha256(folder))
+        check_resumable(saved, recorded, folder)
     elif accelerator.is_main_process:
         for name in (ckpt.CHECKPOINT, METRICS_FILE, LOSS_CSV, SUMMARY_FILE):
             remove(out / name)
@@ -166,7 +199,7 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
             model,
             optimizer.optimizer,
             scheduler,
-            {"step": step, "seconds": seconds, "recipe": r.to_dict(), "samples": step * r.batch_size},
+            {"step": step, "seconds": seconds, "recipe": recorded_recipe(r, out), "samples": step * r.batch_size},
             record,
             accelerator,
         )
@@ -297,20 +330,23 @@ def remove(path: Path) -> None:
 
 
 def run_record(r: TrainRecipe, plan, accelerator) -> dict:
-    """What config.json's `extra` says about how the weights were made."""
+    """What config.json's `extra` says about how the weights were made. Its paths are relative to
+    the run folder, so a run folder moved or copied together with its bank still finds it."""
     bank = plan.bank
+    out = Path(r.out)
+    recipe = recorded_recipe(r, out)
     return {
-        "recipe": r.to_dict(),
+        "recipe": recipe,
         "bank": None
         if bank is None
         else {
-            "path": str(bank.root),
+            "path": relative_to_run(bank.root, out),
             "generator": bank.generator,
             "settings_hash": bank.config["generator"].get("settings_hash"),
             "seed": bank.config.get("seed"),
         },
         "encoder": r.encoder,
-        "encoder_weights": r.encoder_weights,
+        "encoder_weights": recipe["encoder_weights"],
         "encode_size": plan.encode_size,
         "vocabulary": {
             "name": plan.dataset.info.vocabulary,
@@ -318,10 +354,47 @@ def run_record(r: TrainRecipe, plan, accelerator) -> dict:
             "class_ids": plan.keep,
             "class_names": plan.class_names,
         },
-        "dataset": str(plan.dataset.info.root),
+        "dataset": relative_to_run(plan.dataset.info.root, out),
         "git_commit": git_commit(),
         "world_size": accelerator.num_processes,
     }
+
+
+RUN_PATHS = ("dataset", "bank", "encoder_weights")  # recipe fields that name files or folders
+
+
+def relative_to_run(path: str | os.PathLike, out: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), out.resolve())
+
+
+def recorded_recipe(r: TrainRecipe, out: Path) -> dict:
+    """The recipe as a run records it: paths relative to the run folder (`out` itself is ".")."""
+    recipe = r.to_dict()
+    for key in RUN_PATHS:
+        value = recipe.get(key)
+        if value and (key != "encoder_weights" or Path(value).exists()):  # a tag or "none" stays as it is
+            recipe[key] = relative_to_run(value, out)
+    recipe["out"] = "."
+    return recipe
+
+
+def same_places(saved: dict, recorded: dict, out: Path, weights_sha256: str | None = None) -> dict:
+    """`saved` with each path that names the same thing as `recorded`'s replaced by it: runs that
+    recorded paths relative to the directory they were started from resume unchanged, and a
+    weights file is the same weights at any path when its digest is the one the checkpoint
+    recorded (the weights file it carries, say)."""
+    from dpseg.clip.encoders import weights_digest
+
+    saved = dict(saved)
+    for key in RUN_PATHS:
+        old, new = saved.get(key), recorded.get(key)
+        if not (old and new) or old == new:
+            continue
+        if Path(old).resolve() == (out / new).resolve():
+            saved[key] = new
+        elif key == "encoder_weights" and weights_sha256 and weights_digest(out / new) == weights_sha256:
+            saved[key] = new
+    return saved
 
 
 class MetricsLog:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 from dpseg.errors import UserError
 
@@ -128,7 +129,7 @@ def resolve(recipe, world_size: int) -> Resolved:
         if r.encoder not in bank.encoders():
             raise UserError(
                 f"bank {bank.root} has no features for encoder {r.encoder!r} (it has: "
-                f"{', '.join(bank.encoders()) or 'none'}); add them with: dpseg bank encode {bank.root} "
+                f"{', '.join(bank.encoders()) or 'none'}); add them with: dpseg bank encode {quote(str(bank.root))} "
                 f"--encoder {r.encoder}"
             )
         info = bank.config.get("encoders", {}).get(r.encoder, {})
@@ -141,7 +142,7 @@ def resolve(recipe, world_size: int) -> Resolved:
         raise UserError(
             f"--encoder-weights {r.encoder_weights} differ from the weights bank {bank.root} was "
             f"encoded with ({bank_weights}): the visual prompts would not match the image features; pass "
-            f"--encoder-weights {bank_weights} or re-encode the bank"
+            f"--encoder-weights {quote(str(bank_weights))} or re-encode the bank"
         )
     # the bank's size unless asked (its only one, or the encoder's input size): a mismatch is the reader's one line
     encode_size = r.encode_size if bank is None or r.encode_size is not None else bank.encode_size(r.encoder)

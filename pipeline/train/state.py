@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dpseg.errors import UserError, first_line
-from dpseg.io import atomic_write_json
+from dpseg.io import atomic_write_json, renamed, save_tensors
 
 CHECKPOINT = "checkpoint"
 NEW, OLD = ".checkpoint-new", ".checkpoint-old"
@@ -115,16 +115,29 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, extra: 
     from dpseg.model.checkpoint import save_dpseg
 
     staging = out / NEW
-    if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        save_dpseg(model, staging, extra=extra, trainable_only=True)
-        tensors, meta = optimizer_payload(optimizer)
-        save_file(tensors, staging / OPTIMIZER_TENSORS)
-        atomic_write_json(staging / OPTIMIZER_JSON, {**meta, "scheduler": scheduler.state_dict()})
-    accelerator.wait_for_everyone()
-    save_file(rng_tensors(), staging / rng_file(accelerator.process_index))
-    accelerator.wait_for_everyone()
+    failed = None
+    try:
+        if accelerator.is_main_process:
+            if staging.exists():
+                shutil.rmtree(staging)
+            save_dpseg(model, staging, extra=extra, trainable_only=True, reuse=out / CHECKPOINT)
+            tensors, meta = optimizer_payload(optimizer)
+            save_tensors(staging / OPTIMIZER_TENSORS, tensors)
+            atomic_write_json(staging / OPTIMIZER_JSON, {**meta, "scheduler": scheduler.state_dict()})
+    except OSError as err:  # a full disk, a quota, a file-size limit: every rank stops at the barrier below
+        failed = err
+    failed = _first_failure(failed, accelerator)
+    if failed is None:
+        try:
+            save_tensors(staging / rng_file(accelerator.process_index), rng_tensors())
+        except OSError as err:
+            failed = err
+        failed = _first_failure(failed, accelerator)
+    if failed is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # the last complete checkpoint stays the one to resume
+        name = str(failed.filename or staging).replace(str(staging), str(out / CHECKPOINT), 1)
+        raise renamed(failed, name) from None
     if accelerator.is_main_process:
         atomic_write_json(staging / STATE_FILE, state)  # the folder is complete from here on
         crash_point("swap")
@@ -137,6 +150,28 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, extra: 
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return out / CHECKPOINT
+
+
+def _first_failure(failed: OSError | None, accelerator) -> OSError | None:
+    """A write error on any rank, known to every rank (so none waits at a barrier for a rank that
+    stopped); the barrier of a plain save otherwise."""
+    if accelerator.num_processes == 1:
+        return failed
+    from accelerate.utils import gather_object
+
+    errors = [e for e in gather_object([failed]) if e is not None]
+    if not errors:
+        return None
+    first = errors[0]
+    return failed or OSError(first.errno, first.strerror, first.filename)
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """The digest of the local weights file a checkpoint was trained with (None: a tag, random)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("encoder_weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_state(folder: Path) -> dict:
