@@ -56,3 +56,35 @@ def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 
         "failed": sum(r["status"] != "ok" for r in rows),
         "out": str(out),
     }
+
+
+def category_images(root: str | Path, categories: list[str], limit: int = 4, table=None) -> dict[str, list]:
+    """Up to `limit` of each category's stored prompt images (lowest templates first) as RGB
+    uint8 arrays; categories the bank lacks get an empty list. `table` (the manifest, from
+    `read_manifest`) saves re-reading it for each call."""
+    import numpy as np
+    from PIL import Image
+
+    store = BankStore(root).require()
+    if table is None:
+        table, _ = read_manifest(store)
+    wanted = {primary_name(c): c for c in categories}
+    rows: dict[str, list[dict]] = {name: [] for name in wanted}
+    for r in table.to_pylist():
+        if r["category"] in rows and r["status"] == "ok":
+            rows[r["category"]].append(r)
+    out: dict[str, list] = {}
+    readers: dict[str, ShardReader] = {}
+    try:
+        for name, category in wanted.items():
+            chosen = sorted(rows[name], key=lambda r: r["template"])[:limit]
+            images = []
+            for r in chosen:
+                reader = readers.setdefault(r["shard"], ShardReader(store.root / r["shard"]))
+                pixels = decode_png(reader.read(r["key"], "png"), f"{reader.path}: entry {r['key']}")
+                images.append(np.asarray(Image.fromarray(pixels).convert("RGB")))
+            out[category] = images
+    finally:
+        for reader in readers.values():
+            reader.close()
+    return out
