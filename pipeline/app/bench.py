@@ -41,12 +41,15 @@ def bench_app(
     device: str = "cpu",
     kind: str | None = None,
 ) -> dict:
+    import os
+
     import torch
     from PIL import Image
 
     from pipeline.app.runner import AppRunner
     from pipeline.evaluate.session import SegmentSession
 
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     session = SegmentSession(checkpoint, bank, device)
     load_s = time.perf_counter() - start
@@ -92,4 +95,7 @@ def bench_app(
         "run_to_both_overlays_s": round(statistics.median(times), 3),
         "runs_s": [round(t, 3) for t in times],
         "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        # other processes on a shared machine inflate every figure: the 1-min load before and after
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }

@@ -112,6 +112,7 @@ class AppRunner:
         self.max_side = max_side
         self.generate = generate
         self._manifest = None
+        self._prompt_images: dict[str, list[np.ndarray]] = {}
 
     # ---- Run ----------------------------------------------------------------------------------
     def run(
@@ -183,7 +184,11 @@ class AppRunner:
                 from bank.merge import read_manifest
 
                 self._manifest, _ = read_manifest(self.session.bank.store)
-            bank_images = category_images(self.session.bank.root, refined, PROMPT_IMAGES, table=self._manifest)
+            new = [n for n in refined if n not in self._prompt_images]
+            if new:  # read once per class and process
+                found = category_images(self.session.bank.root, new, PROMPT_IMAGES, table=self._manifest)
+                self._prompt_images.update(found)
+            bank_images = {n: self._prompt_images[n] for n in refined}
         out = []
         areas = dict(zip(seg.refinement.classes.tolist(), seg.refinement.areas.tolist(), strict=True))
         for c, pieces in crops.items():

@@ -37,6 +37,7 @@ class SegmentSettings:
     generate: bool = False
     class_chunk: int | None = None
     device: str = "auto"
+    prompts: str | None = None  # text | visual | dual (default: as the checkpoint was trained)
 
 
 def parse_classes(text: str) -> list[str]:
@@ -156,7 +157,7 @@ def segment(settings: SegmentSettings, progress: bool = True) -> dict:
         raise UserError(f"--passes must be 1 or 2, got {settings.passes}")
     # 2. the session: checkpoint, bank and prompts (bank prototypes, text-only where it lacks a class)
     session = SegmentSession(settings.checkpoint, settings.bank, settings.device, settings.size, settings.class_chunk)
-    prompts = session.prompts(names, generate=settings.generate)
+    prompts = session.prompts(names, settings.prompts, generate=settings.generate)
     # 3. each image: pass I, pass II, predictions at the photo's own size, the overlay PNG
     colours = palette(len(names))
     out = Path(settings.out)
