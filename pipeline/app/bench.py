@@ -64,9 +64,9 @@ def bench_app(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.png"
         Image.fromarray(image).save(path)
-        times = []
+        times, cpu = [], []
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             view = runner.run(path, classes, None, kind, refine=True)
             elapsed = time.perf_counter() - t0
             if not view.ok:
@@ -77,6 +77,7 @@ def bench_app(
                 first_s = elapsed  # text prompts encoded and bank prototypes read: cached afterwards
             else:
                 times.append(elapsed)
+                cpu.append(time.process_time() - c0)
     return {
         "bench": "app",
         "measures": "AppRunner.run (the page's Run): upload decode, prompts, pass I, pass II, both overlays, "
@@ -94,6 +95,9 @@ def bench_app(
         "first_run_s": round(first_s, 3),
         "run_to_both_overlays_s": round(statistics.median(times), 3),
         "runs_s": [round(t, 3) for t in times],
+        # CPU seconds of this process per Run (all its threads): less moved by other processes than
+        # wall time; on an idle machine wall time is at least this divided by the threads
+        "run_cpu_s": round(statistics.median(cpu), 3),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         # other processes on a shared machine inflate every figure: the 1-min load before and after

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dpseg.errors import UserError
+from pipeline.app.runner import sheet
 
 EXAMPLES = 4
 PASS_LABELS = {1: "pass I (bank prompts)", 2: "pass II (prompts replaced by this image's crops)"}
@@ -106,12 +107,10 @@ def build_page(runner, examples: list[Example] = ()):
                     pass1 = gr.Image(label=PASS_LABELS[1], format="png", interactive=False, elem_id="pass1")
                     pass2 = gr.Image(label=PASS_LABELS[2], format="png", interactive=False, elem_id="pass2")
                 legend = gr.HTML(elem_id="legend")
-                gallery = gr.Gallery(
+                gallery = gr.Image(
                     label="pass II: the bank's prompt images → the crop of this image that replaced them",
-                    columns=1,
-                    height="auto",
-                    object_fit="contain",
                     format="png",
+                    interactive=False,
                     elem_id="prompts",
                 )
                 with gr.Row():
@@ -123,7 +122,7 @@ def build_page(runner, examples: list[Example] = ()):
         def on_run(image_path, text, file, kind_value, refine_value):
             view = runner.run(image_path, text, file, kind_value, refine_value)
             if not view.ok:
-                return view.status, None, None, "", [], gr.update(choices=[], value=None), None
+                return view.status, None, None, "", None, gr.update(choices=[], value=None), None
             first = view.state.final
             found = [view.classes[i] for i in np.argsort(-np.bincount(first.ravel()), kind="stable")]
             found = [n for n in found if n in view.classes]
@@ -132,7 +131,7 @@ def build_page(runner, examples: list[Example] = ()):
                 view.overlays.get(1),
                 view.overlays.get(2),
                 view.legend_html,
-                view.gallery,
+                sheet(view.gallery),
                 gr.update(choices=view.classes, value=found[0] if found else None),
                 view.state,
             )

@@ -195,7 +195,7 @@ class AppRunner:
             name = names[c]
             prompts = bank_images.get(name) or []
             source = f"{len(prompts)} bank prompt images" if prompts else "text prompt only"
-            caption = f"{name}: {source} → {len(pieces)} crop(s) of this image ({areas[c]} px in pass I)"
+            caption = f"{name}: {source} -> {len(pieces)} crop(s) of this image ({areas[c]} px in pass I)"
             out.append((strip(prompts, pieces), caption))
         return out
 
@@ -246,6 +246,24 @@ def strip(prompts: list[np.ndarray], crops: list[np.ndarray], tile: int = TILE) 
     return np.asarray(sheet)
 
 
+def sheet(rows: list[tuple[np.ndarray, str]], caption_height: int = 18) -> np.ndarray | None:
+    """The gallery's strips stacked into one picture, each under its caption."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        return None
+    width = max(strip.shape[1] for strip, _ in rows)
+    height = sum(strip.shape[0] + caption_height for strip, _ in rows)
+    out = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(out)
+    y = 0
+    for strip, caption in rows:
+        draw.text((2, y + 3), caption, fill=(20, 20, 20))
+        out.paste(Image.fromarray(strip), (0, y + caption_height))
+        y += strip.shape[0] + caption_height
+    return np.asarray(out)
+
+
 def figure_rgb(fig) -> np.ndarray:
     import io
 
@@ -280,4 +298,5 @@ def legend_html(seg, colours: np.ndarray, text_only: set[str]) -> str:
             f'<tr><td><span style="display:inline-block;width:14px;height:14px;background:rgb({r},{g},{b})">'
             f"</span></td><td>{html.escape(names[i])}</td>{cells}<td>{source}</td></tr>"
         )
-    return f'<table class="dpseg-legend"><tr><th></th><th>class</th>{head}<th>prompts</th></tr>{"".join(rows)}</table>'
+    table = f'<table class="dpseg-legend"><tr><th></th><th>class</th>{head}<th>prompts</th></tr>{"".join(rows)}</table>'
+    return f'<div style="max-height:360px;overflow-y:auto">{table}</div>'
