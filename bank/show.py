@@ -56,3 +56,55 @@ def contact_sheet(root: str | Path, category: str, out: str | Path, tile: int = 
         "failed": sum(r["status"] != "ok" for r in rows),
         "out": str(out),
     }
+
+
+def category_images(root: str | Path, categories: list[str], limit: int = 4, table=None) -> dict[str, list]:
+    """Up to `limit` of each category's stored prompt images (lowest templates first) as RGB
+    uint8 arrays; categories the bank lacks get an empty list. `table` (the manifest, from
+    `read_manifest`) saves re-reading it for each call. Each shard is read from its start only
+    as far as the last wanted entry (a shard holds hundreds; reading all their headers is what
+    makes `ShardReader` slow for a few images)."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    store = BankStore(root).require()
+    if table is None:
+        table, _ = read_manifest(store)
+    wanted = {primary_name(c): c for c in categories}
+    rows: dict[str, list[dict]] = {name: [] for name in wanted}
+    for r in table.select(["key", "category", "template", "status", "shard"]).to_pylist():
+        if r["category"] in rows and r["status"] == "ok":
+            rows[r["category"]].append(r)
+    chosen = {name: sorted(rs, key=lambda r: r["template"])[:limit] for name, rs in rows.items()}
+    by_shard: dict[str, set[str]] = {}
+    for rs in chosen.values():
+        for r in rs:
+            by_shard.setdefault(r["shard"], set()).add(r["key"])
+    pngs: dict[str, bytes] = {}
+    for shard, keys in by_shard.items():
+        path = store.root / shard
+        todo = set(keys)
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if ext == "png" and key in todo:
+                        pngs[key] = tar.extractfile(member).read()
+                        todo.discard(key)
+                        if not todo:
+                            break
+        except (tarfile.TarError, OSError) as err:
+            raise UserError(f"shard {path} is unreadable ({err}); run `dpseg bank verify {store.root}`") from None
+        if todo:
+            raise UserError(f"shard {path} lacks {len(todo)} entries its manifest lists; run `dpseg bank verify`")
+    out: dict[str, list] = {}
+    for name, category in wanted.items():
+        out[category] = [
+            np.asarray(
+                Image.fromarray(decode_png(pngs[r["key"]], f"{store.root / r['shard']}: {r['key']}")).convert("RGB")
+            )
+            for r in chosen[name]
+        ]
+    return out

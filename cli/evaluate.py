@@ -86,7 +86,7 @@ def eval_command(
 
 
 def segment_command(
-    images: list[Path] = typer.Argument(..., help="Image files (JPEG/PNG)."),
+    images: list[str] = typer.Argument(..., help="Image files (JPEG/PNG), folders of them, or quoted glob patterns."),
     classes: str = typer.Option(..., help='"cat, dog, sofa", a vocabulary name, or a .txt/.json file.'),
     checkpoint: Path = typer.Option(..., help="Checkpoint folder."),
     out: Path = typer.Option(Path("out/segment"), "-o", "--out", help="Output folder for the overlay PNGs."),
@@ -97,15 +97,18 @@ def segment_command(
     min_area: int = typer.Option(DEFAULT_MIN_AREA, min=0),
     crop: str = typer.Option("masked", help="masked | bbox"),
     generate: bool = typer.Option(False, "--generate", help="Generate prompt images for classes the bank lacks."),
+    prompts: str | None = typer.Option(None, help="text | visual | dual (default: as the checkpoint was trained)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
-    """Segment your own images with your own class names; writes an overlay PNG per image."""
+    """Segment your own images with your own class names; writes an overlay PNG per image (the
+    model loads once for all of them)."""
     from pipeline.evaluate.segment import SegmentSettings, segment
 
     report = segment(
         SegmentSettings(
-            images=[str(p) for p in images],
+            images=list(images),
             classes=classes,
             checkpoint=str(checkpoint),
             out=str(out),
@@ -117,7 +120,9 @@ def segment_command(
             crop=crop,
             generate=generate,
             device=device,
-        )
+            prompts=prompts,
+        ),
+        progress=progress,
     )
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from cli import analyze, bank, bench, clip, data, evaluate, model, train
+from cli import app as app_command
 from cli.errors import UserErrorGroup
 
 app = typer.Typer(
@@ -24,8 +25,8 @@ app.add_typer(bank.app, name="bank")
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 # stage commands (`dpseg train`, `dpseg eval`, `dpseg segment`, `dpseg report`, `dpseg clip ...`,
-# `dpseg analyze ...`) and their benchmarks (`dpseg bench train|eval`) register themselves
-for _module in (train, evaluate, clip, analyze):
+# `dpseg analyze ...`, `dpseg app`) and their benchmarks (`dpseg bench train|eval|app`) register themselves
+for _module in (train, evaluate, clip, analyze, app_command):
     _module.register(app, bench.app)
 
 

@@ -101,8 +101,10 @@ PROFILES.register(
                 "batch_size": 8,
                 "num_workers": 0,
                 "device": "cpu",
+                # the first images' predictions, for the report's panels (image | truth | pass I | pass II)
+                "save_predictions": 4,
             },
-            "report": {"title": "dpseg demo (shapes, tiny CLIP, CPU)"},
+            "report": {"title": "dpseg demo (shapes, tiny CLIP, CPU)", "panels": 4},
         },
         eval_sets={
             "seen": {"dataset": "out/data/shapes", "classes": "seen"},
@@ -152,8 +154,9 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
                 "batch_size": 1,
                 "class_chunk": 128,
                 "device": "auto",
+                "save_predictions": 4,
             },
-            "report": {"title": f"dpseg {name} (paper setting)"},
+            "report": {"title": f"dpseg {name} (paper setting)", "panels": 4},
         },
         eval_sets={b: {"dataset": f"out/data/{b}"} for b in PAPER_BENCHMARKS},
     )

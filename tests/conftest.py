@@ -102,3 +102,52 @@ def write_vocab(folder, names: list[str]):
 def first_conv(tower) -> torch.nn.Conv2d:
     """The first convolution of an image tower's trunk (ConvNeXt's patchify stem, ResNet's deep stem)."""
     return next(m for m in tower.visual.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.fixture(scope="session")
+def app_world(tmp_path_factory):
+    """A tiny random dual checkpoint, a 2-class procedural bank and a 2-image shapes dataset the
+    checkpoint records (the app's examples), plus a drawn 200x150 test picture: circle and square.
+    Built in a few seconds; nothing stored."""
+    from PIL import Image, ImageDraw
+
+    from bank.build import BuildOptions, build_bank
+    from bank.generators.base import GeneratorOptions
+    from dpseg.data.synth import write_shapes_benchmark
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.checkpoint import save_dpseg
+
+    root = tmp_path_factory.mktemp("app")
+    write_shapes_benchmark(root / "shapes", images=1, val_images=2, size=64, progress=False)
+    (root / "vocab.txt").write_text("red solid circle\nblue solid square\n")
+    build_bank(
+        BuildOptions(
+            out=root / "bank",
+            generator="procedural",
+            vocab=[str(root / "vocab.txt")],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            encode_size=64,
+            generator_options=GeneratorOptions(resolution=32),
+            progress=False,
+        )
+    )
+    torch.manual_seed(0)
+    save_dpseg(
+        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
+        root / "ckpt",
+        extra={
+            "bank": {"path": str(root / "bank")},
+            "encoder": "tiny",
+            "encode_size": 64,
+            "dataset": str(root / "shapes"),
+            "recipe": {"crop_size": 64},
+        },
+    )
+    picture = Image.new("RGB", (200, 150), (230, 230, 230))
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse([20, 20, 90, 90], fill=(220, 20, 20))
+    draw.rectangle([110, 40, 180, 120], fill=(20, 20, 220))
+    picture.save(root / "picture.png")
+    return root

@@ -215,3 +215,63 @@ def test_params_command_prints_yaml_and_params_yaml_says_so(tmp_path, monkeypatc
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["profile"] == "demo" and shown["train"]["steps"] == 7 and shown["train"]["lr"] == 2e-3
     assert shown["bank"]["generator"] == "procedural" and shown["eval"]["seen"]["passes"] == 2
+
+
+def test_the_demo_eval_saves_a_few_predictions_and_the_report_draws_their_panels(tmp_path, monkeypatch):
+    """The demo profile's eval keeps the first images' predictions and its report turns them into
+    image | ground truth | pass I | pass II panels (a tiny random checkpoint stands in)."""
+    import torch
+    from PIL import Image
+
+    from bank.build import BuildOptions, build_bank
+    from bank.generators.base import GeneratorOptions
+    from dpseg.data.shapes import UNSEEN
+    from dpseg.data.synth import write_shapes_benchmark
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.checkpoint import save_dpseg
+
+    monkeypatch.chdir(tmp_path)
+    write_shapes_benchmark(Path("out/data/shapes"), images=1, val_images=6, size=64, progress=False)
+    Path("unseen.txt").write_text("".join(f"{n}\n" for n in UNSEEN))
+    build_bank(
+        BuildOptions(
+            out=Path("out/bank"),
+            generator="procedural",
+            vocab=["unseen.txt"],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            encode_size=64,
+            generator_options=GeneratorOptions(resolution=32),
+            progress=False,
+        )
+    )
+    torch.manual_seed(0)
+    save_dpseg(
+        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
+        Path("out/train/checkpoint"),
+        extra={"bank": {"path": "out/bank"}, "encoder": "tiny", "encode_size": 64, "recipe": {"crop_size": 64}},
+    )
+    r = resolve({"profile": "demo", "eval": {"sets": ["unseen"]}})
+    assert r["eval"]["save_predictions"] == 4 and r["report"]["panels"] == 4
+    stages.run_eval(r, "unseen", progress=False)
+    for p in (1, 2):
+        saved = sorted(Path(f"out/eval/unseen/pred/pass{p}").iterdir())
+        assert len(saved) == 4  # the first 4 of the 6 val images
+    result = stages.run_report(r, progress=False)
+    panels = sorted(Path("out/report/panels").glob("*.png"))
+    assert len(panels) == 4
+    with Image.open(panels[0]) as im:
+        assert im.size[0] > 2.5 * im.size[1]  # four tiles side by side (three would be ~2.1 wide)
+    report = Path(result["report"]).read_text()
+    assert "## Panels (image | ground truth | pass I | pass II)" in report
+    assert all(f"(panels/{p.name})" in report for p in panels)
+
+
+def test_save_predictions_takes_a_count():
+    from pipeline.evaluate.loop import EvalSettings, saves
+
+    assert [saves(2, i) for i in range(4)] == [True, True, False, False]
+    assert saves(True, 10_000) and not saves(False, 0) and not saves(0, 0)
+    with pytest.raises(UserError, match="save_predictions must be"):
+        EvalSettings(checkpoint="c", dataset="d", save_predictions=-1).validate()

@@ -5,7 +5,8 @@
 OUT/metrics.json      per pass: mIoU (classes present in the ground truth), fwIoU, pAcc, mAcc,
                       per-class IoU, images, uniform-random mIoU; the resolved settings
 OUT/per_class.csv     one row per evaluated class
-OUT/pred/pass{1,2}/<id>.png   with save_predictions: dataset label ids (uint8, uint16 above 255 classes)
+OUT/pred/pass{1,2}/<id>.png   with save_predictions (true: every image; N: the first N): dataset label ids
+                              (uint8, uint16 above 255 classes)
 OUT/overlays/overlay-%06d.tar refined prompts per image (bank/overlays.py)
 OUT/.parts/           per-shard confusion matrices: a killed run resumes at the first unfinished shard
 
@@ -58,7 +59,7 @@ class EvalSettings:
     batch_size: int = 4
     num_workers: int = 2
     class_chunk: int | None = None
-    save_predictions: bool = False
+    save_predictions: bool | int = False  # True: every image; N: the first N images (report panels)
     overlays: str | None = None  # run pass II from these stored overlays (no pass I)
     write_overlays: bool = True
     shard_size: int = 64
@@ -75,6 +76,10 @@ class EvalSettings:
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.save_predictions, bool) and (
+            not isinstance(self.save_predictions, int) or self.save_predictions < 0
+        ):
+            raise UserError(f"save_predictions must be true, false or a count >= 0, got {self.save_predictions!r}")
         for name in ("min_area", "instances", "num_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -196,7 +201,7 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                     text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=settings.class_chunk
                 )
         # 6. SED's protocol per image: sigmoid, upsample to the label's size, argmax, confusion
-        for j, (image_id, label) in enumerate(zip(batch["id"], batch["label"], strict=True)):
+        for j, (index, image_id, label) in enumerate(zip(batch_indices, batch["id"], batch["label"], strict=True)):
             bad = label_range_error(label, ctx.dataset.num_classes, dataset_ignore)
             if bad:
                 raise UserError(
@@ -208,7 +213,7 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
             for p in run_passes:
                 pred = predict_labels(logits[p][j : j + 1], label.shape, settings.class_chunk)[0].cpu()
                 conf[p] += confusion_matrix(pred, label, k, ignore)
-                if settings.save_predictions:
+                if saves(settings.save_predictions, index):
                     _save_prediction(pred_dirs[p] / f"{image_id}.png", lut[pred], ctx.dataset.num_classes)
         bar.update(len(batch_indices))
         # 7. a shard ends: its overlays, then its confusion part (what marks it done)
@@ -289,6 +294,13 @@ def gather_parts(out: Path, shards: int) -> tuple[list[np.ndarray], list[dict]]:
 
 
 # ---- pieces ---------------------------------------------------------------------------------
+def saves(save_predictions: bool | int, index: int) -> bool:
+    """Whether image `index` (of the evaluated order) has its predictions written."""
+    if isinstance(save_predictions, bool):
+        return save_predictions
+    return index < save_predictions
+
+
 def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: list[int]) -> dict:
     s = asdict(settings)
     s.update(
