@@ -137,6 +137,7 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
                 "lr": 2e-4,
                 "weight_decay": 1e-4,
                 "image_lr_multiplier": 0.01,
+                "mixed_precision": "fp32",  # SED's configs never turn AMP on; bf16/fp16 only when asked
                 "checkpoint_every": 1000,
                 "out": "out/train",
             },
@@ -147,6 +148,7 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
                 "batch_size": 1,
                 "class_chunk": 128,
                 "device": "auto",
+                "precision": "fp32",
             },
             "report": {"title": f"dpseg {name} (paper setting)"},
         },

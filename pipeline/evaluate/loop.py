@@ -15,6 +15,7 @@ written (after its overlay shard and predictions), so a rerun skips done shards.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -34,6 +35,7 @@ from pipeline.evaluate.setup import EvalContext, prepare_context
 
 FORMAT = "dpseg-eval-1"
 PARTS = ".parts"
+EVAL_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -60,6 +62,7 @@ class EvalSettings:
     limit: int | None = None  # evaluate the first N images only
     device: str = "auto"
     text_cache: str | None = None
+    precision: str = "fp32"  # fp32 (SED's) | bf16 | fp16: autocast of the network (cost volumes stay fp32)
 
     def validate(self) -> None:
         if self.passes not in (1, 2):
@@ -74,6 +77,8 @@ class EvalSettings:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.size is not None and (self.size < 32 or self.size % 32):
             raise UserError(f"size must be a positive multiple of 32 (the encoder's stride), got {self.size}")
+        if self.precision not in EVAL_PRECISIONS:
+            raise UserError(f"precision {self.precision!r} is not one of {', '.join(EVAL_PRECISIONS)}")
         if self.overlays is not None and self.passes != 2:
             raise UserError("--overlays gives pass II's prompts: use it with --passes 2")
 
@@ -115,6 +120,8 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
 
         writer = OverlayWriter(out / "overlays", _overlay_settings(resolved))
 
+    autocast = _autocast(settings.precision, ctx.device)
+
     # 3. shards of images, each a resumable unit; batches never straddle shards
     indices = list(range(len(ctx.dataset)))[: settings.limit]
     shards = [indices[i : i + settings.shard_size] for i in range(0, len(indices), settings.shard_size)]
@@ -134,7 +141,7 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     for (shard, batch_indices), batch in zip(batches, loader, strict=True):  # the loader yields one batch per entry
         # 4. pass I: image features once, bank prompts
         images01 = batch["image"].to(ctx.device).float().div_(255)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             features = model.encode_image(model.image_encoder.normalize(images01))
             logits = {}
             if 1 in run_passes:
@@ -201,6 +208,18 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
 
 
 # ---- pieces ---------------------------------------------------------------------------------
+def _autocast(precision: str, device: torch.device):
+    """SED evaluates in fp32 (TF32 matmuls on GPUs, as its train_net.py sets); bf16/fp16 on request."""
+    dtype = EVAL_PRECISIONS[precision]
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype is torch.float16 and device.type != "cuda":
+        raise UserError("--precision fp16 needs a GPU; on the CPU use fp32 or bf16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: list[int]) -> dict:
     s = asdict(settings)
     s.update(

@@ -57,7 +57,7 @@ class TrainRecipe:
     grad_clip: float = 0.01  # SED: full-model gradient norm; 0 = off
     grad_accum: int = 1
     color_jitter: bool = True  # SED's photometric distortion
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
+    mixed_precision: str = "fp32"  # fp32 (= no; SED's) | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16)
     seed: int = 0
     num_workers: int = 4
     log_every: int = 20
@@ -87,6 +87,8 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     check_numbers(recipe)
     gpu = torch.cuda.is_available()
     precision = resolve_precision(recipe.mixed_precision, gpu)
+    if gpu:  # SED's train_net.py: fp32 training with TF32 matmuls on GPUs that have them
+        torch.set_float32_matmul_precision("high")
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)
     plan = resolve(recipe, accelerator.num_processes)
     r = plan.recipe
@@ -271,6 +273,11 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
 
 
 def resolve_precision(value: str, gpu: bool) -> str:
+    """accelerate's name for the autocast to run: "no" (fp32, SED's precision), "bf16" or "fp16"."""
+    if value in ("fp32", "no"):
+        return "no"
+    if value == "fp16" and not gpu:
+        raise UserError("--mixed-precision fp16 needs a GPU; on the CPU use fp32 or bf16")
     if value != "auto":
         return value
     if not gpu:
