@@ -31,6 +31,7 @@ from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
 from dpseg.metrics import confusion_matrix, label_range_error, predict_labels, segmentation_scores, uniform_random_miou
 from dpseg.refine import CROP_MODES, DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
+from dpseg.reproducibility import environment
 from pipeline.evaluate.setup import EvalContext, prepare_context
 
 FORMAT = "dpseg-eval-1"
@@ -327,6 +328,7 @@ def _metrics(total: dict[int, np.ndarray], resolved: dict, ctx: EvalContext, ima
         "class_ids": list(ctx.keep),
         "passes": passes,
         "settings": resolved,
+        "environment": environment(),  # thread count and library versions the numbers were computed with
     }
     if "1" in passes and "2" in passes and passes["1"]["miou"] is not None:
         out["pass2_minus_pass1_miou"] = passes["2"]["miou"] - passes["1"]["miou"]

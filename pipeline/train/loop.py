@@ -77,6 +77,7 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
 
     from dpseg.model import VisualPrompts, build_dpseg
     from dpseg.model.loss import deep_supervision_bce
+    from dpseg.reproducibility import deterministic
     from pipeline.text_cache import cached_text_embeddings
     from pipeline.train import state as ckpt
     from pipeline.train.data import StreamLayout, train_loader
@@ -85,6 +86,7 @@ def train(recipe: TrainRecipe, progress: bool = True) -> dict:
 
     # 1. resolve and check everything before any compute
     check_numbers(recipe)
+    deterministic()  # same recipe, data and thread count: the same weights, bit for bit
     gpu = torch.cuda.is_available()
     precision = resolve_precision(recipe.mixed_precision, gpu)
     if gpu:  # SED's train_net.py: fp32 training with TF32 matmuls on GPUs that have them
@@ -314,6 +316,8 @@ def git_commit() -> str | None:
 
 def run_record(r: TrainRecipe, plan, accelerator) -> dict:
     """What config.json's `extra` says about how the weights were made."""
+    from dpseg.reproducibility import environment
+
     bank = plan.bank
     return {
         "recipe": r.to_dict(),
@@ -337,6 +341,7 @@ def run_record(r: TrainRecipe, plan, accelerator) -> dict:
         "dataset": str(plan.dataset.info.root),
         "git_commit": git_commit(),
         "world_size": accelerator.num_processes,
+        "environment": environment(),
     }
 
 
