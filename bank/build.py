@@ -25,6 +25,7 @@ from bank.runtime import distributed_state, rank_device
 from bank.store import SCHEMA_VERSION, BankStore, scan_shard, shard_number
 from bank.writer import BackgroundWriter
 from dpseg.errors import UserError
+from dpseg.reproducibility import environment
 
 
 @dataclass
@@ -383,5 +384,6 @@ def _open_bank(
         config["vocabularies"] += [v for v in opts.vocab if v not in config["vocabularies"]]
         record_encoder(config, encoder.info)
         config["generator"]["runtime"] = generator.runtime
+        config["environment"] = environment()  # threads and library versions of the latest build
         store.write_config(config)
         return config

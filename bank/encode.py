@@ -222,9 +222,14 @@ def missing_parts(store: BankStore, group: str) -> list[str]:
 
 def record_encoder(config: dict, info: dict) -> None:
     """bank.json's `encoders` entry: one per encoder name (its weights, dims), listing the sizes
-    its features groups were encoded at. `prompt_size`/`encode_size` keep the first size."""
+    its features groups were encoded at. `prompt_size`/`encode_size` keep the first size;
+    `environment` is the thread count and library versions of the latest encoding (the bits of
+    float features depend on them)."""
+    from dpseg.reproducibility import environment
+
     entry = config.setdefault("encoders", {}).setdefault(info["encoder"], dict(info))
     entry.update({k: v for k, v in info.items() if k not in ("encode_size", "prompt_size")})
+    entry["environment"] = environment()
     entry["encode_sizes"] = sorted(set(entry.get("encode_sizes", [])) | {int(info["encode_size"])})
 
 

@@ -87,18 +87,24 @@ class Bank:
         return sorted(size for name, size in self.groups().values() if name == encoder)
 
     def encode_size(self, encoder: str) -> int:
-        """The size `encoder`'s prompt images were encoded at. With several sizes, the encoder's
-        default (its segmentation input size) when the bank has it; otherwise say which to pick."""
+        """The size to read `encoder`'s prompt features at when the caller names none: the
+        encoder's segmentation input size (paper §5.2 encodes prompts at the size the segmenter
+        sees). A bank without features at that size is refused, naming the command that adds
+        them; a caller that wants another size passes it explicitly (`encode_size=`)."""
         from dpseg.clip.encoders import ENCODERS
 
         sizes = self.encode_sizes(encoder)
         if not sizes:
             self._missing_encoder(encoder, None)
-        if len(sizes) == 1:
-            return sizes[0]
         default = ENCODERS.get(encoder).image_size if encoder in ENCODERS else None
-        if default in sizes:
-            return default
+        if default in sizes or (default is None and len(sizes) == 1):
+            return default or sizes[0]
+        if len(sizes) == 1:  # e.g. a bank encoded at the tower's native 320 before sizes were recorded per group
+            raise UserError(
+                f"bank {self.root} holds {encoder!r} prompt features encoded at {sizes[0]} px only, but the "
+                f"segmenter's input is {default} px; re-encode them with: {self.encode_command(encoder, default)} "
+                f"(or pass --encode-size {sizes[0]} to use them at {sizes[0]} px)"
+            )
         raise UserError(
             f"bank {self.root} holds {encoder!r} features at encode sizes {sizes}; pass encode_size= one of them"
         )

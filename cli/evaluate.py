@@ -39,6 +39,7 @@ def eval_command(
     shard_size: int = typer.Option(64, min=1, help="Images per overlay shard (the unit of resuming)."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    precision: str = typer.Option("fp32", help="fp32 (SED's) | bf16 | fp16 autocast; cost volumes stay fp32."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json."),
 ):
@@ -66,6 +67,7 @@ def eval_command(
         shard_size=shard_size,
         limit=limit,
         device=device,
+        precision=precision,
     )
     metrics = evaluate(settings, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the main rank reports

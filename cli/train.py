@@ -35,7 +35,7 @@ HELP = {
     "grad_clip": "Full-model gradient-norm clip (SED: 0.01); 0 = off.",
     "grad_accum": "Micro-steps per optimizer step (the global batch stays --batch-size).",
     "color_jitter": "SED's photometric distortion.",
-    "mixed_precision": "auto | no | bf16 | fp16 (auto: bf16 or fp16 on GPU, none on CPU).",
+    "mixed_precision": "fp32 (SED's; 'no' is the same) | bf16 | fp16 | auto (bf16 or fp16 on GPU, fp32 on CPU).",
     "seed": "Seed of the decoder init, the data order and the augmentations.",
     "num_workers": "Data-loader worker processes.",
     "log_every": "Steps between metrics.jsonl lines.",
@@ -133,7 +133,10 @@ def bench_train_command(
     rounds: int = typer.Option(2, min=1, help="Alternations of the cases; the fastest of each is kept."),
     num_workers: int = typer.Option(1, min=0, help="Loader workers for the real-loader case."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    mixed_precision: str = typer.Option("auto", help="auto | no | bf16 | fp16."),
+    mixed_precision: str = typer.Option("fp32", help="Precision of the three cases: fp32 | bf16 | fp16 | auto."),
+    precisions: str = typer.Option(
+        "all", help="Precisions compared on the in-memory step: all (CPU: fp32,bf16; GPU: +fp16) or a list."
+    ),
     data: Path | None = typer.Option(None, help="Prepared dataset to read (default: a shapes set made in a temp dir)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here."),
 ):
@@ -153,6 +156,7 @@ def bench_train_command(
         device=device,
         mixed_precision=mixed_precision,
         data=data,
+        precisions=precisions,
     )
     if out:
         atomic_write_json(out, result)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dpseg.precision import fp32
+
 
 def confusion_matrix(pred, label, num_classes: int, ignore_index: int) -> np.ndarray:
     """(N, N) int64 counts, row = ground truth, column = prediction; pixels labelled
@@ -88,6 +90,11 @@ def predict_labels(logits: torch.Tensor, size: tuple[int, int], class_chunk: int
     """SED's post-processing: sigmoid, bilinear upsampling to `size`, argmax over classes.
     (B, N, h, w) logits -> (B, H, W) int64. With `class_chunk` the upsampled scores of at most
     that many classes exist at once (a running max: the same labels, first index on ties)."""
+    with fp32(logits):  # the sigmoid and the upsampling in fp32 whatever the caller's autocast
+        return _predict_labels(logits, size, class_chunk)
+
+
+def _predict_labels(logits: torch.Tensor, size: tuple[int, int], class_chunk: int | None) -> torch.Tensor:
     n = logits.shape[1]
     chunk = class_chunk or n
     best_val = best_idx = None

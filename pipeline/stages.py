@@ -307,12 +307,22 @@ RUNNERS = {
 }
 
 
+def reproducible(r: dict[str, Any]) -> None:
+    """Every stage: the params' CPU thread count and torch's deterministic algorithms, so the same
+    commit and params give the same bytes (docs/pipeline.md, "Reproducibility")."""
+    from dpseg.reproducibility import deterministic, set_threads
+
+    set_threads(r.get("threads"))
+    deterministic()
+
+
 def run_stage(
     stage: str, params_path: str | Path = "params.yaml", set_name: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     r = resolved_params(params_path)
+    reproducible(r)
     if stage == "eval":
         if not set_name:
             raise UserError("the eval stage needs --set NAME (one of params.yaml eval.sets)")

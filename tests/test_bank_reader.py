@@ -151,7 +151,7 @@ def test_bank_stage_builds_the_bank_its_params_describe(tmp_path):
     run_bank_stage(section, progress=False)
     report = info(tmp_path / "bank")
     assert report["generator"] == "procedural" and report["entries"] == 48 * 2 and verify(tmp_path / "bank") == []
-    assert report["encode_sizes"] == {"tiny": [64]} and Bank(tmp_path / "bank").encode_size("tiny") == 64
+    assert report["encode_sizes"] == {"tiny": [64]} and Bank(tmp_path / "bank").encode_sizes("tiny") == [64]
     with pytest.raises(UserError, match="generatr"):
         build_options({**section, "generatr": "sd15"})
     with pytest.raises(UserError, match="encoder must be set"):
@@ -173,9 +173,30 @@ def test_two_encode_sizes_live_side_by_side_and_a_mismatch_is_refused(tmp_path):
     assert f"dpseg bank encode {tmp_path} --encoder tiny --encode-size 96" in message
     one = tmp_path / "one"
     make_bank(one, ["cat"], templates=2, sizes=(64,))
-    assert Bank(one).encode_size("tiny") == 64
+    assert Bank(one).prototypes(["cat"], "tiny", encode_size=64).embedding.shape == (1, 2, 6)  # asked for: given
     with pytest.raises(UserError, match="encoded at 64 px, the model asks for 128 px"):
         Bank(one).prototypes(["cat"], "tiny", encode_size=128)
+
+
+def test_a_bank_encoded_only_at_another_size_than_the_segmenters_input_is_refused(tmp_path):
+    """The old-bank hazard: features encoded at 320 px (the tower's native size) used by a 768 px
+    segmenter without a word. Unless the size is given, the reader refuses in one line that names
+    both sizes and the command that re-encodes the bank."""
+    make_bank(tmp_path, ["cat", "dog"], templates=2, encoder="convnext-b", sizes=(320,))
+    bank = Bank(tmp_path)
+    for read in (lambda: bank.encode_size("convnext-b"), lambda: bank.prototypes(["cat"], "convnext-b")):
+        with pytest.raises(UserError) as err:
+            read()
+        message = str(err.value)
+        assert "\n" not in message
+        assert "encoded at 320 px only" in message and "segmenter's input is 768 px" in message
+        assert f"dpseg bank encode {tmp_path} --encoder convnext-b --encode-size 768" in message
+        assert "--encode-size 320" in message  # how to use them as they are
+    got = bank.prototypes(["dog"], "convnext-b", encode_size=320)  # explicitly asked for: read
+    assert got.embedding.shape == (1, 2, 6)
+    at_input = tmp_path / "at-input"
+    make_bank(at_input, ["cat"], templates=2, encoder="convnext-b", sizes=(768,))
+    assert Bank(at_input).encode_size("convnext-b") == 768  # the segmenter's size: no word needed
 
 
 @pytest.mark.parametrize("templates", [0, -1])

@@ -242,9 +242,21 @@ def test_bench_train_times_three_cases_and_takes_ratios_from_them(tmp_path):
     assert data["ratio_loader_vs_memory"] == pytest.approx(seconds["loader"] / seconds["memory"], abs=1e-3)
     assert data["ratio_dual_vs_text"] == pytest.approx(seconds["memory"] / seconds["text"], abs=1e-3)
     assert (data["encoder"], data["size"], data["classes"], data["templates"]) == ("tiny", 32, 2, 1)
+    # each precision the CPU runs, timed on the in-memory step; speed-ups are over fp32
+    assert data["mixed_precision"] == "no"  # the three cases run in fp32, SED's precision
+    assert list(data["precisions"]) == ["fp32", "bf16"]
+    fp32, bf16 = data["precisions"]["fp32"], data["precisions"]["bf16"]
+    assert fp32["speedup_vs_fp32"] == 1.0 and bf16["seconds_per_step"] > 0
+    assert bf16["speedup_vs_fp32"] == pytest.approx(fp32["seconds_per_step"] / bf16["seconds_per_step"], rel=1e-2)
 
 
 def test_bench_train_refuses_a_large_encoder_on_the_cpu(tmp_path):
     result = runner.invoke(app, ["bench", "train", "--encoder", "convnext-b", "--device", "cpu"])
     assert result.exit_code == 1
     assert "meant for a GPU: pass --device cuda" in result.output and "Traceback" not in result.output
+
+
+def test_bench_train_refuses_fp16_on_the_cpu_before_any_work():
+    result = runner.invoke(app, ["bench", "train", "--device", "cpu", "--precisions", "fp32,fp16"])
+    assert result.exit_code == 1
+    assert "--precisions fp16 needs a GPU" in result.output and "Traceback" not in result.output

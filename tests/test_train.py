@@ -80,7 +80,7 @@ def test_the_checkpoint_reproduces_the_trained_network(trained, world):
     data, bank = world
     model = load_dpseg(out / "checkpoint").eval()
     names = [shapes.SHAPES_CATEGORIES[i] for i in CLASS_IDS]
-    protos = Bank(bank).prototypes(names, "tiny", 2)
+    protos = Bank(bank).prototypes(names, "tiny", 2, encode_size=64)
     visual = VisualPrompts(protos.embedding, {s: protos.pooled[s] for s in model.cfg.guidance_strides})
     text = cached_text_embeddings(model, names)
     # the in-memory network scored the validation images at the end of training; the loaded one agrees
@@ -129,6 +129,13 @@ def test_bad_inputs_are_one_line_before_any_compute(world, tmp_path, cli, one_li
     one_line_error(cli(*with_(classes="seen")), "has no 'tiny' prompts for 32 classes", "dpseg bank build")
     one_line_error(cli(*with_(encoder="convnext-b")), "no features for encoder 'convnext-b'", "dpseg bank encode")
     one_line_error(cli(*with_(encode_size=128)), "encoded at 64 px", "--encode-size 128")
+    # the bank's only size (64) is not the segmenter's input (tiny: 128): refused unless given, naming the re-encode
+    one_line_error(
+        cli("train", *flags(recipe(data, bank, out, encode_size=None)), "--no-progress"),
+        "encoded at 64 px only",
+        "segmenter's input is 128 px",
+        f"dpseg bank encode {bank} --encoder tiny --encode-size 128",
+    )
     one_line_error(cli(*with_(crop_size=50)), "--crop-size", "multiple of 32")
     one_line_error(cli(*with_(batch_size=3, grad_accum=2)), "--batch-size 3", "--grad-accum")
     one_line_error(cli(*with_(prompt_mode="text")), "visual_guidance")

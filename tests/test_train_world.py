@@ -60,6 +60,7 @@ def recipe(data: Path, bank: Path, out: Path, **overrides):
         steps=12,
         batch_size=2,
         crop_size=64,
+        encode_size=64,  # the bank's only size, below tiny's 128 px input: given explicitly
         lr=1e-3,
         image_lr_multiplier=1.0,
         num_workers=0,

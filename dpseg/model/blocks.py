@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpseg.precision import fp32, kept_dtype
+
 AttentionSummary = tuple[torch.Tensor, torch.Tensor]  # (sum_n k v^T, sum_n k) per pixel and head
 
 
@@ -17,7 +19,8 @@ def group_norm_groups(channels: int) -> int:
 
 class HybridDilatedConv(nn.Module):
     """Three 3x3 convs with dilations 1, 2, 4, summed: a wide receptive field without gridding.
-    Depthwise by default (SED's spatial block is a depthwise ConvNeXt block; the MLP mixes channels)."""
+    Depthwise by default: it takes the place of the depthwise conv in SED's spatial ConvNeXt
+    block, whose MLP mixes the channels."""
 
     def __init__(self, dim: int, dilations: tuple[int, ...] = (1, 2, 4), depthwise: bool = True):
         super().__init__()
@@ -28,21 +31,40 @@ class HybridDilatedConv(nn.Module):
         return sum(conv(x) for conv in self.convs)
 
 
+class SpatialBlock(nn.Module):
+    """Paper §4.2's HDC -> norm -> GELU MLP, laid out as SED's spatial ConvNeXt block (the paper
+    does not say where the residual goes): x + gamma * MLP(LN(HDC(x))), one learned layer-scale
+    gamma per channel (SED builds it with initial value 1.0)."""
+
+    def __init__(self, dim: int, mlp_ratio: int, depthwise: bool = True, layer_scale_init: float = 1.0):
+        super().__init__()
+        self.hdc = HybridDilatedConv(dim, depthwise=depthwise)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # SED's ConvNeXt LayerNorm eps
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+        self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B', C, H, W) -> (B', H, W, C) channels-last, as the class block wants it."""
+        y = self.hdc(x).permute(0, 2, 3, 1)
+        return x.permute(0, 2, 3, 1) + self.gamma * self.mlp(self.norm(y))
+
+
 class ClassAttention(nn.Module):
     """Self-attention across categories at every pixel, in linear (kernelised, elu+1) form as SED.
+    Like SED's AttentionLayer: q, k, v projections (one fused linear, the same function) and no
+    output projection.
 
     The linear form's keys and values reduce to a per-pixel summary (sum over classes), so
     classes can be decoded in chunks against a summary of *all* classes and give the one-pass
-    result exactly.
+    result exactly. The summary and the normalisation run in fp32 whatever the autocast.
     """
 
     def __init__(self, dim: int, heads: int, eps: float = 1e-6):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
-        self.heads, self.eps = heads, eps
+        self.dim, self.heads, self.eps = dim, heads, eps
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def _qkv(self, x: torch.Tensor):
         """x (B, N, H, W, C) -> q, k, v (B, N, H, W, heads, C/heads); q, k positive (elu + 1)."""
@@ -51,14 +73,14 @@ class ClassAttention(nn.Module):
 
     @staticmethod
     def _summary(k: torch.Tensor, v: torch.Tensor) -> AttentionSummary:
-        k, v = k.float(), v.float()  # sums over hundreds of classes: keep them in fp32
-        return torch.einsum("bnxyhd,bnxyhe->bxyhde", k, v), k.sum(dim=1)
+        with fp32(k):  # sums over hundreds of classes: never in half precision
+            k, v = k.float(), v.float()
+            return torch.einsum("bnxyhd,bnxyhe->bxyhde", k, v), k.sum(dim=1)
 
     def _part(self, x: torch.Tensor, parts: slice) -> torch.Tensor:
         """Rows `parts` (in thirds: q, k, v) of the qkv projection, so chunked decoding computes
         k, v for the summary and q for the output once each, as the one-pass path does."""
-        dim = self.proj.in_features
-        rows = slice(parts.start * dim, parts.stop * dim)
+        rows = slice(parts.start * self.dim, parts.stop * self.dim)
         out = F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows])
         return out.unflatten(-1, (parts.stop - parts.start, self.heads, -1))
 
@@ -73,67 +95,79 @@ class ClassAttention(nn.Module):
         else:
             q = F.elu(self._part(x, slice(0, 1)).squeeze(-3)) + 1
         kv, k_sum = summary
-        q = q.float()
-        numerator = torch.einsum("bnxyhd,bxyhde->bnxyhe", q, kv)
-        denominator = torch.einsum("bnxyhd,bxyhd->bnxyh", q, k_sum).unsqueeze(-1)
-        out = (numerator / (denominator + self.eps)).to(x.dtype).flatten(-2)
-        return self.proj(out)
+        with fp32(q):
+            q = q.float()
+            numerator = torch.einsum("bnxyhd,bxyhde->bnxyhe", q, kv)
+            denominator = torch.einsum("bnxyhd,bxyhd->bnxyh", q, k_sum).unsqueeze(-1)
+            out = numerator / (denominator + self.eps)
+        return out.to(x.dtype).flatten(-2)
 
 
 class AggregationBlock(nn.Module):
-    """Paper §4.2: hybrid dilated conv -> norm -> GELU MLP -> self-attention across categories,
-    each with a residual connection. Class attention runs on a grid average-pooled by
-    `pool_train` in training and `pool_eval` at evaluation (SED: 2x2 and 1x1) and is upsampled
-    back bilinearly (align_corners=True, as SED)."""
+    """One decoder stage's aggregation: the spatial block (paper: HDC -> norm -> GELU MLP; SED's
+    layer-scaled residual), then the class block, laid out as SED's class transformer layer: on a
+    grid average-pooled by `pool_train` in training and `pool_eval` at evaluation (SED: 2x2 and
+    1x1), p + Attn(LN(p)) then (with `class_mlp`) p + MLP_ReLU(LN(p)); the result is upsampled
+    back bilinearly (align_corners=True) and added to the un-pooled input, as SED does."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: int, depthwise: bool = True, pool_train: int = 2, pool_eval: int = 1
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: int,
+        depthwise: bool = True,
+        pool_train: int = 2,
+        pool_eval: int = 1,
+        layer_scale_init: float = 1.0,
+        class_mlp: bool = True,
     ):
         super().__init__()
-        self.spatial = HybridDilatedConv(dim, depthwise=depthwise)
-        self.norm1 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
-        self.norm2 = nn.LayerNorm(dim)
+        self.spatial = SpatialBlock(dim, mlp_ratio, depthwise, layer_scale_init)
+        self.attention_norm = nn.LayerNorm(dim)
         self.attention = ClassAttention(dim, heads)
+        self.mlp_norm = nn.LayerNorm(dim) if class_mlp else None
+        self.mlp = (
+            nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.ReLU(), nn.Linear(dim * mlp_ratio, dim))
+            if class_mlp
+            else None
+        )
         self.pool_train, self.pool_eval = pool_train, pool_eval
 
     @property
     def pool(self) -> int:
         return self.pool_train if self.training else self.pool_eval
 
-    def _before_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C, H, W) -> channels-last (B, N, H, W, C) after the spatial conv and the MLP."""
-        b, n, c, h, w = x.shape
-        y = x.flatten(0, 1)
-        y = (y + self.spatial(y)).view(b, n, c, h, w).permute(0, 1, 3, 4, 2)
-        return y + self.mlp(self.norm1(y))
-
-    def _attention_input(self, y: torch.Tensor) -> torch.Tensor:
+    def _pooled(self, y: torch.Tensor) -> torch.Tensor:
+        """Channels-last (B, N, H, W, C) -> the class block's grid (B, N, h, w, C)."""
         if self.pool > 1:
             b, n, h, w, c = y.shape
             pooled = F.avg_pool2d(y.reshape(b * n, h, w, c).permute(0, 3, 1, 2), self.pool, ceil_mode=True)
             y = pooled.permute(0, 2, 3, 1).reshape(b, n, *pooled.shape[-2:], c)
-        return self.norm2(y)
+        return y
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before class attention: (B, N, C, H, W) -> channels-last (B, N, H, W, C)."""
-        return self._before_attention(x)
+        """The spatial block: (B, N, C, H, W) -> channels-last (B, N, H, W, C)."""
+        b, n, c, h, w = x.shape
+        return self.spatial(x.flatten(0, 1)).view(b, n, h, w, c)
 
     def summarize_prepared(self, y: torch.Tensor) -> AttentionSummary:
-        return self.attention.summarize(self._attention_input(y))
+        return self.attention.summarize(self.attention_norm(self._pooled(y)))
 
     def summarize(self, x: torch.Tensor) -> AttentionSummary:
         return self.summarize_prepared(self.prepare(x))
 
     def finish(self, y: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
-        """Class attention (against `summary` of all classes, if given) -> (B, N, C, H, W)."""
-        a = self.attention(self._attention_input(y), summary)
-        if a.shape[2:4] != y.shape[2:4]:
+        """The class block (attention against `summary` of all classes, if given) -> (B, N, C, H, W)."""
+        p = self._pooled(y)
+        p = p + self.attention(self.attention_norm(p), summary)
+        if self.mlp is not None:
+            p = p + self.mlp(self.mlp_norm(p))
+        if p.shape[2:4] != y.shape[2:4]:
             b, n, h, w, c = y.shape
-            a = a.reshape(b * n, *a.shape[2:]).permute(0, 3, 1, 2)
-            a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=True)
-            a = a.permute(0, 2, 3, 1).reshape(b, n, h, w, c)
-        return (y + a).permute(0, 1, 4, 2, 3)
+            p = p.reshape(b * n, *p.shape[2:]).permute(0, 3, 1, 2)
+            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=True)
+            p = p.permute(0, 2, 3, 1).reshape(b, n, h, w, c)
+        return (y + p).permute(0, 1, 4, 2, 3)
 
     def forward(self, x: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
         return self.finish(self.prepare(x), summary)
@@ -154,11 +188,14 @@ class CostGuidance(nn.Module):
 
     def from_prompts(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """features (B, C, H, W), prompts (N, M, C) or (B, N, M, C) -> (B, N, dim, H, W), before ReLU."""
-        f = F.normalize(features, dim=1)
-        p = F.normalize(prompts.to(f.dtype), dim=-1)
-        folded = torch.einsum("km,...nmc->...nkc", self.weight.to(f.dtype), p)
-        pattern = "bchw,nkc->bnkhw" if folded.dim() == 3 else "bchw,bnkc->bnkhw"
-        return torch.einsum(pattern, f, folded) + self.bias.to(f.dtype).view(1, 1, -1, 1, 1)
+        dtype = kept_dtype(features)
+        with fp32(features):  # a cost volume: fp32 whatever the autocast (as cosine_cost)
+            f = F.normalize(features.float(), dim=1)
+            p = F.normalize(prompts.to(device=f.device, dtype=torch.float32), dim=-1)
+            folded = torch.einsum("km,...nmc->...nkc", self.weight.float(), p)
+            pattern = "bchw,nkc->bnkhw" if folded.dim() == 3 else "bchw,bnkc->bnkhw"
+            out = torch.einsum(pattern, f, folded) + self.bias.float().view(1, 1, -1, 1, 1)
+        return out.to(dtype)
 
     def forward(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         return F.relu(self.from_prompts(features, prompts))

@@ -11,8 +11,10 @@ from dpseg.errors import UserError
 
 # Bumped whenever the network's structure or parameter names change, so a checkpoint of an
 # older network is refused with one line instead of failing deep inside load_state_dict.
-# 1: the first network; 2: SED fusion blocks, aux heads, ConvTranspose cost chain (issue 8).
-CONFIG_VERSION = 2
+# 1: the first network; 2: SED fusion blocks, aux heads, ConvTranspose cost chain;
+# 3: SED's block layout (layer-scaled spatial residual, pooled class block with its MLP added to
+#    the un-pooled input, class attention without an output projection).
+CONFIG_VERSION = 3
 
 PROMPT_MODES = ("text", "visual", "dual")
 FUSIONS = ("avg-embeddings", "concat-costs", "avg-costs")  # paper Table 2b
@@ -35,8 +37,10 @@ class DPSegConfig:
     guidance_strides: tuple[int, ...] = (16, 8, 4)
     guidance_dims: tuple[int, ...] = (32, 16, 8)  # SED DECODER_GUIDANCE_PROJ_DIMS: skip and cost-guidance widths
     attention_heads: int = 4
-    mlp_ratio: int = 4  # SED's class-transformer MLP
+    mlp_ratio: int = 4  # SED: both MLPs of a stage (spatial ConvNeXt block, class transformer) are x4
     hdc_depthwise: bool = True  # HDC as depthwise convs, like SED's depthwise spatial block
+    layer_scale_init: float = 1.0  # SED builds its spatial ConvNeXt blocks with layer scale 1.0
+    class_mlp: bool = True  # SED's class transformer has an MLP (ReLU) after the attention
     attention_pool_train: int = 2  # SED POOLING_SIZES [2, 2] in training ...
     attention_pool_eval: int = 1  # ... and [1, 1] in its evaluation script
     deep_supervision: bool = True  # SED: aux class heads at strides 32/16/8, BCE on all four outputs
@@ -90,6 +94,8 @@ class DPSegConfig:
         for name in ("attention_pool_train", "attention_pool_eval"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.layer_scale_init <= 0:
+            raise UserError(f"layer_scale_init must be positive, got {self.layer_scale_init}")
         for name in ("drop_path", "head_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")

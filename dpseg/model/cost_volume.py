@@ -1,7 +1,9 @@
 """Cost volumes: cosine similarity between image features and prompt embeddings.
 
 Prompts are (N, M, C) — shared by the batch — or (B, N, M, C) — per image, as in pass II.
-Outputs are (B, M, N, H, W), the layout of the paper's Eq. 1 and Eq. 2.
+Outputs are (B, M, N, H, W), the layout of the paper's Eq. 1 and Eq. 2. Cosines are computed
+in fp32 whatever the autocast (SED computes them in fp32; bf16 keeps 8 bits of mantissa, so
+cosines near each other across 80 templates and hundreds of classes would tie).
 """
 
 from __future__ import annotations
@@ -9,23 +11,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dpseg.precision import fp32, kept_dtype
+
 
 def cosine_cost(features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """cos(features[b, :, h, w], prompts[(b,) n, m, :]) -> (B, M, N, H, W)."""
-    f = F.normalize(features, dim=1)
-    p = F.normalize(prompts.to(f.dtype), dim=-1)
-    if p.dim() == 3:
-        return torch.einsum("bchw,nmc->bmnhw", f, p)
-    if p.dim() == 4:
-        return torch.einsum("bchw,bnmc->bmnhw", f, p)
-    raise ValueError(f"prompts must be (N, M, C) or (B, N, M, C), got {tuple(prompts.shape)}")
+    if prompts.dim() not in (3, 4):
+        raise ValueError(f"prompts must be (N, M, C) or (B, N, M, C), got {tuple(prompts.shape)}")
+    dtype = kept_dtype(features)
+    with fp32(features):
+        f = F.normalize(features.float(), dim=1)
+        p = F.normalize(prompts.to(device=f.device, dtype=torch.float32), dim=-1)
+        pattern = "bchw,nmc->bmnhw" if p.dim() == 3 else "bchw,bnmc->bmnhw"
+        return torch.einsum(pattern, f, p).to(dtype)
 
 
 def dual_prompt_embeddings(text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """Eq. 1's E: the average of the L2-normalised text and visual prompt embeddings."""
     if visual.dim() == 4 and text.dim() == 3:
         text = text.unsqueeze(0).expand(visual.shape[0], *text.shape)
-    return (F.normalize(text, dim=-1) + F.normalize(visual.to(text.dtype), dim=-1)) / 2
+    with fp32(text):
+        return (F.normalize(text.float(), dim=-1) + F.normalize(visual.float(), dim=-1)) / 2
 
 
 def initial_cost(

@@ -5,7 +5,9 @@ Sized from the encoder's declared channels and strides, never from a table:
   stride 32: initial cost (B, M, N, h, w) --7x7 conv per class--> (B, N, 128, h, w)
   stage k (k = 0, 1, 2; in dims 128, 64, 32; out dims 64, 32, 16; strides 16, 8, 4):
      [aux head k: 3x3 conv on the detached state -> one logit map per class (strides 32/16/8)]
-     aggregate (HDC, norm, GELU MLP, class attention)
+     aggregate: x + gamma * GELU-MLP(LN(HDC(x))) (SED's layer-scaled ConvNeXt block with the
+        paper's HDC), then the class block on a pooled grid, p + Attn(LN(p)), p + ReLU-MLP(LN(p)),
+        upsampled and added to the un-pooled state (SED's class transformer layer)
      -> fusion: 2x2 deconv to (in - g_k) channels, concat the detached encoder skip (3x3 conv
         to g_k = 32/16/8, ReLU) and the cost guidance (g_k channels: Eq. 2's visual cost volume,
         or the upsampled-cost chain, or nothing), two rounds of 3x3 conv + GroupNorm + ReLU
@@ -84,6 +86,8 @@ class CostDecoder(nn.Module):
                 cfg.hdc_depthwise,
                 cfg.attention_pool_train,
                 cfg.attention_pool_eval,
+                cfg.layer_scale_init,
+                cfg.class_mlp,
             )
             for d in in_dims
         )

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dpseg.errors import UserError
+from dpseg.precision import fp32
 
 
 def segmentation_bce(
@@ -13,11 +14,17 @@ def segmentation_bce(
 ) -> torch.Tensor:
     """logits (B, N, h, w) at any stride, labels (B, H, W) of train ids.
 
-    Logits are upsampled bilinearly to the label size. Ignored pixels (`ignore_index`):
+    Computed in fp32 whatever the caller's autocast. Logits are upsampled bilinearly to the
+    label size. Ignored pixels (`ignore_index`):
     - "negative" (SED): kept, with an all-zero target — every class is pushed down there;
     - "exclude": left out of the mean.
     """
-    b, n = logits.shape[:2]
+    with fp32(logits):
+        return _bce(logits.float(), labels, ignore_index, policy)
+
+
+def _bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, policy: str) -> torch.Tensor:
+    n = logits.shape[1]
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     labels = labels.long()

@@ -96,7 +96,7 @@ def benchmarks(gpu: bool) -> dict[str, Callable[[], dict]]:
             rounds=1,
             num_workers=1,
             device=device,
-            mixed_precision="auto",
+            mixed_precision="fp32",
             data=None,
         )
 

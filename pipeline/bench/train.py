@@ -7,7 +7,9 @@ Cases, alternated `rounds` times (the fastest round of each is kept):
 - text: the SED-equivalent text-only network (prompt_mode text, upsampled-cost guidance) on
   the in-memory batches.
 Reported: seconds per step, loader/memory and dual/text ratios, peak memory (per case on a GPU;
-the process's peak RSS on a CPU, which only grows).
+the process's peak RSS on a CPU, which only grows). Then the memory case once per precision
+(`precisions`; default fp32 and bf16 on a CPU, fp32, bf16 and fp16 on a GPU): seconds per step
+and the speed-up over fp32 (SED trains in fp32; the cost volumes and the loss stay fp32 in each).
 
 The step is the training step of pipeline/train/loop.py: forward with the aux heads, SED's deep
 supervision BCE, backward, full-model gradient clipping, AdamW.
@@ -67,9 +69,10 @@ def bench_train(
     rounds: int = 2,
     num_workers: int = 1,
     device: str = "auto",
-    mixed_precision: str = "auto",
+    mixed_precision: str = "fp32",
     data: Path | None = None,
     warmup: int = 2,
+    precisions: str = "all",
 ) -> dict:
     from bank.reader import Bank
     from dpseg.data.readers import SegmentationDataset
@@ -87,7 +90,9 @@ def bench_train(
     if not 1 <= classes <= len(shapes.SEEN_IDS):
         raise UserError(f"--classes must be between 1 and {len(shapes.SEEN_IDS)} (the seen shapes classes)")
     precision = resolve_precision(mixed_precision, device == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtypes = {"fp32": None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[precision]
+    compared = precision_list(precisions, device)
     with tempfile.TemporaryDirectory(prefix="dpseg-bench-train-") as tmp:
         # 2. a world: shapes data, and for the tiny encoder a procedural bank (another encoder gets random
         #    prompts of the right shapes: a tiny bank rendered at its crop size would cost minutes, unused)
@@ -122,7 +127,7 @@ def bench_train(
         batches = iter(loader)
         held = [next(iter(train_loader(dataset, ids, size, 0, layout, i, i + 1, 0, False))) for i in range(4)]
 
-        def step(model, opt, images, labels, prompts):
+        def step(model, opt, images, labels, prompts, dtype=dtype):
             images = images.to(device, non_blocking=True).float().div_(255)
             labels = labels.to(device, non_blocking=True)
             autocast = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -160,6 +165,26 @@ def bench_train(
                 seconds = (time.perf_counter() - start) / steps
                 best[name] = min(best.get(name, float("inf")), seconds)
                 peak[name] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        # 6. the in-memory dual step once per precision, alternated like the cases
+        by_precision: dict[str, float] = {}
+        precision_peak: dict[str, int | None] = {}
+        for _ in range(rounds):
+            for name in compared:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                for i in range(total):
+                    if i == warmup:
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                    images, labels = held[i % len(held)]
+                    step(dual, opts[id(dual)], images, labels, visual, dtype=dtypes[name])
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - start) / steps
+                by_precision[name] = min(by_precision.get(name, float("inf")), seconds)
+                precision_peak[name] = torch.cuda.max_memory_allocated() if device == "cuda" else None
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result = {
         "encoder": encoder,
@@ -177,10 +202,36 @@ def bench_train(
         "ratio_loader_vs_memory": round(best["loader"] / best["memory"], 4),
         "ratio_dual_vs_text": round(best["memory"] / best["text"], 4),
         "targets": {"ratio_loader_vs_memory": 1.05, "ratio_dual_vs_text": 1.25},
+        "precisions": {
+            name: {"seconds_per_step": round(s, 5), "speedup_vs_fp32": round(by_precision["fp32"] / s, 4)}
+            for name, s in by_precision.items()
+        },
     }
+    if device == "cuda":
+        for name, value in precision_peak.items():
+            result["precisions"][name]["peak_memory_bytes"] = value
     if device == "cuda":
         result["peak_memory_bytes"] = peak
         result["hours_for_80k_steps"] = round(best["loader"] * 80_000 / 3600, 2)
     else:
         result["peak_rss_bytes"] = rss
     return result
+
+
+def precision_list(precisions: str, device: str) -> list[str]:
+    """`all`: what the device runs (fp32 and bf16 on a CPU; fp16 too on a GPU, bf16 where the GPU
+    has it); else a comma list. fp32 always comes first: the speed-ups are over it."""
+    from dpseg.errors import UserError
+
+    if precisions == "all":
+        names = ["fp32", "bf16", "fp16"] if device == "cuda" else ["fp32", "bf16"]
+        if device == "cuda" and not torch.cuda.is_bf16_supported():
+            names.remove("bf16")
+    else:
+        names = [p.strip() for p in precisions.split(",") if p.strip()]
+    bad = [p for p in names if p not in ("fp32", "bf16", "fp16")]
+    if bad:
+        raise UserError(f"--precisions: {', '.join(bad)} not one of fp32, bf16, fp16 (or all)")
+    if "fp16" in names and device != "cuda":
+        raise UserError("--precisions fp16 needs a GPU; on the CPU compare fp32 and bf16")
+    return ["fp32", *[p for p in dict.fromkeys(names) if p != "fp32"]]

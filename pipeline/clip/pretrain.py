@@ -39,12 +39,14 @@ from dpseg.clip.templates import TEMPLATES
 from dpseg.data.shapes import COLOURS, SHAPES, SHAPES_CATEGORIES, TEXTURES, render_prompt_image
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
+from dpseg.reproducibility import environment
 from pipeline.provenance import git_commit
 
 # SHAPES_CATEGORIES is the product colour x texture x shape in this order, so (48,) scores reshape
 # to (colour, texture, shape) and each attribute's score is a logsumexp over the other two axes.
 ATTRIBUTES: dict[str, int] = {"colour": len(COLOURS), "texture": len(TEXTURES), "shape": len(SHAPES)}
 EVAL_SEED_OFFSET = 1_000_003  # held-out renders: seeds no training render uses
+TIMING_KEYS = ("render_s", "train_s", "eval_s", "total_s", "train_s_per_step")
 
 
 @dataclass
@@ -252,10 +254,14 @@ def lr_at(step: int, cfg: ClipPretrainConfig) -> float:
 def pretrain(cfg: ClipPretrainConfig, progress: bool = True) -> dict[str, Any]:
     """Trains, evaluates and writes OUT/tiny.safetensors, OUT/config.json, OUT/metrics.json and
     OUT/metrics.jsonl (loss per step); returns the metrics."""
+    from dpseg.reproducibility import deterministic
+
     cfg.check()
     threads = torch.get_num_threads()
     if cfg.threads:  # a fixed thread count also fixes the float summation order (determinism)
         torch.set_num_threads(cfg.threads)
+    # without it, the multi-threaded backward of the caption/slot indexing adds in another order each run
+    deterministic()
     try:
         return _pretrain(cfg, progress)
     finally:
@@ -341,6 +347,7 @@ def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
             "train_s_per_step": round(timings["train_s"] / cfg.steps, 4),
         }
     )
+    metrics["environment"] = environment()
     write_outputs(model, cfg, spec, metrics, history, out)
     return metrics
 
@@ -363,13 +370,17 @@ def write_outputs(
         "templates": len(TEMPLATES),
         "git_commit": git_commit(),
         "torch": torch.__version__,
+        "environment": environment(),
     }
     atomic_write_bytes(weights_path(out, cfg.encoder), save(state, metadata={"config": json.dumps(config)}))
     atomic_write_json(out / "config.json", config)
     atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
-    # metrics.json stays numeric and short (`dvc metrics show`); the per-template accuracy apart
+    # metrics.json stays short and identical across reruns (`dvc metrics show`): the per-template
+    # accuracy and the wall-clock timings go to their own files
     atomic_write_json(out / "templates.json", metrics["per_template"])
-    atomic_write_json(out / "metrics.json", {k: v for k, v in metrics.items() if k != "per_template"})
+    atomic_write_json(out / "timings.json", {k: metrics[k] for k in TIMING_KEYS if k in metrics})
+    kept = {k: v for k, v in metrics.items() if k != "per_template" and k not in TIMING_KEYS}
+    atomic_write_json(out / "metrics.json", kept)
 
 
 def pretrain_from_params(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:

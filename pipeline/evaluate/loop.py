@@ -19,6 +19,7 @@ and the main rank sums the parts once at the end (OUT must be one shared folder)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -36,10 +37,12 @@ from dpseg.errors import UserError
 from dpseg.io import LOCK_FILE, atomic_write_bytes, atomic_write_json
 from dpseg.metrics import confusion_matrix, label_range_error, predict_labels, segmentation_scores, uniform_random_miou
 from dpseg.refine import CROP_MODES, DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
+from dpseg.reproducibility import environment
 from pipeline.evaluate.setup import EvalContext, prepare_context
 
 FORMAT = "dpseg-eval-1"
 PARTS = ".parts"
+EVAL_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -67,6 +70,7 @@ class EvalSettings:
     device: str = "auto"
     text_cache: str | None = None
     encoder_weights: str | None = None  # default: the checkpoint's (carried in it, or recorded)
+    precision: str = "fp32"  # fp32 (SED's) | bf16 | fp16: autocast of the network (cost volumes stay fp32)
 
     def validate(self) -> None:
         if self.passes not in (1, 2):
@@ -85,6 +89,8 @@ class EvalSettings:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.size is not None and (self.size < 32 or self.size % 32):
             raise UserError(f"size must be a positive multiple of 32 (the encoder's stride), got {self.size}")
+        if self.precision not in EVAL_PRECISIONS:
+            raise UserError(f"precision {self.precision!r} is not one of {', '.join(EVAL_PRECISIONS)}")
         if self.overlays is not None and self.passes != 2:
             raise UserError("--overlays gives pass II's prompts: use it with --passes 2")
 
@@ -150,6 +156,8 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         if turn:
             state.wait_for_everyone()
 
+    autocast = _autocast(settings.precision, ctx.device)
+
     # 3. shards of images, each a resumable unit; batches never straddle shards. The shards not
     # done yet (the same list on every rank: read before any rank writes a part) are dealt
     # round-robin, so a resume on another number of ranks splits what is left
@@ -176,7 +184,7 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     for (shard, batch_indices), batch in zip(batches, loader, strict=True):  # the loader yields one batch per entry
         # 4. pass I: image features once, bank prompts
         images01 = batch["image"].to(ctx.device).float().div_(255)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             features = model.encode_image(model.image_encoder.normalize(images01))
             logits = {}
             if 1 in run_passes:
@@ -301,6 +309,18 @@ def saves(save_predictions: bool | int, index: int) -> bool:
     return index < save_predictions
 
 
+def _autocast(precision: str, device: torch.device):
+    """SED evaluates in fp32 (TF32 matmuls on GPUs, as its train_net.py sets); bf16/fp16 on request."""
+    dtype = EVAL_PRECISIONS[precision]
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype is torch.float16 and device.type != "cuda":
+        raise UserError("--precision fp16 needs a GPU; on the CPU use fp32 or bf16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: list[int]) -> dict:
     s = asdict(settings)
     s.update(
@@ -411,6 +431,7 @@ def _metrics(total: dict[int, np.ndarray], resolved: dict, ctx: EvalContext, ima
         "class_ids": list(ctx.keep),
         "passes": passes,
         "settings": resolved,
+        "environment": environment(),  # thread count and library versions the numbers were computed with
     }
     if "1" in passes and "2" in passes and passes["1"]["miou"] is not None:
         out["pass2_minus_pass1_miou"] = passes["2"]["miou"] - passes["1"]["miou"]

@@ -98,9 +98,15 @@ class EvalContext:
     def loader(self, batches: list[list[int]], workers: int):
         """Batches of the given dataset indices, read by `workers` processes, in order."""
         from dpseg.data.transforms import collate_eval
+        from dpseg.reproducibility import loader_seeding
 
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_eval, persistent_workers=False
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=collate_eval,
+            persistent_workers=False,
+            **loader_seeding(0),  # eval reads draw nothing random; seeded all the same
         )
 
 

@@ -17,6 +17,7 @@ import torch
 from dpseg.data.readers import SegmentationDataset
 from dpseg.data.subsets import remap_table
 from dpseg.data.transforms import TrainTransform
+from dpseg.reproducibility import loader_seeding
 
 
 @dataclass(frozen=True)
@@ -111,5 +112,7 @@ def train_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
-        generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG
+        # its own generator, seeded (creating the iterator must not draw from the global RNG), and
+        # every worker's numpy/random seeded from it: samples are seeded by position anyway
+        **loader_seeding(seed),
     )

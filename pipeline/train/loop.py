@@ -57,7 +57,7 @@ class TrainRecipe:
     grad_clip: float = 0.01  # SED: full-model gradient norm; 0 = off
     grad_accum: int = 1
     color_jitter: bool = True  # SED's photometric distortion
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | no | bf16 | fp16
+    mixed_precision: str = "fp32"  # fp32 (= no; SED's) | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16)
     seed: int = 0
     num_workers: int = 4
     log_every: int = 20
@@ -74,12 +74,16 @@ class TrainRecipe:
 def train(recipe: TrainRecipe, progress: bool = True) -> dict:
     from accelerate import Accelerator
 
+    from dpseg.reproducibility import deterministic
     from pipeline.train.resolve import check_numbers, resolve
 
     # 1. resolve and check everything before any compute
     check_numbers(recipe)
+    deterministic()  # same recipe, data and thread count: the same weights, bit for bit
     gpu = torch.cuda.is_available()
     precision = resolve_precision(recipe.mixed_precision, gpu)
+    if gpu:  # SED's train_net.py: fp32 training with TF32 matmuls on GPUs that have them
+        torch.set_float32_matmul_precision("high")
     accelerator = Accelerator(cpu=not gpu, mixed_precision=precision)
     plan = resolve(recipe, accelerator.num_processes)
     # the run folder has one writer: this launch (its main rank holds the lock for every rank)
@@ -304,6 +308,11 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
 
 
 def resolve_precision(value: str, gpu: bool) -> str:
+    """accelerate's name for the autocast to run: "no" (fp32, SED's precision), "bf16" or "fp16"."""
+    if value in ("fp32", "no"):
+        return "no"
+    if value == "fp16" and not gpu:
+        raise UserError("--mixed-precision fp16 needs a GPU; on the CPU use fp32 or bf16")
     if value != "auto":
         return value
     if not gpu:
@@ -332,6 +341,8 @@ def remove(path: Path) -> None:
 def run_record(r: TrainRecipe, plan, accelerator) -> dict:
     """What config.json's `extra` says about how the weights were made. Its paths are relative to
     the run folder, so a run folder moved or copied together with its bank still finds it."""
+    from dpseg.reproducibility import environment
+
     bank = plan.bank
     out = Path(r.out)
     recipe = recorded_recipe(r, out)
@@ -357,6 +368,7 @@ def run_record(r: TrainRecipe, plan, accelerator) -> dict:
         "dataset": relative_to_run(plan.dataset.info.root, out),
         "git_commit": git_commit(),
         "world_size": accelerator.num_processes,
+        "environment": environment(),
     }
 
 

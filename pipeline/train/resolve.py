@@ -11,7 +11,7 @@ from shlex import quote
 
 from dpseg.errors import UserError
 
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MIXED_PRECISION = ("fp32", "no", "bf16", "fp16", "auto")
 RESUME = ("auto", "yes", "no")
 # Recipe keys a resumed run may change: they do not alter the trajectory of the weights.
 RESUMABLE_CHANGES = {
