@@ -123,8 +123,11 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
 def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
+    from dpseg.reproducibility import deterministic
+
     # 1. resolve checkpoint, bank, dataset, prompts (one-line errors before any slow work)
     settings.validate()
+    deterministic()  # as training: same checkpoint, data and thread count give the same metrics
     state = _world(settings.device)
     settings = dataclasses.replace(settings, device=_rank_device(state, settings.device))
     ctx = prepare_context(settings)
