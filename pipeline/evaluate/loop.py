@@ -50,6 +50,19 @@ class EvalSettings:
     min_area: int = DEFAULT_MIN_AREA
     crop: str = "masked"
     instances: int = 0
+    # pass-II variants (dpseg/refine.py; the defaults are the paper's reading)
+    confidence: float = 0.0  # crop only pixels with pass-I probability >= this
+    margin: float = 0.0  # ... and top-1 minus top-2 probability >= this
+    erode: int = 0  # pixels each class mask shrinks by before cropping
+    gate: float = 0.0  # refine a class only if its mean pass-I probability reaches this
+    merge: str = "replace"  # replace | mix | blend | add
+    share: float = 1.0  # mix: share of the M slots given to crops; blend: the crops' weight
+    fit: bool = False  # encode each crop at the smallest multiple of 32 holding it (speed)
+    topk: int = 0  # fast pass II: decode each image's k best pass-I classes only, the rest kept (0: exact)
+    # diagnostics and statistics
+    oracle: bool = False  # also run pass II with crops cut from the ground truth (a diagnostic bound)
+    bootstrap: int = 1000  # paired bootstrap resamples of images for the pass II - pass I interval (0: off)
+    bootstrap_seed: int = 0
     batch_size: int = 4
     num_workers: int = 2
     class_chunk: int | None = None
@@ -69,13 +82,33 @@ class EvalSettings:
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("min_area", "instances", "num_workers"):
+        for name in ("min_area", "instances", "num_workers", "erode", "topk", "bootstrap"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.size is not None and (self.size < 32 or self.size % 32):
             raise UserError(f"size must be a positive multiple of 32 (the encoder's stride), got {self.size}")
         if self.overlays is not None and self.passes != 2:
             raise UserError("--overlays gives pass II's prompts: use it with --passes 2")
+        if self.oracle and (self.passes != 2 or self.overlays is not None):
+            raise UserError("--oracle is a pass-II diagnostic: use it with --passes 2 and without --overlays")
+        if self.topk and self.merge == "add":
+            raise UserError("--topk decodes a subset of the classes; --merge add appends classes: use one of them")
+        self.refine_settings(64)  # one-line errors for the refinement settings
+
+    def refine_settings(self, encode_size: int) -> RefineSettings:
+        return RefineSettings(
+            encode_size,
+            self.min_area,
+            self.crop,
+            self.instances,
+            confidence=self.confidence,
+            margin=self.margin,
+            erode=self.erode,
+            gate=self.gate,
+            merge=self.merge,
+            share=self.share,
+            fit=self.fit,
+        )
 
 
 def eval_from_params(section: dict, progress: bool = True) -> dict:
