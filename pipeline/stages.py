@@ -210,7 +210,7 @@ def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     if "pass2_minus_pass1_miou" in metrics:
         out["pass2_minus_pass1_miou"] = metrics["pass2_minus_pass1_miou"]
     boot = metrics.get("paired_bootstrap")
-    if boot:
+    if boot and boot.get("ci95"):
         out["pass2_minus_pass1_ci95"] = boot["ci95"]
     diag = metrics.get("diagnostics", {})
     if "pass2_oracle" in diag:  # a diagnostic (ground-truth crops), never a headline
