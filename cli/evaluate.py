@@ -205,6 +205,7 @@ def bench_eval_command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     repeats: int = typer.Option(3, min=1),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="CPU: a fresh process per case (peak memory)."),
+    topk: int = typer.Option(16, min=1, help="k of the fast pass-II modes (topk, topk+fit)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
 ):
     """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
@@ -222,6 +223,7 @@ def bench_eval_command(
         templates=templates,
         batch=batch,
         isolate=isolate,
+        topk=topk,
     )
     if out:
         atomic_write_json(out, result)
