@@ -309,3 +309,18 @@ def test_variants_run_end_to_end_and_record_their_settings(world):
     assert (r["confidence"], r["erode"], r["gate"], r["merge"], r["share"], r["topk"]) == (0.3, 1, 0.1, "mix", 0.5, 4)
     added = evaluate(_settings(world, "added", merge="add", bootstrap=0), progress=False)
     assert "paired_bootstrap" not in added and added["passes"]["2"]["miou"] is not None
+
+
+def test_the_pass_two_diagnosis_adds_up(world, oracle_run):
+    from pipeline.analyze.pass2 import diagnose, markdown
+
+    d = diagnose(world / "oracle")
+    counts = np.load(world / "oracle" / "per_image" / "counts.npy")
+    tp1, tp2 = counts[:, 1], counts[:, 2]
+    present = counts[:, 0] > 0
+    groups = d["groups"]
+    # refined-true and present-not-refined pairs cover every present pair: their tp gains sum to the total
+    covered = groups["refined, true detection"].get("tp_gained", 0) + groups["present, not refined"].get("tp_gained", 0)
+    assert covered == int((tp2 - tp1)[present].sum())
+    assert groups["refined, false detection"].get("gt_pixels", 0) == 0
+    assert "crop-mask precision" in markdown([d])
