@@ -98,24 +98,25 @@ def _case(
             logits = model(text=text, visual=visual2, features=features, class_chunk=class_chunk)
         return predict_labels(logits, (size, size), class_chunk)
 
-    def timed(fn) -> float:
+    def timed_pair(first, second) -> tuple[float, float]:
+        # interleaved, so a load change on a shared machine hits both sides of the ratio alike
+        times: tuple[list[float], list[float]] = ([], [])
         with torch.inference_mode():
-            fn()  # warm-up
+            first(), second()  # warm-up
             _sync(dev)
-            times = []
             for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                _sync(dev)
-                times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+                for fn, out in ((first, times[0]), (second, times[1])):
+                    start = time.perf_counter()
+                    fn()
+                    _sync(dev)
+                    out.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times[0]), statistics.median(times[1])
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev) / 2**20
-    one_ms = timed(one_pass)
-    two_ms = timed(two_pass)
+    one_ms, two_ms = timed_pair(one_pass, two_pass)
     result = {
         "classes": num_classes,
         "class_chunk": class_chunk,
@@ -125,6 +126,7 @@ def _case(
         "two_pass_ms": round(two_ms, 2),
         "two_pass_ms_per_image": round(two_ms / batch, 2),
         "two_over_one": round(two_ms / one_ms, 3),
+        "timing": "medians of interleaved one-pass / two-pass runs",
         "refined_classes_per_image": min(detect_classes, num_classes),
         "topk": topk,
         "fit": fit,
