@@ -71,13 +71,28 @@ def synth(
     val_images: int | None = typer.Option(None, "--val-images", help="val images, all categories (default: --images)"),
     size: int = typer.Option(DEFAULT_SIZE, "--size", help="image side in pixels"),
     seed: int = typer.Option(DEFAULT_SEED, "--seed"),
+    background: bool = typer.Option(
+        False, "--background/--no-background", help="label the canvas as a class (vocabulary shapes-background)"
+    ),
+    scene_style: str = typer.Option(
+        "plain", "--scene-style", help="plain | photo (per-scene light, cast, blur, clutter)"
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Write the synthetic `shapes` open-vocabulary benchmark (deterministic)."""
     from dpseg.data.synth import write_shapes_benchmark
 
     _print_report(
-        write_shapes_benchmark(out, images=images, size=size, seed=seed, val_images=val_images, progress=progress)
+        write_shapes_benchmark(
+            out,
+            images=images,
+            size=size,
+            seed=seed,
+            val_images=val_images,
+            progress=progress,
+            background=background,
+            scene_style=scene_style,
+        )
     )
 
 

@@ -31,6 +31,21 @@ def eval_command(
     ),
     crop: str = typer.Option("masked", help="masked (outside mask = CLIP mean) | bbox."),
     instances: int = typer.Option(0, min=0, help="Crop the K largest connected components per class (0: off)."),
+    confidence: float = typer.Option(0.0, help="Pass II: crop only pixels whose pass-I probability is >= this."),
+    margin: float = typer.Option(0.0, help="Pass II: ... and whose top-1 minus top-2 probability is >= this."),
+    erode: int = typer.Option(0, min=0, help="Pass II: shrink each class mask by this many pixels before cropping."),
+    gate: float = typer.Option(0.0, help="Pass II: refine a class only if its mean pass-I probability reaches this."),
+    merge: str = typer.Option("replace", help="Pass II: replace (all M slots) | mix | blend (--share) | add."),
+    share: float = typer.Option(1.0, help="mix: share of the M slots given to crops; blend: the crops' weight."),
+    fit: bool = typer.Option(
+        False, "--fit/--no-fit", help="Encode each crop at the smallest multiple of 32 holding it."
+    ),
+    topk: int = typer.Option(0, min=0, help="Fast pass II: decode each image's k best pass-I classes (0: exact)."),
+    oracle: bool = typer.Option(
+        False, "--oracle", help="DIAGNOSTIC: also run pass II with crops cut from the ground truth (an upper bound)."
+    ),
+    bootstrap: int = typer.Option(1000, min=0, help="Paired bootstrap resamples for the pass II - pass I interval."),
+    bootstrap_seed: int = typer.Option(0, help="Seed of the bootstrap resampling."),
     batch_size: int = typer.Option(4, min=1),
     num_workers: int = typer.Option(2, min=0, help="Image-reading worker processes."),
     class_chunk: int | None = typer.Option(None, min=1, help="Decode this many classes at a time (bounded memory)."),
@@ -59,6 +74,17 @@ def eval_command(
         min_area=min_area,
         crop=crop,
         instances=instances,
+        confidence=confidence,
+        margin=margin,
+        erode=erode,
+        gate=gate,
+        merge=merge,
+        share=share,
+        fit=fit,
+        topk=topk,
+        oracle=oracle,
+        bootstrap=bootstrap,
+        bootstrap_seed=bootstrap_seed,
         batch_size=batch_size,
         num_workers=num_workers,
         class_chunk=class_chunk,
@@ -83,6 +109,20 @@ def eval_command(
             f"pAcc {scores['pacc'] or 0:.2f}  "
             f"mAcc {scores['macc'] or 0:.2f}  ({scores['images']} images; uniform random "
             f"{0 if chance is None else chance:.2f})"
+        )
+    boot = metrics.get("paired_bootstrap")
+    if boot and boot["ci95"]:
+        low, high = boot["ci95"]
+        typer.echo(
+            f"pass II - pass I mIoU {boot['estimate']:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}] "
+            f"(paired bootstrap over {boot['images']} images, {boot['samples']} resamples)"
+        )
+    diag = metrics.get("diagnostics", {})
+    if "pass2_oracle" in diag:
+        share_closed = diag.get("share_of_oracle_gain_closed")
+        typer.echo(
+            f"diagnostic, oracle crops (ground truth): pass II mIoU {diag['pass2_oracle']['miou']:.2f}; "
+            f"share of its gain closed by pass II: {'n/a' if share_closed is None else f'{100 * share_closed:.0f}%'}"
         )
     typer.echo(f"-> {out / 'metrics.json'}")
 
@@ -188,6 +228,7 @@ def bench_eval_command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     repeats: int = typer.Option(3, min=1),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="CPU: a fresh process per case (peak memory)."),
+    topk: int = typer.Option(16, min=1, help="k of the fast pass-II modes (topk, topk+fit)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
 ):
     """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
@@ -205,6 +246,7 @@ def bench_eval_command(
         templates=templates,
         batch=batch,
         isolate=isolate,
+        topk=topk,
     )
     if out:
         atomic_write_json(out, result)

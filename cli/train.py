@@ -35,6 +35,8 @@ HELP = {
     "grad_clip": "Full-model gradient-norm clip (SED: 0.01); 0 = off.",
     "grad_accum": "Micro-steps per optimizer step (the global batch stays --batch-size).",
     "color_jitter": "SED's photometric distortion.",
+    "crop_prompts": "Share of each present class's M bank prompts replaced by its ground-truth crop (0: off; "
+    "not in the paper).",
     "mixed_precision": "fp32 (SED's; 'no' is the same) | bf16 | fp16 | auto (bf16 or fp16 on GPU, fp32 on CPU).",
     "seed": "Seed of the decoder init, the data order and the augmentations.",
     "num_workers": "Data-loader worker processes.",

@@ -111,3 +111,63 @@ def _predict_labels(logits: torch.Tensor, size: tuple[int, int], class_chunk: in
             best_val = torch.where(better, val, best_val)
             best_idx = torch.where(better, idx, best_idx)
     return best_idx
+
+
+def miou_from_counts(tp: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """mIoU (percent) over the classes present, from summed counts (..., K) -> (...); the same
+    numbers `segmentation_scores` gives from the confusion matrix the counts were taken from.
+    NaN where no class is present."""
+    tp, gt, pred = (np.asarray(a, dtype=np.float64) for a in (tp, gt, pred))
+    present = gt > 0
+    union = gt + pred - tp
+    iou = np.where(present, tp / np.where(present, union, 1.0), 0.0)
+    count = present.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, 100 * iou.sum(axis=-1) / count, np.nan)
+
+
+def paired_bootstrap(
+    tp_a: np.ndarray,
+    pred_a: np.ndarray,
+    tp_b: np.ndarray,
+    pred_b: np.ndarray,
+    gt: np.ndarray,
+    samples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Paired bootstrap of mIoU(b) - mIoU(a) over images: per-image counts (images, K) of true
+    positives and predicted pixels of the two predictors and the ground-truth pixels. Each
+    resample draws the images with replacement (`np.random.default_rng(seed).integers(0, n,
+    (samples, n))`), sums their counts per class and scores both predictors on the same draw;
+    the 95% interval is the percentile interval of the differences. A resample in which no class
+    is present has no mIoU: it is left out and counted (`undefined`)."""
+    n = len(gt)
+    if n == 0:
+        raise ValueError("no images to resample")
+    draws = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    weights = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)  # (S, n)
+    gt_s = weights @ gt
+    a = miou_from_counts(weights @ tp_a, gt_s, weights @ pred_a)
+    b = miou_from_counts(weights @ tp_b, gt_s, weights @ pred_b)
+    diff = b - a
+    estimate = float(
+        miou_from_counts(tp_b.sum(0), gt.sum(0), pred_b.sum(0))
+        - miou_from_counts(tp_a.sum(0), gt.sum(0), pred_a.sum(0))
+    )
+    defined = ~np.isnan(diff)
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        v = values[defined]
+        return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v.size else None
+
+    return {
+        "estimate": None if np.isnan(estimate) else estimate,
+        "ci95": interval(diff),
+        "a_ci95": interval(a),
+        "b_ci95": interval(b),
+        "share_b_above_a": float(np.mean(diff[defined] > 0)) if defined.any() else None,
+        "samples": int(samples),
+        "undefined": int((~defined).sum()),
+        "seed": int(seed),
+        "images": int(n),
+    }

@@ -66,6 +66,8 @@ def run_data(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
             seed=int(d["seed"]),
             val_images=d.get("val_images"),
             progress=progress,
+            background=bool(d.get("background", False)),
+            scene_style=str(d.get("scene_style") or "plain"),
         )
         return {"shapes": {"written": report.written, "resumed": report.resumed}}
     if d["kind"] == "prepare":
@@ -192,6 +194,13 @@ def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         out[f"pass{p}"] = {k: scores[k] for k in PASS_KEYS if k in scores}
     if "pass2_minus_pass1_miou" in metrics:
         out["pass2_minus_pass1_miou"] = metrics["pass2_minus_pass1_miou"]
+    boot = metrics.get("paired_bootstrap")
+    if boot and boot.get("ci95"):
+        out["pass2_minus_pass1_ci95"] = boot["ci95"]
+    diag = metrics.get("diagnostics", {})
+    if "pass2_oracle" in diag:  # a diagnostic (ground-truth crops), never a headline
+        out["diagnostic_pass2_oracle_miou"] = diag["pass2_oracle"]["miou"]
+        out["diagnostic_share_of_oracle_gain_closed"] = diag.get("share_of_oracle_gain_closed")
     out["images"] = metrics.get("images")
     return out
 
@@ -224,12 +233,18 @@ def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, A
 
 
 def results_table(r: dict[str, Any]) -> str:
-    """Markdown: one row per eval set, pass I / pass II mIoU and the uniform-random baseline."""
-    rows = ["| set | classes | pass I mIoU | pass II mIoU | II - I | uniform random |", "|---|---|---|---|---|---|"]
+    """Markdown: one row per eval set, pass I / pass II mIoU, the change with its paired-bootstrap
+    95% interval over images, the uniform-random baseline; where the eval ran the oracle
+    diagnostic, the share of its gain pass II closes (in a column marked as a diagnostic)."""
+    rows = [
+        "| set | classes | images | pass I mIoU | pass II mIoU | II - I [95% CI] | uniform random "
+        "| diagnostic: oracle pass II, share of its gain closed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in r["eval"].get("sets") or []:
         path = METRICS_DIR / "eval" / f"{name}.json"
         if not path.is_file():
-            rows.append(f"| {name} | – | – | – | – | – |")
+            rows.append(f"| {name} | – | – | – | – | – | – | – |")
             continue
         m = json.loads(path.read_text())
         p1, p2 = m.get("pass1", {}), m.get("pass2", {})
@@ -239,9 +254,17 @@ def results_table(r: dict[str, Any]) -> str:
         def f(v):
             return "–" if v is None else f"{v:.1f}"
 
+        change = f(m.get("pass2_minus_pass1_miou"))
+        if m.get("pass2_minus_pass1_ci95"):
+            low, high = m["pass2_minus_pass1_ci95"]
+            change = f"{m['pass2_minus_pass1_miou']:+.1f} [{low:+.1f}, {high:+.1f}]"
+        oracle = "–"
+        if m.get("diagnostic_pass2_oracle_miou") is not None:
+            share = m.get("diagnostic_share_of_oracle_gain_closed")
+            oracle = f"{m['diagnostic_pass2_oracle_miou']:.1f}, " + ("–" if share is None else f"{100 * share:.0f}%")
         rows.append(
-            f"| {name} | {classes} | {f(p1.get('miou'))} | {f(p2.get('miou'))} | "
-            f"{f(m.get('pass2_minus_pass1_miou'))} | {f(p1.get('uniform_random_miou'))} |"
+            f"| {name} | {classes} | {m.get('images', '–')} | {f(p1.get('miou'))} | {f(p2.get('miou'))} | "
+            f"{change} | {f(p1.get('uniform_random_miou'))} | {oracle} |"
         )
     return "\n".join(rows)
 

@@ -25,6 +25,8 @@ def test_bench_eval_reports_ratio_and_scaling_cases(tmp_path, cli):
         "3",
         "--repeats",
         "1",
+        "--topk",
+        "2",
         "--no-isolate",
         "-o",
         out,
@@ -36,3 +38,13 @@ def test_bench_eval_reports_ratio_and_scaling_cases(tmp_path, cli):
     case = data["ratio_case"]
     assert abs(data["two_pass_over_one_pass"] - case["two_pass_ms"] / case["one_pass_ms"]) < 0.01  # ms are rounded
     assert all(c["refined_classes_per_image"] == min(8, c["classes"]) for c in data["scaling"])
+    modes = data["two_pass_over_one_pass_by_mode"]
+    assert list(modes) == ["exact", "topk", "topk+fit"] and modes["exact"] == data["two_pass_over_one_pass"]
+    assert [(c["topk"], c["fit"]) for c in data["ratio_cases"].values()] == [(0, False), (2, False), (2, True)]
+
+
+def test_the_bench_detection_map_has_the_asked_classes():
+    from pipeline.bench.eval import _detect_map
+
+    m = _detect_map(2, 32, 8, "cpu")
+    assert m.shape == (2, 32, 32) and sorted(m.unique().tolist()) == list(range(8))

@@ -21,7 +21,7 @@ def test_explicit_keys_override_the_profile_and_null_keeps_it():
     demo = PROFILES.get("demo")
     assert r["train"]["steps"] == 7
     assert r["train"]["lr"] == demo.defaults("train")["lr"]
-    assert r["bank"]["generator"] == "procedural"
+    assert r["bank"]["generator"] == "procedural-studio"
     paper = resolve({"profile": "paper-b", "train": {"steps": None}})
     assert paper["train"]["steps"] == 80_000 and paper["bank"]["encoder"] == "convnext-b"
     assert paper["bank"]["generator"] == "sd15" and paper["bank"]["resolution"] == 768
@@ -144,7 +144,7 @@ def test_compact_metrics_and_results_table(tmp_path, monkeypatch):
     Path("metrics/eval/seen.json").write_text(json.dumps(compact))
     Path("out/eval/seen/metrics.json").write_text(json.dumps(full))
     table = stages.results_table(resolve({"profile": "demo", "eval": {"sets": ["seen", "unseen"]}}))
-    assert "| seen | 2 | 40.0 | 42.5 | 2.5 | 2.5 |" in table
+    assert "| seen | 2 | 3 | 40.0 | 42.5 | 2.5 | 2.5 | – |" in table
     assert "| unseen | – |" in table
 
 

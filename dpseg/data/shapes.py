@@ -34,6 +34,12 @@ TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 
 SHAPES_CATEGORIES: list[str] = [f"{c} {t} {s}" for c, t, s in product(COLOURS, TEXTURES, SHAPES)]
+# The canvas as a class of its own (as ADE and COCO-Stuff label walls and sky): the world with it
+# is the 48 shapes plus this name, last, so the shapes keep their ids.
+BACKGROUND = "background"
+WORLD_CATEGORIES: list[str] = [*SHAPES_CATEGORIES, BACKGROUND]
+SCENE_STYLES = ("plain", "photo")  # photo: per-image light, colour cast, texture scale, blur, clutter
+PROMPT_LOOKS = ("scene", "studio")  # studio: clean, centred objects on a flat backdrop (a generated look)
 
 
 def _is_unseen(colour: int, texture: int, shape: int) -> bool:
@@ -121,10 +127,12 @@ def texture_pattern(texture: str, size: int, period: float, angle: float, phase:
     return du * du + dv * dv < 0.3**2  # dotted
 
 
-def paint_object(image: np.ndarray, mask: np.ndarray, look: Look, rng: np.random.Generator, size: int) -> None:
+def paint_object(
+    image: np.ndarray, mask: np.ndarray, look: Look, rng: np.random.Generator, size: int, period_scale: float = 1.0
+) -> None:
     """Fill `mask` of a float image with the look's two-tone texture (in place)."""
     base = np.asarray(look.colour, dtype=np.float32) * rng.uniform(0.92, 1.08)
-    period = size * rng.uniform(0.07, 0.12) + 3.0
+    period = (size * rng.uniform(0.07, 0.12) + 3.0) * period_scale
     dark = texture_pattern(look.texture, size, period, rng.uniform(0, math.pi), rng.uniform(0, period))
     image[mask & ~dark] = np.clip(base, 0, 255)
     image[mask & dark] = np.clip(base * SHADE, 0, 255)
@@ -248,7 +256,12 @@ def style_from_template(template: str) -> Style:
     return s
 
 
-_BACKGROUNDS = {"paper": (245, 243, 236), "skin": (224, 178, 148), "fabric": (205, 200, 188)}
+_BACKGROUNDS = {
+    "paper": (245, 243, 236),
+    "skin": (224, 178, 148),
+    "fabric": (205, 200, 188),
+    "studio": (228, 228, 232),
+}
 
 
 def _background(style: Style, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -300,25 +313,42 @@ def _finish(image: np.ndarray, style: Style, rng: np.random.Generator) -> np.nda
     return np.asarray(pil, dtype=np.uint8)
 
 
-def render_prompt_image(category: str, template: str, size: int, seed: int) -> np.ndarray:
-    """One visual prompt: `category` drawn as `template` describes; (size, size, 3) uint8."""
+def render_prompt_image(category: str, template: str, size: int, seed: int, look: str = "scene") -> np.ndarray:
+    """One visual prompt: `category` drawn as `template` describes; (size, size, 3) uint8.
+
+    look="scene": on the scenes' photo backdrop where the template asks for a photo, anywhere in
+    the frame; look="studio": a generated look unlike the scenes (a flat studio backdrop, the
+    object centred, never cropped). `BACKGROUND` is the canvas alone, with no object."""
     if size < 8:
         raise ValueError(f"prompt images need size >= 8, got {size}")
-    look = parse_category(category)
+    if look not in PROMPT_LOOKS:
+        raise ValueError(f"look must be one of {PROMPT_LOOKS}, got {look!r}")
     style = style_from_template(template)
     rng = _rng(seed, category, template)
+    if category == BACKGROUND:
+        return _finish(_background(style, size, rng), style, rng)
+    shape_look = parse_category(category)
+    studio = look == "studio"
+    if studio:
+        style.cropped = False
+        if style.background == "photo":
+            style.background = "studio"
     image = _background(style, size, rng)
     backdrop = image.copy()
     placed: list[tuple[float, float, float]] = []
-    for _ in range(int(rng.integers(style.count[0], style.count[1] + 1))):
+    count = int(rng.integers(style.count[0], style.count[1] + 1))
+    for index in range(count):
         radius = size * rng.uniform(*style.scale)
-        cx, cy = _free_centre(size, radius, style.cropped, placed, rng)
+        if studio and index == 0:  # the first (often the only) object sits in the middle
+            cx, cy = size / 2 + rng.uniform(-0.03, 0.03) * size, size / 2 + rng.uniform(-0.03, 0.03) * size
+        else:
+            cx, cy = _free_centre(size, radius, style.cropped, placed, rng)
         placed.append((cx, cy, radius))
-        mask = shape_mask(look.shape, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        mask = shape_mask(shape_look.shape, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
         if style.line_art:
-            image[_outline(mask, max(size // 40, 1))] = look.colour
+            image[_outline(mask, max(size // 40, 1))] = shape_look.colour
             continue
-        paint_object(image, mask, look, rng, size)
+        paint_object(image, mask, shape_look, rng, size)
         if style.shading:
             _shade(image, mask, cx, cy, radius)
         if style.stitched:
@@ -344,22 +374,64 @@ def _shade(image: np.ndarray, mask: np.ndarray, cx: float, cy: float, radius: fl
 
 
 def render_scene(
-    size: int, seed: int, key: str, allowed: list[int], max_objects: int = 4, ignore: int = 255
+    size: int,
+    seed: int,
+    key: str,
+    allowed: list[int],
+    max_objects: int = 4,
+    ignore: int = 255,
+    background: int | None = None,
+    style: str = "plain",
 ) -> tuple[np.ndarray, np.ndarray]:
     """A benchmark image (size, size, 3) uint8 and its label map (size, size) uint8:
     1..max_objects objects of categories drawn from `allowed` (indices into
-    SHAPES_CATEGORIES); later objects occlude earlier ones; background = `ignore`."""
+    SHAPES_CATEGORIES); later objects occlude earlier ones; the canvas is labelled `background`
+    (the class id of `BACKGROUND`) when given, else `ignore`.
+
+    style="photo" gives every scene its own conditions, which prompts never show: a texture
+    scale, 0-3 low-saturation clutter blobs (drawn over the canvas and partly over objects,
+    labelled as canvas), a light gradient and colour cast, and a blur. Colour stays the cue of
+    a class: the cast moves each channel by at most 12 %."""
     if not allowed:
         raise ValueError("a scene needs at least one allowed category")
+    if style not in SCENE_STYLES:
+        raise ValueError(f"style must be one of {SCENE_STYLES}, got {style!r}")
     rng = _rng(seed, "scene", key)
     image = photo_background(size, rng)
-    label = np.full((size, size), ignore, dtype=np.uint8)
+    canvas = ignore if background is None else background
+    label = np.full((size, size), canvas, dtype=np.uint8)
+    photo = style == "photo"
+    period_scale = float(np.exp(rng.uniform(np.log(0.6), np.log(1.8)))) if photo else 1.0
     for _ in range(int(rng.integers(1, max_objects + 1))):
         index = int(allowed[int(rng.integers(len(allowed)))])
         look = parse_category(SHAPES_CATEGORIES[index])
         radius = size * rng.uniform(0.1, 0.3)
         cx, cy = _centre(size, radius * 0.6, False, rng)
         mask = shape_mask(look.shape, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
-        paint_object(image, mask, look, rng, size)
+        paint_object(image, mask, look, rng, size, period_scale)
         label[mask] = index
-    return image.round().astype(np.uint8), label
+    if not photo:
+        return image.round().astype(np.uint8), label
+    return _photo_conditions(image, label, canvas, size, rng)
+
+
+def _photo_conditions(
+    image: np.ndarray, label: np.ndarray, canvas: int, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    for _ in range(int(rng.integers(0, 4))):  # clutter: grey-brown blobs, small enough to leave objects readable
+        radius = size * rng.uniform(0.04, 0.1)
+        cx, cy = rng.uniform(0, size), rng.uniform(0, size)
+        blob = shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        grey = rng.uniform(60, 200)
+        image[blob] = np.asarray([grey * 1.05, grey, grey * 0.9], dtype=np.float32)
+        label[blob] = canvas
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    a = rng.uniform(0, 2 * math.pi)
+    light = rng.uniform(0.65, 1.25) * (1 + rng.uniform(0, 0.3) * (xx * math.cos(a) + yy * math.sin(a) - 0.5))
+    cast = rng.uniform(0.88, 1.12, 3).astype(np.float32)
+    image = np.clip(image * light[..., None] * cast, 0, 255)
+    pil = Image.fromarray(image.round().astype(np.uint8))
+    blur = rng.uniform(0, 1.2) * size / 128
+    if blur > 0.2:
+        pil = pil.filter(ImageFilter.GaussianBlur(radius=blur))
+    return np.asarray(pil, dtype=np.uint8), label

@@ -64,10 +64,20 @@ def _shapes() -> list[str]:
     return list(SHAPES_CATEGORIES)
 
 
+def _shapes_background() -> list[str]:
+    from dpseg.data.shapes import WORLD_CATEGORIES
+
+    return list(WORLD_CATEGORIES)
+
+
 for _name, (_description, _count) in _PUBLIC.items():
     VOCABULARIES.register(_name, Vocabulary(_name, _description, _packaged_list(_name, _count)))
 VOCABULARIES.register(
     "shapes", Vocabulary("shapes", "synthetic colour x texture x shape benchmark (offline default)", _shapes)
+)
+VOCABULARIES.register(
+    "shapes-background",
+    Vocabulary("shapes-background", "the shapes benchmark with its canvas as a class (the demo's world)", _shapes_background),
 )
 
 

@@ -1,9 +1,11 @@
 """`dpseg bench eval`: what pass II costs, and how evaluation scales with the vocabulary.
 
-1. ratio: two-pass / one-pass latency per batch at equal input (`ratio_classes` classes). One
-   pass = image tower + decoder + SED post-processing; two passes add detection, the crops
-   through the prompt tower (one call per batch) and a second decoder run on pass I's features
-   (re-running everything would be ~2x).
+1. ratio: two-pass / one-pass latency per batch at equal input (`ratio_classes` classes), for
+   each pass-II mode in one run: `exact` (a second decoder run over all classes), `topk` (pass
+   II decodes each image's `topk` best pass-I classes, the rest keep pass I's logits) and
+   `topk+fit` (also each crop encoded at the smallest multiple of 32 holding it). One pass =
+   image tower + decoder + SED post-processing; two passes add detection, the crops through the
+   prompt tower and the second decoder run on pass I's features.
 2. scaling: latency and peak memory of one two-pass evaluation step at each class count, plain
    and with `class_chunk` (bounded memory). On the CPU every case runs in a fresh process and
    its peak resident memory is read from that process alone (ru_maxrss is monotonic per
@@ -32,9 +34,13 @@ _MODELS: dict = {}
 
 
 def _detect_map(batch: int, size: int, classes: int, device) -> torch.Tensor:
-    """A pass-I argmax map with `classes` vertical bands per image (fixed refinement work)."""
-    bands = torch.arange(size, device=device) * classes // size
-    return bands.view(1, 1, size).expand(batch, size, size).contiguous()
+    """A pass-I argmax map of `classes` blocks per image on a g x g grid (g = ceil(sqrt(classes)),
+    the last class taking the spare cells): fixed refinement work, objects smaller than the image
+    as real detections are (what `fit` encodes smaller)."""
+    g = max(1, int(-(-(classes**0.5) // 1)))
+    cell = torch.arange(size, device=device) * g // size
+    grid = (cell.view(size, 1) * g + cell.view(1, size)).clamp(max=classes - 1)
+    return grid.expand(batch, size, size).contiguous()
 
 
 def _case(
@@ -47,11 +53,13 @@ def _case(
     device: str,
     detect_classes: int,
     templates: int,
+    topk: int = 0,
+    fit: bool = False,
 ) -> dict:
     from dpseg.metrics import predict_labels
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.model.summary import random_prompts
-    from dpseg.refine import RefineSettings, refine_batch, replace_prompts
+    from dpseg.refine import RefineSettings, refine_batch, replace_prompts, scatter_classes, select_classes, top_classes
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -63,7 +71,7 @@ def _case(
     size = size or model.encoder_spec.image_size
     images01 = torch.rand(batch, 3, size, size, device=dev)
     text, visual = random_prompts(model, num_classes, device=dev)
-    settings = RefineSettings(encode_size=size, min_area=1)
+    settings = RefineSettings(encode_size=size, min_area=1, fit=fit)
     detect = _detect_map(batch, size, min(detect_classes, num_classes), dev)
 
     def one_pass():
@@ -72,29 +80,39 @@ def _case(
         return features, predict_labels(logits, (size, size), class_chunk)
 
     def two_pass():
-        features, _ = one_pass()
+        features = model.encode_image(model.image_encoder.normalize(images01))
+        logits1 = model(text=text, visual=visual, features=features, class_chunk=class_chunk)
+        predict_labels(logits1, (size, size), class_chunk)  # pass I's answer (and the detection map)
         refs = refine_batch(model, images01, detect, settings)
-        logits = model(text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=class_chunk)
+        visual2 = replace_prompts(visual, refs)
+        if topk and topk < num_classes:
+            index = top_classes(logits1, topk)
+            text_k, visual_k = select_classes(text, visual2, index)
+            part = model(text=text_k, visual=visual_k, features=features, class_chunk=class_chunk)
+            logits = scatter_classes(logits1, index, part)
+        else:
+            logits = model(text=text, visual=visual2, features=features, class_chunk=class_chunk)
         return predict_labels(logits, (size, size), class_chunk)
 
-    def timed(fn) -> float:
+    def timed_pair(first, second) -> tuple[float, float]:
+        # interleaved, so a load change on a shared machine hits both sides of the ratio alike
+        times: tuple[list[float], list[float]] = ([], [])
         with torch.inference_mode():
-            fn()  # warm-up
+            first(), second()  # warm-up
             sync(dev)
-            times = []
             for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                sync(dev)
-                times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+                for fn, out in ((first, times[0]), (second, times[1])):
+                    start = time.perf_counter()
+                    fn()
+                    sync(dev)
+                    out.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times[0]), statistics.median(times[1])
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev) / 2**20
-    one_ms = timed(one_pass)
-    two_ms = timed(two_pass)
+    one_ms, two_ms = timed_pair(one_pass, two_pass)
     result = {
         "classes": num_classes,
         "class_chunk": class_chunk,
@@ -104,7 +122,10 @@ def _case(
         "two_pass_ms": round(two_ms, 2),
         "two_pass_ms_per_image": round(two_ms / batch, 2),
         "two_over_one": round(two_ms / one_ms, 3),
+        "timing": "medians of interleaved one-pass / two-pass runs",
         "refined_classes_per_image": min(detect_classes, num_classes),
+        "topk": topk,
+        "fit": fit,
     }
     if dev.type == "cuda":
         result["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
@@ -148,6 +169,7 @@ def bench_eval(
     detect_classes: int = 8,
     templates: int = 80,
     isolate: bool = True,
+    topk: int = 16,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -161,12 +183,17 @@ def bench_eval(
         "detect_classes": detect_classes,
         "templates": templates,
     }
-    cases = [(ratio_classes, None)] + [(n, chunk) for n in classes for chunk in (None, class_chunk)]
+    modes = {"exact": (0, False), "topk": (topk, False), "topk+fit": (topk, True)}
+    cases = [(ratio_classes, None, m) for m in modes] + [
+        (n, chunk, "exact") for n in classes for chunk in (None, class_chunk)
+    ]
     results = [
-        run({**common, "num_classes": n, "class_chunk": c}) for n, c in tqdm(cases, desc="bench eval", unit="case")
+        run({**common, "num_classes": n, "class_chunk": c, "topk": modes[m][0], "fit": modes[m][1]})
+        for n, c, m in tqdm(cases, desc="bench eval", unit="case")
     ]
     ratio = results[0]
-    scaling = results[1:]
+    by_mode = dict(zip(modes, results[: len(modes)], strict=True))
+    scaling = results[len(modes) :]
     chunked = [r for r in scaling if r["class_chunk"]]
     per_class = [r["working_mem_mib"] / r["classes"] for r in chunked]
     return {
@@ -183,8 +210,11 @@ def bench_eval(
         "templates": templates,
         "class_chunk": class_chunk,
         "two_pass_over_one_pass": ratio["two_over_one"],
+        "two_pass_over_one_pass_by_mode": {m: r["two_over_one"] for m, r in by_mode.items()},
         "goal_two_pass_over_one_pass": 1.35,
+        "topk": topk,
         "ratio_case": ratio,
+        "ratio_cases": by_mode,
         "scaling": scaling,
         "chunked_working_mem_mib_per_class": [round(v, 3) for v in per_class],
         "memory_note": (

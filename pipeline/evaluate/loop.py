@@ -8,6 +8,11 @@ OUT/per_class.csv     one row per evaluated class
 OUT/pred/pass{1,2}/<id>.png   with save_predictions (true: every image; N: the first N): dataset label ids
                               (uint8, uint16 above 255 classes)
 OUT/overlays/overlay-%06d.tar refined prompts per image (bank/overlays.py)
+OUT/per_image/       counts.npy (images, rows, classes) int64 and ids.json: per image and class the
+                      ground-truth, true-positive and predicted pixels of each pass (what the paired
+                      bootstrap resamples; keyed by image id, so ranks' lists merge)
+OUT/refinement.csv    one row per image and refined class: area, ground-truth area, crop-mask precision
+                      and recall against the ground truth (pass II diagnosis)
 OUT/.parts/           per-shard confusion matrices: a killed run resumes at the first unfinished shard
 
 The images are processed in shards of `shard_size`; a shard is done when its confusion part is
@@ -35,8 +40,29 @@ from PIL import Image
 
 from dpseg.errors import UserError
 from dpseg.io import LOCK_FILE, atomic_write_bytes, atomic_write_json
-from dpseg.metrics import confusion_matrix, label_range_error, predict_labels, segmentation_scores, uniform_random_miou
-from dpseg.refine import CROP_MODES, DEFAULT_MIN_AREA, RefineSettings, refine_batch, replace_prompts
+from dpseg.metrics import (
+    confusion_matrix,
+    label_range_error,
+    paired_bootstrap,
+    predict_labels,
+    segmentation_scores,
+    uniform_random_miou,
+)
+from dpseg.refine import (
+    CROP_MODES,
+    DEFAULT_MIN_AREA,
+    RefineSettings,
+    add_classes,
+    class_mask,
+    label_maps,
+    merge_added,
+    pass1_confidence,
+    refine_batch,
+    replace_prompts,
+    scatter_classes,
+    select_classes,
+    top_classes,
+)
 from dpseg.reproducibility import environment
 from pipeline.evaluate.setup import EvalContext, prepare_context
 
@@ -59,6 +85,19 @@ class EvalSettings:
     min_area: int = DEFAULT_MIN_AREA
     crop: str = "masked"
     instances: int = 0
+    # pass-II variants (dpseg/refine.py; the defaults are the paper's reading)
+    confidence: float = 0.0  # crop only pixels with pass-I probability >= this
+    margin: float = 0.0  # ... and top-1 minus top-2 probability >= this
+    erode: int = 0  # pixels each class mask shrinks by before cropping
+    gate: float = 0.0  # refine a class only if its mean pass-I probability reaches this
+    merge: str = "replace"  # replace | mix | blend | add
+    share: float = 1.0  # mix: share of the M slots given to crops; blend: the crops' weight
+    fit: bool = False  # encode each crop at the smallest multiple of 32 holding it (speed)
+    topk: int = 0  # fast pass II: decode each image's k best pass-I classes only, the rest kept (0: exact)
+    # diagnostics and statistics
+    oracle: bool = False  # also run pass II with crops cut from the ground truth (a diagnostic bound)
+    bootstrap: int = 1000  # paired bootstrap resamples of images for the pass II - pass I interval (0: off)
+    bootstrap_seed: int = 0
     batch_size: int = 4
     num_workers: int = 2
     class_chunk: int | None = None
@@ -84,7 +123,7 @@ class EvalSettings:
             not isinstance(self.save_predictions, int) or self.save_predictions < 0
         ):
             raise UserError(f"save_predictions must be true, false or a count >= 0, got {self.save_predictions!r}")
-        for name in ("min_area", "instances", "num_workers"):
+        for name in ("min_area", "instances", "num_workers", "erode", "topk", "bootstrap"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.size is not None and (self.size < 32 or self.size % 32):
@@ -93,6 +132,26 @@ class EvalSettings:
             raise UserError(f"precision {self.precision!r} is not one of {', '.join(EVAL_PRECISIONS)}")
         if self.overlays is not None and self.passes != 2:
             raise UserError("--overlays gives pass II's prompts: use it with --passes 2")
+        if self.oracle and (self.passes != 2 or self.overlays is not None):
+            raise UserError("--oracle is a pass-II diagnostic: use it with --passes 2 and without --overlays")
+        if self.topk and self.merge == "add":
+            raise UserError("--topk decodes a subset of the classes; --merge add appends classes: use one of them")
+        self.refine_settings(64)  # one-line errors for the refinement settings
+
+    def refine_settings(self, encode_size: int) -> RefineSettings:
+        return RefineSettings(
+            encode_size,
+            self.min_area,
+            self.crop,
+            self.instances,
+            confidence=self.confidence,
+            margin=self.margin,
+            erode=self.erode,
+            gate=self.gate,
+            merge=self.merge,
+            share=self.share,
+            fit=self.fit,
+        )
 
 
 def eval_from_params(section: dict, progress: bool = True) -> dict:
@@ -133,6 +192,7 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     ctx = prepare_context(settings)
     out = Path(settings.out)
     run_passes = [2] if settings.overlays else list(range(1, settings.passes + 1))
+    heads = [str(p) for p in run_passes] + (["oracle"] if settings.oracle else [])
     resolved = _resolved_settings(settings, ctx, run_passes)
     # every rank checks the folder as it was; only the main rank writes the marker
     _check_output(out, resolved)
@@ -140,7 +200,7 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     if state.is_main_process:
         _claim_output(out, resolved)
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
-    refine = RefineSettings(ctx.encode_size, settings.min_area, settings.crop, settings.instances)
+    refine = settings.refine_settings(ctx.encode_size)
 
     # 2. overlays: read (pass II from storage) or write (after computing them; the main rank
     # records their settings before the others open the folder)
@@ -176,8 +236,10 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     pred_dirs = {p: out / "pred" / f"pass{p}" for p in run_passes}
     lut = torch.as_tensor(ctx.keep, dtype=torch.int64)
     dataset_ignore, ignore = ctx.dataset.ignore_index, ctx.dataset.ignore_index
-    conf = {p: np.zeros((k, k), np.int64) for p in run_passes}
+    conf = {h: np.zeros((k, k), np.int64) for h in heads}
     overlay_items: list = []
+    image_rows: list[tuple[str, np.ndarray]] = []  # (image id, per-image counts) of this shard
+    refined_rows: list[list] = []
     bar = tqdm(
         total=sum(len(b) for _, b in batches),
         desc=f"eval {ctx.dataset.info.dataset}",
@@ -191,15 +253,17 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
             features = model.encode_image(model.image_encoder.normalize(images01))
             logits = {}
             if 1 in run_passes:
-                logits[1] = model(text=text, visual=visual, features=features, class_chunk=settings.class_chunk)
+                logits["1"] = model(text=text, visual=visual, features=features, class_chunk=settings.class_chunk)
             # 5. pass II: detected classes' prompts replaced by their crops (pass I's features reused)
             if 2 in run_passes:
+                size = tuple(images01.shape[-2:])
+                gt_maps = _label_maps(batch["label"], ctx, size)  # crop quality and the oracle diagnostic
                 if reader is not None:
                     refs = [reader.read(i) for i in batch["id"]]
                 else:
-                    size = images01.shape[-2:]
-                    detect_maps = predict_labels(logits[1], size, settings.class_chunk)
-                    refs = refine_batch(model, images01, detect_maps, refine)
+                    detect_maps = predict_labels(logits["1"], size, settings.class_chunk)
+                    confidence = pass1_confidence(logits["1"], size) if refine.uses_confidence else None
+                    refs = refine_batch(model, images01, detect_maps, refine, confidence)
                     overlay_items += [
                         (
                             i,
@@ -208,9 +272,16 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                         )
                         for i, r in zip(batch["id"], refs, strict=True)
                     ]
-                logits[2] = model(
-                    text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=settings.class_chunk
-                )
+                    refined_rows += _crop_quality(batch["id"], refs, detect_maps, confidence, gt_maps, refine)
+                topk = settings.topk if reader is None else 0
+                logits["2"] = pass2_logits(model, text, visual, features, refs, refine, logits.get("1"), topk, settings)
+                # the diagnostic bound: the same pass II with crops cut from the ground truth
+                if settings.oracle:
+                    oracle_refine = dataclasses.replace(refine, confidence=0.0, margin=0.0, gate=0.0, erode=0)
+                    gt_refs = refine_batch(model, images01, gt_maps, oracle_refine, num_classes=k)
+                    logits["oracle"] = pass2_logits(
+                        model, text, visual, features, gt_refs, oracle_refine, None, 0, settings
+                    )
         # 6. SED's protocol per image: sigmoid, upsample to the label's size, argmax, confusion
         for j, (index, image_id, label) in enumerate(zip(batch_indices, batch["id"], batch["label"], strict=True)):
             bad = label_range_error(label, ctx.dataset.num_classes, dataset_ignore)
@@ -221,34 +292,39 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                     "prepare the dataset again"
                 )
             label = ctx.remap(label)
-            for p in run_passes:
-                pred = predict_labels(logits[p][j : j + 1], label.shape, settings.class_chunk)[0].cpu()
-                conf[p] += confusion_matrix(pred, label, k, ignore)
-                if saves(settings.save_predictions, index):
-                    _save_prediction(pred_dirs[p] / f"{image_id}.png", lut[pred], ctx.dataset.num_classes)
+            image_conf = {}
+            for h in heads:
+                pred = predict_labels(logits[h][j : j + 1], label.shape, settings.class_chunk)[0].cpu()
+                image_conf[h] = confusion_matrix(pred, label, k, ignore)
+                conf[h] += image_conf[h]
+                if h in ("1", "2") and saves(settings.save_predictions, index):
+                    _save_prediction(pred_dirs[int(h)] / f"{image_id}.png", lut[pred], ctx.dataset.num_classes)
+            image_rows.append((str(image_id), image_counts([image_conf[h] for h in heads])))
         bar.update(len(batch_indices))
         # 7. a shard ends: its overlays, then its confusion part (what marks it done)
         if batch_indices[-1] == shards[shard][-1]:
             if writer is not None:
                 writer.write_shard(shard, overlay_items)
-            write_part(out, shard, np.stack([conf[p] for p in run_passes]))
-            overlay_items = []
-            conf = {p: np.zeros((k, k), np.int64) for p in run_passes}
+            _write_image_part(out, shard, image_rows, refined_rows)
+            write_part(out, shard, np.stack([conf[h] for h in heads]))
+            overlay_items, image_rows, refined_rows = [], [], []
+            conf = {h: np.zeros((k, k), np.int64) for h in heads}
     bar.close()
     if reader is not None:
         reader.close()
 
-    # 8. once every rank is done: sum the parts (all ranks', this run's and earlier runs'), score;
-    # the main rank writes, every rank returns the same numbers
+    # 8. once every rank is done: sum the parts (all ranks', this run's and earlier runs') and the
+    # per-image counts, score; the main rank writes, every rank returns the same numbers
     state.wait_for_everyone()
-    parts, _ = gather_parts(out, len(shards))
-    total = {
-        p: sum(part[i] for part in parts) if parts else np.zeros((k, k), np.int64) for i, p in enumerate(run_passes)
-    }
+    parts = gather_parts(out, len(shards))
+    total = {h: sum(part[i] for part in parts) if parts else np.zeros((k, k), np.int64) for i, h in enumerate(heads)}
+    ids, counts, refined = _read_image_parts(out, len(shards))
     metrics = _metrics(total, resolved, ctx, len(indices))
+    _add_statistics(metrics, heads, counts, settings)
     metrics["ranks"] = state.num_processes  # not a setting: any number of ranks gives these numbers
     if state.is_main_process:
         _write_per_class(out / "per_class.csv", metrics, ctx)
+        _write_per_image(out, ids, counts, heads, refined, ctx)
         atomic_write_json(out / "metrics.json", metrics)
     state.wait_for_everyone()
     return metrics
@@ -276,32 +352,169 @@ def part_path(out: Path, shard: int) -> Path:
     return out / PARTS / f"part-{shard:06d}.npy"
 
 
-def records_path(out: Path, shard: int) -> Path:
-    return out / PARTS / f"records-{shard:06d}.json"
-
-
-def write_part(out: Path, shard: int, confusion: np.ndarray, records: list[dict] | None = None) -> None:
-    """A shard's results: optional per-image records (JSON, e.g. keyed by image id), then its
-    confusion stack, whose presence marks the shard done (so records are never missing for it)."""
-    if records is not None:
-        atomic_write_json(records_path(out, shard), records)
+def write_part(out: Path, shard: int, confusion: np.ndarray) -> None:
+    """A shard's confusion stack; its presence marks the shard done, so the shard's per-image
+    part (_write_image_part) is written before it."""
     buf = io.BytesIO()
     np.save(buf, confusion, allow_pickle=False)
     atomic_write_bytes(part_path(out, shard), buf.getvalue())
 
 
-def gather_parts(out: Path, shards: int) -> tuple[list[np.ndarray], list[dict]]:
-    """Every shard's confusion stack and per-image records in shard order, whichever rank or run
-    wrote them: the order (and so every sum and list) is the one a single process gives."""
-    parts, records = [], []
+def gather_parts(out: Path, shards: int) -> list[np.ndarray]:
+    """Every shard's confusion stack in shard order, whichever rank or run wrote it: the order
+    (and so every sum) is the one a single process gives."""
+    parts = []
     for s in range(shards):
         path = part_path(out, s)
         if not path.is_file():
             raise UserError(f"{path} is missing after every rank finished; run the same eval again to resume")
         parts.append(np.load(path, allow_pickle=False))
-        if records_path(out, s).is_file():
-            records += json.loads(records_path(out, s).read_text())
-    return parts, records
+    return parts
+
+
+# ---- pass II ----------------------------------------------------------------------------------
+def pass2_logits(
+    model, text, visual, features, refs, refine: RefineSettings, logits1, topk: int, settings
+) -> torch.Tensor:
+    """Pass II's logits from the refinements `refs`: prompts merged per `refine.merge`; decoded
+    for all classes (exact), for each image's `topk` best pass-I classes only (the rest keep
+    pass I's logits), or, with merge `add`, one image at a time with the crop copies appended."""
+    chunk = settings.class_chunk
+    if refine.merge == "add":
+        parts = []
+        for j, ref in enumerate(refs):
+            text_j, visual_j, owners = add_classes(text, visual, ref)
+            out = model(text=text_j, visual=visual_j, features=_select_image(features, j), class_chunk=chunk)
+            parts.append(merge_added(out, owners, visual.num_classes))
+        return torch.cat(parts, dim=0)
+    visual2 = replace_prompts(visual, refs, refine.merge, refine.share)
+    if topk and logits1 is not None and topk < visual.num_classes:
+        index = top_classes(logits1, topk)
+        text_k, visual_k = select_classes(text, visual2, index)
+        part = model(text=text_k, visual=visual_k, features=features, class_chunk=chunk)
+        return scatter_classes(logits1, index, part)
+    return model(text=text, visual=visual2, features=features, class_chunk=chunk)
+
+
+def _select_image(features, j: int):
+    from dpseg.clip import ImageFeatures
+
+    return ImageFeatures({s: f[j : j + 1] for s, f in features.levels.items()}, features.dense[j : j + 1])
+
+
+def _label_maps(labels, ctx: EvalContext, size: tuple[int, int]) -> torch.Tensor:
+    """The batch's ground truth (evaluated class indices) at the model input: ignored pixels and
+    other classes are `len(ctx.keep)` (never a class)."""
+    k = len(ctx.keep)
+    maps = [
+        label_maps(torch.as_tensor(np.asarray(ctx.remap(lab)))[None], k, ctx.dataset.ignore_index, size)
+        for lab in labels
+    ]
+    return torch.cat(maps).to(ctx.device)
+
+
+def _crop_quality(ids, refs, detect_maps, confidence, gt_maps, refine: RefineSettings) -> list[list]:
+    """Per image and refined class: its pass-I area, its ground-truth area (0: a false
+    detection), and the precision and recall of the cropped mask against the ground truth."""
+    rows = []
+    for j, (image_id, ref) in enumerate(zip(ids, refs, strict=True)):
+        conf_j = confidence[j] if confidence is not None else None
+        for c, area in zip(ref.classes.tolist(), ref.areas.tolist(), strict=True):
+            mask = class_mask(detect_maps[j], c, refine, conf_j)
+            gt = gt_maps[j] == c
+            hit = int((mask & gt).sum()) if mask is not None else 0
+            cropped = int(mask.sum()) if mask is not None else 0
+            rows.append([str(image_id), c, area, int(gt.sum()), cropped, hit])
+    return rows
+
+
+# ---- per-image statistics -----------------------------------------------------------------------
+def image_counts(confs: list[np.ndarray]) -> np.ndarray:
+    """(1 + 2H, K) int64 for one image from its H heads' confusion matrices: row 0 the
+    ground-truth pixels per class, then per head its true positives, then per head its
+    predicted pixels."""
+    gt = confs[0].sum(axis=1)
+    return np.stack([gt, *[np.diag(c) for c in confs], *[c.sum(axis=0) for c in confs]]).astype(np.int64)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_image_part(out: Path, shard: int, image_rows: list, refined_rows: list) -> None:
+    # written before the shard's confusion part, which is what marks the shard done
+    if image_rows:
+        _save_npy(out / PARTS / f"images-{shard:06d}.npy", np.stack([c for _, c in image_rows]))
+    atomic_write_json(
+        out / PARTS / f"images-{shard:06d}.json", {"ids": [i for i, _ in image_rows], "refined": refined_rows}
+    )
+
+
+def _read_image_parts(out: Path, shards: int) -> tuple[list[str], np.ndarray | None, list]:
+    ids, arrays, refined = [], [], []
+    for s in range(shards):
+        meta = out / PARTS / f"images-{s:06d}.json"
+        if not meta.is_file():  # a shard from a run before per-image statistics existed
+            return [], None, []
+        info = json.loads(meta.read_text())
+        ids += info["ids"]
+        refined += info["refined"]
+        if info["ids"]:
+            arrays.append(np.load(out / PARTS / f"images-{s:06d}.npy", allow_pickle=False))
+    return ids, (np.concatenate(arrays) if arrays else None), refined
+
+
+def head_counts(counts: np.ndarray, heads: list[str], head: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, gt, pred), each (images, K), of one head from `image_counts` rows."""
+    h = heads.index(head)
+    return counts[:, 1 + h], counts[:, 0], counts[:, 1 + len(heads) + h]
+
+
+def _add_statistics(metrics: dict, heads: list[str], counts: np.ndarray | None, settings: EvalSettings) -> None:
+    passes = metrics["passes"]
+    if counts is not None and "1" in heads and "2" in heads and settings.bootstrap:
+        tp1, gt, pred1 = head_counts(counts, heads, "1")
+        tp2, _, pred2 = head_counts(counts, heads, "2")
+        boot = paired_bootstrap(tp1, pred1, tp2, pred2, gt, settings.bootstrap, settings.bootstrap_seed)
+        metrics["paired_bootstrap"] = {
+            "statistic": "pass II mIoU - pass I mIoU, images resampled with replacement (paired)",
+            **boot,
+        }
+    if "oracle" in heads:
+        total = metrics.pop("_oracle_conf")
+        scores = segmentation_scores(total)
+        one, two, bound = passes.get("1", {}).get("miou"), passes.get("2", {}).get("miou"), scores["miou"]
+        diag = {
+            "note": "DIAGNOSTIC, not a result: pass II with crops cut from the ground-truth masks (an upper "
+            "bound on what better crops could give); never a headline number",
+            "pass2_oracle": scores,
+        }
+        if None not in (one, two, bound):
+            diag["oracle_gain"] = bound - one
+            diag["share_of_oracle_gain_closed"] = (two - one) / (bound - one) if bound != one else None
+        if counts is not None and settings.bootstrap and "1" in heads:
+            tp1, gt, pred1 = head_counts(counts, heads, "1")
+            tpo, _, predo = head_counts(counts, heads, "oracle")
+            diag["oracle_minus_pass1_bootstrap"] = paired_bootstrap(
+                tp1, pred1, tpo, predo, gt, settings.bootstrap, settings.bootstrap_seed
+            )
+        metrics["diagnostics"] = diag
+    metrics.pop("_oracle_conf", None)
+
+
+def _write_per_image(out: Path, ids: list[str], counts, heads: list[str], refined: list, ctx: EvalContext) -> None:
+    if counts is not None:
+        _save_npy(out / "per_image" / "counts.npy", counts)
+        rows = ["gt", *[f"tp_{h}" for h in heads], *[f"pred_{h}" for h in heads]]
+        atomic_write_json(out / "per_image" / "ids.json", {"ids": ids, "rows": rows, "classes": list(ctx.names)})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "class", "name", "area", "gt_area", "cropped", "cropped_in_gt"])
+    for image_id, c, area, gt_area, cropped, hit in refined:
+        w.writerow([image_id, c, ctx.names[c], area, gt_area, cropped, hit])
+    atomic_write_bytes(out / "refinement.csv", buf.getvalue().encode())
 
 
 # ---- pieces ---------------------------------------------------------------------------------
@@ -343,10 +556,8 @@ def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: lis
             "class_names": list(ctx.names),
             "text_prompts": ctx.text_source,
             "refinement": {
-                "min_area": settings.min_area,
-                "crop": settings.crop,
-                "instances": settings.instances,
-                "encode_size": ctx.encode_size,
+                **settings.refine_settings(ctx.encode_size).to_dict(),
+                "topk": settings.topk,
                 "min_area_unit": "pixels of the model input",
             },
             "checkpoint_step": ctx.checkpoint_step,
@@ -419,9 +630,11 @@ def _save_prediction(path: Path, ids: torch.Tensor, num_classes: int) -> None:
     atomic_write_bytes(path, buf.getvalue(), sync=False)
 
 
-def _metrics(total: dict[int, np.ndarray], resolved: dict, ctx: EvalContext, images: int) -> dict:
+def _metrics(total: dict[str, np.ndarray], resolved: dict, ctx: EvalContext, images: int) -> dict:
     passes = {}
     for p, conf in total.items():
+        if p == "oracle":
+            continue
         scores = segmentation_scores(conf)
         scores["images"] = images
         scores["uniform_random_miou"] = uniform_random_miou(conf.sum(axis=1))
@@ -438,6 +651,8 @@ def _metrics(total: dict[int, np.ndarray], resolved: dict, ctx: EvalContext, ima
     }
     if "1" in passes and "2" in passes and passes["1"]["miou"] is not None:
         out["pass2_minus_pass1_miou"] = passes["2"]["miou"] - passes["1"]["miou"]
+    if "oracle" in total:
+        out["_oracle_conf"] = total["oracle"]
     return out
 
 

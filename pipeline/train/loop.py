@@ -57,6 +57,10 @@ class TrainRecipe:
     grad_clip: float = 0.01  # SED: full-model gradient norm; 0 = off
     grad_accum: int = 1
     color_jitter: bool = True  # SED's photometric distortion
+    # not in the paper: this share of each present class's M bank prompts is replaced, per image and
+    # step, by the prompt tower's features of that class's ground-truth crop from the training image,
+    # so the decoder meets crop prompts (what pass II feeds it) in training. 0 = off (every profile)
+    crop_prompts: float = 0.0
     mixed_precision: str = "fp32"  # fp32 (= no; SED's) | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16)
     seed: int = 0
     num_workers: int = 4
@@ -231,8 +235,13 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
             images = images.to(device, non_blocking=True).float().div_(255)
             labels = labels.to(device, non_blocking=True)
             sync = contextlib.nullcontext() if micro == r.grad_accum - 1 else accelerator.no_sync(ddp_model)
+            step_visual = visual
+            if r.crop_prompts > 0 and visual is not None:
+                step_visual = crop_prompt_visual(
+                    model, images, labels, visual, r.crop_prompts, plan.encode_size, plan.dataset.ignore_index
+                )
             with sync, accelerator.autocast():
-                logits, aux = ddp_model(model.image_encoder.normalize(images), text=text, visual=visual, aux=True)
+                logits, aux = ddp_model(model.image_encoder.normalize(images), text=text, visual=step_visual, aux=True)
                 loss = (
                     deep_supervision_bce(
                         logits.float(),
@@ -305,6 +314,18 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
 
 
 # ---- helpers the loop uses ---------------------------------------------------------------------
+def crop_prompt_visual(model, images, labels, visual, share: float, encode_size: int | None, ignore_index: int):
+    """Per-image prompts for one step of `crop_prompts` training: for every class with at least
+    DEFAULT_MIN_AREA labelled pixels, `share` of its M slots (dpseg.refine.mixed_slots) take the
+    features of its ground-truth crop (masked, as pass II cuts them) from this image."""
+    from dpseg.refine import RefineSettings, label_maps, refine_batch, replace_prompts
+
+    n = visual.num_classes
+    size = encode_size or model.encoder_spec.image_size
+    maps = label_maps(labels, n, ignore_index, tuple(images.shape[-2:]))
+    settings = RefineSettings(int(size), merge="mix", share=share)
+    refs = refine_batch(model, images, maps, settings, num_classes=n)
+    return replace_prompts(visual, refs, "mix", share)
 
 
 def resolve_precision(value: str, gpu: bool) -> str:

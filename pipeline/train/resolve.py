@@ -65,6 +65,8 @@ def check_numbers(r) -> None:
     for name, value in non_negative.items():
         if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
+    if not 0.0 <= r.crop_prompts <= 1.0:
+        raise UserError(f"--crop-prompts is a share of the M prompt slots, in [0, 1]; got {r.crop_prompts}")
     if r.crop_size < 32 or r.crop_size % 32:
         raise UserError(f"--crop-size must be a multiple of 32 (the encoder's stride), got {r.crop_size}")
     if r.mixed_precision not in MIXED_PRECISION:

@@ -1,0 +1,113 @@
+"""The demo world's settings: the canvas as a class, photo scenes unlike the bank's clean studio
+prompts, and the training option that shows the decoder crop prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpseg.data import shapes
+from dpseg.errors import UserError
+
+
+def test_the_canvas_is_a_class_when_asked_and_ignore_otherwise():
+    allowed = list(range(48))
+    image, label = shapes.render_scene(64, 0, "k", allowed, background=48)
+    plain_image, plain_label = shapes.render_scene(64, 0, "k", allowed)
+    assert np.array_equal(image, plain_image)  # the same picture, only the labels differ
+    assert 255 not in np.unique(label) and 48 in np.unique(label)
+    assert np.array_equal(label == 48, plain_label == 255)
+    assert shapes.WORLD_CATEGORIES[48] == shapes.BACKGROUND and shapes.WORLD_CATEGORIES[:48] == shapes.SHAPES_CATEGORIES
+
+
+def test_photo_scenes_are_deterministic_and_change_pixels_not_objects():
+    allowed = list(range(48))
+    a = shapes.render_scene(96, 1, "k", allowed, background=48, style="photo")
+    b = shapes.render_scene(96, 1, "k", allowed, background=48, style="photo")
+    plain = shapes.render_scene(96, 1, "k", allowed, background=48)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], plain[0])
+    # clutter is canvas: a scene of one allowed class holds that class and the canvas only
+    one = shapes.render_scene(96, 2, "k", [5], background=48, style="photo")[1]
+    assert set(np.unique(one).tolist()) <= {5, 48}
+    with pytest.raises(ValueError, match="style must be one of"):
+        shapes.render_scene(64, 0, "k", allowed, style="foggy")
+
+
+def test_studio_prompts_are_centred_on_a_flat_backdrop_and_the_background_prompt_has_no_object():
+    img = shapes.render_prompt_image("red solid square", "a photo of a {}.", 64, 0, look="studio").astype(float)
+    backdrop = np.asarray(shapes._BACKGROUNDS["studio"], float)
+    obj = np.abs(img - backdrop).sum(-1) > 60
+    ys, xs = np.nonzero(obj)
+    assert abs(ys.mean() - 31.5) < 4 and abs(xs.mean() - 31.5) < 4
+    assert np.abs(img[~obj] - backdrop).max() < 40  # flat, unlike the scenes' photo canvas
+    canvas = shapes.render_prompt_image(shapes.BACKGROUND, "a photo of a {}.", 64, 0, look="studio").astype(float)
+    saturation = canvas.max(-1) - canvas.min(-1)
+    assert saturation.max() < 40  # a grey canvas: no coloured object
+    scene_look = shapes.render_prompt_image("red solid square", "a photo of a {}.", 64, 0)
+    assert not np.array_equal(scene_look, img.astype(np.uint8))
+
+
+def test_procedural_studio_is_a_registered_generator_with_its_own_identity():
+    from bank.generators.base import create_generator
+
+    studio, plain = create_generator("procedural-studio"), create_generator("procedural")
+    assert studio.settings["look"] == "studio" and studio.settings_hash != plain.settings_hash
+
+
+def test_synth_with_background_writes_the_world_vocabulary(tmp_path):
+    from dpseg.data.layout import read_layout
+    from dpseg.data.synth import write_shapes_benchmark
+    from dpseg.data.vocab import load_vocab
+
+    write_shapes_benchmark(tmp_path / "w", images=2, val_images=2, size=32, background=True, scene_style="photo")
+    layout = read_layout(tmp_path / "w")
+    assert layout.vocabulary == "shapes-background" and layout.num_classes == 49
+    assert load_vocab("shapes-background")[48] == "background"
+    assert 48 in layout.extra["seen_ids"] and 48 not in layout.extra["unseen_ids"]
+    with pytest.raises(UserError, match="scene style 'fog'"):
+        write_shapes_benchmark(tmp_path / "x", images=1, size=32, scene_style="fog")
+
+
+def test_the_demo_profile_uses_the_gap_world_and_500_val_images_and_no_crop_training():
+    from pipeline.profiles import PROFILES
+
+    demo = PROFILES.get("demo")
+    data = demo.defaults("data")
+    assert data["val_images"] >= 500 and data["background"] and data["scene_style"] == "photo"
+    assert demo.defaults("bank")["generator"] == "procedural-studio"
+    for name in ("demo", "paper-b", "paper-l"):
+        assert PROFILES.get(name).defaults("train").get("crop_prompts", 0.0) == 0.0
+
+
+def test_crop_prompt_training_replaces_a_share_of_the_present_classes_slots():
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.prompts import VisualPrompts
+    from dpseg.refine import mixed_slots
+    from pipeline.train.loop import crop_prompt_visual
+
+    torch.manual_seed(0)
+    model = build_dpseg(DPSegConfig(encoder="tiny", templates=4), weights=None)
+    g = torch.Generator().manual_seed(0)
+    tower = model.prompt_encoder
+    pooled = {s: torch.randn(3, 4, tower.channels_at(s), generator=g) for s in (4, 8, 16)}
+    visual = VisualPrompts(torch.randn(3, 4, tower.embed_dim, generator=g), pooled)
+    images = torch.rand(2, 3, 64, 64)
+    labels = torch.full((2, 64, 64), 255)
+    labels[0, :32] = 1  # class 1 in image 0 only (2048 pixels), image 1 all ignore
+    out = crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255)
+    slots = mixed_slots(4, 0.5)
+    assert torch.equal(out.embedding[0, 1, ~slots], visual.embedding[1, ~slots])
+    assert not torch.allclose(out.embedding[0, 1, slots], visual.embedding[1, slots])
+    assert torch.equal(out.embedding[0, [0, 2]], visual.embedding[[0, 2]]) and torch.equal(
+        out.embedding[1], visual.embedding
+    )
+
+
+def test_crop_prompts_outside_zero_one_is_a_one_line_error():
+    from pipeline.train.loop import TrainRecipe
+    from pipeline.train.resolve import check_numbers
+
+    with pytest.raises(UserError, match="--crop-prompts is a share"):
+        check_numbers(TrainRecipe(dataset="d", crop_prompts=1.5, crop_size=64))
