@@ -240,9 +240,9 @@ class SegmentSession:
         tower = self.model.prompt_encoder
         fill = tower.mean.view(3).to(seg.images01)
         classes = seg.refinement.classes.to(seg.detect_map.device)
-        pieces, counts = image_crops(seg.images01[0], seg.detect_map[0], classes, seg.refine, fill)
+        pieces, counts, kept = image_crops(seg.images01[0], seg.detect_map[0], classes, seg.refine, fill)
         out, start = {}, 0
-        for c, k in zip(seg.refinement.classes.tolist(), counts, strict=True):
+        for c, k in zip(kept, counts, strict=True):
             out[int(c)] = [
                 (p.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for p in pieces[start : start + k]
             ]
