@@ -214,7 +214,7 @@ def test_params_command_prints_yaml_and_params_yaml_says_so(tmp_path, monkeypatc
     stages.main(["params", "params.yaml"])
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["profile"] == "demo" and shown["train"]["steps"] == 7 and shown["train"]["lr"] == 2e-3
-    assert shown["bank"]["generator"] == "procedural" and shown["eval"]["seen"]["passes"] == 2
+    assert shown["bank"]["generator"] == "procedural-studio" and shown["eval"]["seen"]["passes"] == 2
 
 
 def test_the_demo_eval_saves_a_few_predictions_and_the_report_draws_their_panels(tmp_path, monkeypatch):
@@ -275,3 +275,27 @@ def test_save_predictions_takes_a_count():
     assert saves(True, 10_000) and not saves(False, 0) and not saves(0, 0)
     with pytest.raises(UserError, match="save_predictions must be"):
         EvalSettings(checkpoint="c", dataset="d", save_predictions=-1).validate()
+
+
+def test_results_table_shows_the_interval_and_the_oracle_diagnostic(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    full = {
+        "images": 500,
+        "class_ids": [0, 1],
+        "passes": {"1": {"miou": 40.0, "uniform_random_miou": 2.5}, "2": {"miou": 42.5, "uniform_random_miou": 2.5}},
+        "pass2_minus_pass1_miou": 2.5,
+        "paired_bootstrap": {"estimate": 2.5, "ci95": [1.0, 4.0]},
+        "diagnostics": {"pass2_oracle": {"miou": 50.0}, "share_of_oracle_gain_closed": 0.25},
+    }
+    compact = stages.compact_metrics(full)
+    assert compact["pass2_minus_pass1_ci95"] == [1.0, 4.0] and compact["diagnostic_pass2_oracle_miou"] == 50.0
+    assert compact["pass2"]["miou"] == 42.5
+    Path("metrics/eval").mkdir(parents=True)
+    Path("out/eval/seen").mkdir(parents=True)
+    Path("metrics/eval/seen.json").write_text(json.dumps(compact))
+    Path("out/eval/seen/metrics.json").write_text(json.dumps(full))
+    table = stages.results_table(resolve({"profile": "demo", "eval": {"sets": ["seen"]}}))
+    assert "| seen | 2 | 500 | 40.0 | 42.5 | +2.5 [+1.0, +4.0] | 2.5 | 50.0, 25% |" in table
+    assert "diagnostic" in table.splitlines()[0]
