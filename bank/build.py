@@ -17,7 +17,7 @@ from typing import Any
 
 from bank import checks
 from bank.encode import PromptEncoder, check_encoder_compatible, encode_shards, missing_parts, record_encoder
-from bank.generators.base import Generator, GeneratorOptions, Request, create_generator
+from bank.generators.base import Generator, GeneratorSettings, Request, create_generator
 from bank.merge import merge, read_manifest
 from bank.plan import Entry, in_job_shard, plan_entries, resolve_categories, retry_seed
 from bank.repair import repair
@@ -29,7 +29,7 @@ from dpseg.reproducibility import environment
 
 
 @dataclass
-class BuildOptions:
+class BuildSettings:
     out: Path
     generator: str
     vocab: Sequence[str]
@@ -43,12 +43,12 @@ class BuildOptions:
     shard_index: int = 0
     num_shards: int = 1
     retries: int = checks.RETRIES
-    generator_options: GeneratorOptions = field(default_factory=GeneratorOptions)
+    generator_options: GeneratorSettings = field(default_factory=GeneratorSettings)
     progress: bool = True
 
 
 def build_bank(
-    opts: BuildOptions,
+    opts: BuildSettings,
     generator: Generator | None = None,
     encoder: PromptEncoder | None = None,
     state=None,
@@ -71,7 +71,7 @@ def build_bank(
         return _build(opts, store, generator, encoder, state, device, categories)
 
 
-def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, device: str, categories: list[str]):
+def _build(opts: BuildSettings, store: BankStore, generator, encoder, state, device: str, categories: list[str]):
     # 1. settings: the generator and encoder, and the bank they must match
     if generator is None:
         _check_resolution(opts.generator, opts.generator_options.resolution)  # before loading any weights
@@ -129,7 +129,7 @@ def _build(opts: BuildOptions, store: BankStore, generator, encoder, state, devi
     return report
 
 
-def _encode_other_groups(store: BankStore, own_group: str, opts: BuildOptions, device: str, state, show: bool) -> int:
+def _encode_other_groups(store: BankStore, own_group: str, opts: BuildSettings, device: str, state, show: bool) -> int:
     encoded = 0
     for name, info in sorted(store.read_config().get("encoders", {}).items()):
         weights = None if info.get("weights") in (None, "random") else info["weights"]
@@ -161,7 +161,7 @@ def generate_entries(
     generator: Generator,
     encoder: PromptEncoder,
     entries: Sequence[Entry],
-    opts: BuildOptions,
+    opts: BuildSettings,
     rank: int = 0,
     progress: bool = True,
 ) -> dict[str, int]:
@@ -308,7 +308,7 @@ def _entry_meta(
     }
 
 
-def _with_device(options: GeneratorOptions, device: str) -> GeneratorOptions:
+def _with_device(options: GeneratorSettings, device: str) -> GeneratorSettings:
     from dataclasses import replace
 
     return replace(options, device=device)
@@ -328,7 +328,7 @@ def _durable_keys(store: BankStore) -> set[str]:
 
 
 def _open_bank(
-    store: BankStore, generator: Generator, encoder: PromptEncoder, opts: BuildOptions, categories: list[str]
+    store: BankStore, generator: Generator, encoder: PromptEncoder, opts: BuildSettings, categories: list[str]
 ) -> dict[str, Any]:
     """Creates bank.json or checks that this build matches it; adds new categories/templates."""
     with store.lock():

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bank.build import BuildOptions, build_bank
+from bank.build import BuildSettings, build_bank
 from bank.encode import PromptEncoder, encode_bank
-from bank.generators.base import GeneratorOptions
+from bank.generators.base import GeneratorSettings
 from bank.generators.noise import NoiseGenerator
 from bank.runtime import distributed_state, rank_device
 from bank.store import BankStore
@@ -43,7 +43,7 @@ def derive_noise_bank(
 
     groups = [(name, size) for name in encoders for size in sizes(name)]
     first = PromptEncoder(groups[0][0], weights(groups[0][0]), device, groups[0][1])
-    opts = BuildOptions(
+    opts = BuildSettings(
         out=Path(out),
         generator=generator.id,
         vocab=[f"bank:{generator.source.root}"],
@@ -54,7 +54,7 @@ def derive_noise_bank(
         seed=int(config["seed"]),
         batch_size=batch_size,
         shard_size=shard_size,
-        generator_options=GeneratorOptions(device=device),
+        generator_options=GeneratorSettings(device=device),
         progress=progress,
     )
     try:

@@ -72,10 +72,10 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Generate the missing entries of a bank, encode them, store them (resumable)."""
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
 
-    options = GeneratorOptions(
+    options = GeneratorSettings(
         model=model,
         resolution=resolution,
         steps=steps,
@@ -90,7 +90,7 @@ def build(
         compile=tuple(c for item in compile for c in item.split(",") if c),
         extra={"layer_weights": layer_weights} if layer_weights else {},
     )
-    opts = BuildOptions(
+    opts = BuildSettings(
         out=out,
         generator=generator,
         vocab=vocab,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from pipeline.clip.pretrain import ClipPretrainConfig
+from pipeline.clip.pretrain import ClipPretrainSettings
 
 app = typer.Typer(help="The demo's CLIP: pretrain the tiny open_clip model on the shapes world.", no_args_is_help=True)
-_D = ClipPretrainConfig()
+_D = ClipPretrainSettings()
 
 
 @app.command("pretrain")
@@ -32,7 +32,7 @@ def pretrain_command(
     """Pretrain the tiny CLIP (both towers) on rendered shapes + template captions; report zero-shot accuracy."""
     from pipeline.clip.pretrain import pretrain
 
-    cfg = ClipPretrainConfig(
+    cfg = ClipPretrainSettings(
         steps=steps,
         batch_size=batch_size,
         lr=lr,

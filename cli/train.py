@@ -1,4 +1,4 @@
-"""`dpseg train` (stage two) and `dpseg bench train`. Every TrainRecipe field is a flag named
+"""`dpseg train` (stage two) and `dpseg bench train`. Every TrainSettings field is a flag named
 after it (`--batch-size`, `--prompt-mode`, ...), generated from the dataclass so the two never
 drift apart."""
 
@@ -50,11 +50,11 @@ HELP = {
 
 
 def _recipe_parameters() -> list[inspect.Parameter]:
-    from pipeline.train.loop import TrainRecipe
+    from pipeline.train.loop import TrainSettings
 
     params = []
-    defaults = TrainRecipe()
-    for f in dataclasses.fields(TrainRecipe):
+    defaults = TrainSettings()
+    for f in dataclasses.fields(TrainSettings):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if f.name == "model_overrides":
@@ -71,7 +71,7 @@ def _recipe_parameters() -> list[inspect.Parameter]:
 
 def _recipe_from(kwargs: dict):
     from dpseg.errors import UserError
-    from pipeline.train.loop import TrainRecipe
+    from pipeline.train.loop import TrainSettings
 
     overrides = kwargs.pop("model_overrides", None)
     if overrides:
@@ -84,7 +84,7 @@ def _recipe_from(kwargs: dict):
         if not isinstance(parsed, dict):
             raise UserError("--model-overrides must be a JSON object, e.g. '{\"cost_dim\": 64}'")
         kwargs["model_overrides"] = parsed
-    return TrainRecipe(**kwargs)
+    return TrainSettings(**kwargs)
 
 
 def train_command(**kwargs):

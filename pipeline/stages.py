@@ -32,7 +32,7 @@ from pipeline.profiles import eval_set, load_params, resolve
 STAGES = ("data", "clip", "bank-base", "bank", "train", "eval", "report")
 BASE_BANK = "out/bank-base"
 METRICS_DIR = Path("metrics")
-# bank keys that are not BuildOptions settings: which generator the base bank uses
+# bank keys that are not BuildSettings settings: which generator the base bank uses
 BANK_STAGE_EXTRA = ("base_generator",)
 
 
@@ -300,16 +300,16 @@ def stage_params(r: dict[str, Any]) -> dict[str, Any]:
     the values the stages run with (`python -m pipeline.stages params`)."""
     from dataclasses import asdict
 
-    from pipeline.bank_stage import build_options, options_view
-    from pipeline.clip.pretrain import ClipPretrainConfig
+    from pipeline.bank_stage import build_settings, settings_view
+    from pipeline.clip.pretrain import ClipPretrainSettings
     from pipeline.evaluate.loop import EvalSettings
     from pipeline.train.loop import recipe_from_params
 
     out: dict[str, Any] = {"profile": r["profile"], "data": dict(r["data"])}
     clip = dict(r["clip"])
     enabled = bool(clip.pop("enabled", False))
-    out["clip"] = {"enabled": enabled, **(asdict(ClipPretrainConfig.from_dict(clip)) if enabled else clip)}
-    bank = options_view(build_options(_bank_settings(r, str(r["bank"]["generator"]), str(r["bank"]["out"]))))
+    out["clip"] = {"enabled": enabled, **(asdict(ClipPretrainSettings.from_dict(clip)) if enabled else clip)}
+    bank = settings_view(build_settings(_bank_settings(r, str(r["bank"]["generator"]), str(r["bank"]["out"]))))
     out["bank"] = {**bank, "base_generator": base_generator(r)}
     out["train"] = asdict(recipe_from_params(r["train"]))
     out["eval"] = {"sets": list(r["eval"].get("sets") or [])}

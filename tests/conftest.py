@@ -111,8 +111,8 @@ def app_world(tmp_path_factory):
     Built in a few seconds; nothing stored."""
     from PIL import Image, ImageDraw
 
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
     from dpseg.data.synth import write_shapes_benchmark
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.model.checkpoint import save_dpseg
@@ -121,7 +121,7 @@ def app_world(tmp_path_factory):
     write_shapes_benchmark(root / "shapes", images=1, val_images=2, size=64, progress=False)
     (root / "vocab.txt").write_text("red solid circle\nblue solid square\n")
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=root / "bank",
             generator="procedural",
             vocab=[str(root / "vocab.txt")],
@@ -129,7 +129,7 @@ def app_world(tmp_path_factory):
             encoder_weights=None,
             templates=2,
             encode_size=64,
-            generator_options=GeneratorOptions(resolution=32),
+            generator_options=GeneratorSettings(resolution=32),
             progress=False,
         )
     )

@@ -96,7 +96,7 @@ def test_pca_recovers_a_plane_and_is_deterministic():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny shapes dataset and a procedural bank for the classes its val images show most."""
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from dpseg.data.readers import SegmentationDataset
     from dpseg.data.synth import write_shapes_benchmark
 
@@ -110,7 +110,7 @@ def world(tmp_path_factory):
     top = [data.class_names[c] for c in np.argsort(-counts, kind="stable")[:3]]
     (root / "vocab.txt").write_text("\n".join(top) + "\n")
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=root / "bank",
             generator="procedural",
             vocab=[str(root / "vocab.txt")],

@@ -40,12 +40,12 @@ def test_cost_maps_match_an_independent_computation():
 
 @pytest.fixture(scope="module")
 def bank_dir(tmp_path_factory):
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
 
     root = tmp_path_factory.mktemp("heat")
     (root / "vocab.txt").write_text("\n".join(CLASSES) + "\n")
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=root / "bank",
             generator="procedural",
             vocab=[str(root / "vocab.txt")],

@@ -18,9 +18,9 @@ import torch
 import zarr
 from PIL import Image
 
-from bank.build import BuildOptions, build_bank
+from bank.build import BuildSettings, build_bank
 from bank.encode import PromptEncoder
-from bank.generators.base import Generated, Generator, GeneratorOptions, create_generator
+from bank.generators.base import Generated, Generator, GeneratorSettings, create_generator
 from bank.inspection import info, verify
 from bank.plan import retry_seed
 from bank.reader import Bank
@@ -38,7 +38,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    return create_generator("tiny-sd", GeneratorOptions(resolution=32, steps=2))
+    return create_generator("tiny-sd", GeneratorSettings(resolution=32, steps=2))
 
 
 @pytest.fixture
@@ -59,10 +59,10 @@ def opts(out, vocab, **kw):
         batch_size=4,
         shard_size=4,
         progress=False,
-        generator_options=GeneratorOptions(resolution=32, steps=2),
+        generator_options=GeneratorSettings(resolution=32, steps=2),
     )
     base.update(kw)
-    return BuildOptions(**base)
+    return BuildSettings(**base)
 
 
 def bank_contents(root):

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bank.generators.base import GeneratorOptions, Request, create_generator
+from bank.generators.base import GeneratorSettings, Request, create_generator
 from bank.generators.diffusion import compile_modules
 from dpseg.errors import UserError
 
 REQUESTS = [Request("a photo of a cat.", 11, "cat", 0), Request("a photo of a dog.", 12, "dog", 1)]
 
 
-def options(**kw) -> GeneratorOptions:
-    return GeneratorOptions(resolution=32, steps=2, dtype="fp32", **kw)
+def options(**kw) -> GeneratorSettings:
+    return GeneratorSettings(resolution=32, steps=2, dtype="fp32", **kw)
 
 
 @pytest.fixture(scope="module")

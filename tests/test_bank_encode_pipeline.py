@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bank.build import BuildOptions, build_bank
+from bank.build import BuildSettings, build_bank
 from bank.encode import PromptEncoder, encode_bank, encode_shards
 from bank.store import FEATURE_NAMES, BankStore, ShardReader, decode_png
 from dpseg.errors import UserError
@@ -22,7 +22,7 @@ def bank(tmp_path_factory):
     root = tmp_path_factory.mktemp("encode-pipeline")
     (root / "names.txt").write_text("red circle\nblue square\ngreen triangle\n")
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=root / "bank",
             generator="procedural",
             vocab=[str(root / "names.txt")],

@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("DPSEG_CACHE", str(Path(tempfile.gettempdir()) / "dpseg-test-cache"))
 
-from bank.generators import GeneratorOptions, Request, create_generator  # noqa: E402
+from bank.generators import GeneratorSettings, Request, create_generator  # noqa: E402
 from bank.generators.layerdiffuse import (  # noqa: E402
     ATTENTION_LAYERS,
     ATTN_FILE,
@@ -54,7 +54,7 @@ def test_sd15_random_is_the_real_sd15_architecture():
 
 
 def test_tiny_sd_goes_through_the_sd15_loader_and_seeds_per_image():
-    gen = create_generator("tiny-sd", GeneratorOptions(resolution=32, steps=2))
+    gen = create_generator("tiny-sd", GeneratorSettings(resolution=32, steps=2))
     assert type(gen.pipe).__name__ == "StableDiffusionPipeline" and gen.settings["model"] == "tiny-sd-v1"
     a = gen.generate([Request("a photo of a cat.", 11), Request("a photo of a dog.", 12)]).images
     b = gen.generate([Request("a photo of a dog.", 12)]).images
@@ -63,7 +63,7 @@ def test_tiny_sd_goes_through_the_sd15_loader_and_seeds_per_image():
     c = gen.generate([Request("a photo of a dog.", 13)]).images
     assert (c[0] - b[0]).abs().max() > 1e-3
     # the same directory through the sd15 id: same loader, same pipeline class
-    sd = create_generator("sd15", GeneratorOptions(model=str(ensure_tiny_sd()), resolution=32, steps=2))
+    sd = create_generator("sd15", GeneratorSettings(model=str(ensure_tiny_sd()), resolution=32, steps=2))
     torch.testing.assert_close(sd.generate([Request("a photo of a dog.", 12)]).images, b, atol=1e-4, rtol=0)
 
 
@@ -77,7 +77,7 @@ def test_tiny_sd_goes_through_the_sd15_loader_and_seeds_per_image():
 )
 def test_sd15_loader_errors(tmp_path, model, needle):
     with pytest.raises(UserError, match=needle):
-        create_generator("sd15", GeneratorOptions(model=model.format(tmp=tmp_path)))
+        create_generator("sd15", GeneratorSettings(model=model.format(tmp=tmp_path)))
 
 
 def _tiny_sd3(path: Path) -> Path:
@@ -142,15 +142,15 @@ def _tiny_sd3(path: Path) -> Path:
 
 def test_sd3_loader_without_t5(tmp_path):
     model = _tiny_sd3(tmp_path / "sd3")
-    gen = create_generator("sd3", GeneratorOptions(model=str(model), t5=False, resolution=32, steps=2))
+    gen = create_generator("sd3", GeneratorSettings(model=str(model), t5=False, resolution=32, steps=2))
     assert gen.pipe.text_encoder_3 is None and gen.settings["t5"] is False
     out = gen.generate([Request("a cat", 1), Request("a dog", 2)]).images
     assert out.shape == (2, 3, 32, 32)
     torch.testing.assert_close(gen.generate([Request("a dog", 2)]).images[0], out[1], atol=1e-4, rtol=0)
     with pytest.raises(UserError, match="flow-matching"):
-        create_generator("sd3", GeneratorOptions(model=str(model), t5=False, scheduler="dpm++"))
+        create_generator("sd3", GeneratorSettings(model=str(model), t5=False, scheduler="dpm++"))
     with pytest.raises(UserError, match="does not exist"):
-        create_generator("sd3", GeneratorOptions(model=str(tmp_path / "nope")))
+        create_generator("sd3", GeneratorSettings(model=str(tmp_path / "nope")))
 
 
 def test_layerdiffuse_decoder_has_the_published_structure():
@@ -165,7 +165,7 @@ def test_layerdiffuse_decoder_has_the_published_structure():
 
 
 def test_transparent_attention_with_zero_deltas_is_the_plain_attention():
-    gen = create_generator("tiny-sd", GeneratorOptions(resolution=32, steps=2))
+    gen = create_generator("tiny-sd", GeneratorSettings(resolution=32, steps=2))
     attn = gen.pipe.unet.get_submodule(ATTENTION_LAYERS[1])  # a cross-attention layer
     unit = TransparentAttention(attn, rank=4)
     for lora in (unit.to_q_lora, unit.to_k_lora, unit.to_v_lora, unit.to_out_lora):
@@ -180,11 +180,11 @@ def test_transparent_attention_with_zero_deltas_is_the_plain_attention():
 def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
     from safetensors.torch import save_file
 
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from bank.encode import PromptEncoder
     from bank.store import ShardReader
 
-    base = create_generator("tiny-sd", GeneratorOptions(resolution=32, steps=2))
+    base = create_generator("tiny-sd", GeneratorSettings(resolution=32, steps=2))
     torch.manual_seed(0)
     units = patch_unet(base.pipe.unet, None, rank=4)
     save_file({f"hookers.layers.{k}": v.contiguous() for k, v in units.state_dict().items()}, tmp_path / ATTN_FILE)
@@ -194,7 +194,7 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
     torch.nn.init.normal_(decoder.conv_out.weight, std=0.5)  # random but not saturated: alpha varies
     torch.nn.init.constant_(decoder.conv_out.bias, 0.5)
     save_file(decoder.state_dict(), tmp_path / DECODER_FILE)
-    options = GeneratorOptions(
+    options = GeneratorSettings(
         model=str(ensure_tiny_sd()),
         resolution=64,
         steps=2,
@@ -208,7 +208,7 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
     names.write_text("cat\n")
     torch.manual_seed(0)
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=tmp_path / "bank",
             generator="layerdiffuse",
             vocab=[str(names)],
@@ -224,17 +224,17 @@ def test_layerdiffuse_generates_rgba_and_the_bank_keeps_alpha(tmp_path):
         assert all({"png", "alpha.png", "json"} <= set(files) for files in reader.members.values()), reader.members
     with pytest.raises(UserError, match=ATTN_FILE):
         missing = {"layer_weights": str(tmp_path / "none")}
-        create_generator("layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), extra=missing))
+        create_generator("layerdiffuse", GeneratorSettings(model=str(ensure_tiny_sd()), extra=missing))
     with pytest.raises(UserError, match="multiple of 64"):
         create_generator(
-            "layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), resolution=32, extra=options.extra)
+            "layerdiffuse", GeneratorSettings(model=str(ensure_tiny_sd()), resolution=32, extra=options.extra)
         )
 
 
 def test_procedural_renders_the_shapes_benchmark():
     from dpseg.data.shapes import SHAPES_CATEGORIES, render_prompt_image
 
-    gen = create_generator("procedural", GeneratorOptions(resolution=32))
+    gen = create_generator("procedural", GeneratorSettings(resolution=32))
     cat = SHAPES_CATEGORIES[0]
     out = gen.generate([Request(f"a photo of a {cat}.", 5, cat, "a photo of a {}.")]).images
     expect = render_prompt_image(cat, "a photo of a {}.", 32, 5)

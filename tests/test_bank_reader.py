@@ -133,7 +133,7 @@ def test_bank_stage_builds_the_bank_its_params_describe(tmp_path):
     """pipeline.bank_stage: a resolved `bank:` section -> a complete bank; encode_size honoured;
     unknown keys refused (pipeline/stages.py feeds it the profile-resolved params)."""
     from bank.inspection import info, verify
-    from pipeline.bank_stage import build_options, run_bank_stage
+    from pipeline.bank_stage import build_settings, run_bank_stage
 
     section = {
         "generator": "procedural",
@@ -145,17 +145,17 @@ def test_bank_stage_builds_the_bank_its_params_describe(tmp_path):
         "encode_size": 64,
         "out": str(tmp_path / "bank"),
     }
-    opts = build_options(section)
+    opts = build_settings(section)
     assert opts.vocab == ["shapes"] and opts.encode_size == 64 and opts.encoder_weights is None
-    assert opts.generator_options.resolution == 32 and opts.batch_size == 8  # BuildOptions' default
+    assert opts.generator_options.resolution == 32 and opts.batch_size == 8  # BuildSettings' default
     run_bank_stage(section, progress=False)
     report = info(tmp_path / "bank")
     assert report["generator"] == "procedural" and report["entries"] == 48 * 2 and verify(tmp_path / "bank") == []
     assert report["encode_sizes"] == {"tiny": [64]} and Bank(tmp_path / "bank").encode_sizes("tiny") == [64]
     with pytest.raises(UserError, match="generatr"):
-        build_options({**section, "generatr": "sd15"})
+        build_settings({**section, "generatr": "sd15"})
     with pytest.raises(UserError, match="encoder must be set"):
-        build_options({k: v for k, v in section.items() if k != "encoder"})
+        build_settings({k: v for k, v in section.items() if k != "encoder"})
 
 
 def test_two_encode_sizes_live_side_by_side_and_a_mismatch_is_refused(tmp_path):

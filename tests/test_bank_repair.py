@@ -196,11 +196,11 @@ def flip_a_png_byte(shard: Path) -> str:
 
 
 def test_verify_says_empty_for_a_bank_without_entries(tmp_path, names, cli, one_line_error, monkeypatch):
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
 
     monkeypatch.setattr("bank.build.generate_entries", lambda *a, **k: {"ok": 0, "failed": 0, "retried": 0})
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=tmp_path / "b",
             generator="procedural",
             vocab=[str(names)],
@@ -215,7 +215,7 @@ def test_verify_says_empty_for_a_bank_without_entries(tmp_path, names, cli, one_
 
 def test_a_build_that_failed_before_any_entry_does_not_bind_the_folder(tmp_path, names, cli):
     out = tmp_path / "b"
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from bank.generators.base import Generated
 
     class Refusing:  # a generator that refuses its first request, as a pipeline refusing a size does
@@ -231,7 +231,7 @@ def test_a_build_that_failed_before_any_entry_does_not_bind_the_folder(tmp_path,
 
     with pytest.raises(UserError, match="cannot make these images"):
         build_bank(
-            BuildOptions(
+            BuildSettings(
                 out=out,
                 generator="procedural",
                 vocab=[str(names)],

@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, seed in (("a", 3), ("b", 3)):
         folder = tmp_path_factory.mktemp(name)
-        metrics = cp.pretrain(cp.ClipPretrainConfig(**{**FAST, "seed": seed, "out": str(folder)}), progress=False)
+        metrics = cp.pretrain(cp.ClipPretrainSettings(**{**FAST, "seed": seed, "out": str(folder)}), progress=False)
         out[name] = (folder, metrics)
     return out
 
@@ -125,4 +125,4 @@ def test_bad_settings_are_one_line_errors(cli, one_line_error, tmp_path):
     one_line_error(cli("clip", "pretrain", "--out", tmp_path, "--device", "tpu"), "device", "cpu or cuda")
     assert not (tmp_path / "tiny.safetensors").exists()
     with pytest.raises(Exception, match="unknown settings"):
-        cp.ClipPretrainConfig.from_dict({"stepz": 3})
+        cp.ClipPretrainSettings.from_dict({"stepz": 3})

@@ -22,8 +22,8 @@ from pipeline.evaluate.loop import EvalSettings, eval_from_params, evaluate
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
     from dpseg.data.synth import write_shapes_benchmark
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.model.checkpoint import save_dpseg
@@ -32,7 +32,7 @@ def world(tmp_path_factory):
     write_shapes_benchmark(root / "shapes", images=1, val_images=4, size=64, progress=False)
     (root / "unseen.txt").write_text("".join(f"{n}\n" for n in UNSEEN))
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=root / "bank",
             generator="procedural",
             vocab=[str(root / "unseen.txt")],
@@ -40,7 +40,7 @@ def world(tmp_path_factory):
             encoder_weights=None,
             templates=2,
             encode_size=64,
-            generator_options=GeneratorOptions(resolution=32),
+            generator_options=GeneratorSettings(resolution=32),
             progress=False,
         )
     )

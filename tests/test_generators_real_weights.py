@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bank.generators import GeneratorOptions, Request, create_generator
+from bank.generators import GeneratorSettings, Request, create_generator
 from bank.generators.layerdiffuse import ATTN_FILE, DECODER_FILE, TransparentDecoder, patch_unet
 from bank.generators.sd15 import SD15Generator, fp16_variant
 from bank.generators.tiny_sd import ensure_tiny_sd
@@ -149,7 +149,7 @@ def empty_hub_cache(tmp_path, monkeypatch):
 
 
 def test_single_file_loads_offline_from_a_local_config_folder(single_file, empty_hub_cache):
-    options = GeneratorOptions(
+    options = GeneratorSettings(
         model=str(single_file["file"]), model_config=str(single_file["config"]), resolution=32, steps=2
     )
     gen = create_generator("sd15", options)
@@ -159,25 +159,25 @@ def test_single_file_loads_offline_from_a_local_config_folder(single_file, empty
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert gen.settings["safety_checker"] is False  # as shipped: a single file holds no checker
-    tiny = create_generator("tiny-sd", GeneratorOptions(resolution=32, steps=2))
+    tiny = create_generator("tiny-sd", GeneratorSettings(resolution=32, steps=2))
     request = [Request("a photo of a cat.", 7)]
     torch.testing.assert_close(gen.generate(request).images, tiny.generate(request).images, atol=1e-5, rtol=0)
     assert not any(empty_hub_cache.rglob("*"))  # nothing was fetched or cached
     with pytest.raises(UserError, match="--model-config DIR"):
-        create_generator("sd15", GeneratorOptions(model=str(single_file["file"])))
+        create_generator("sd15", GeneratorSettings(model=str(single_file["file"])))
     with pytest.raises(UserError, match="not a diffusers folder"):
         create_generator(
-            "sd15", GeneratorOptions(model=str(single_file["file"]), model_config=str(empty_hub_cache.parent))
+            "sd15", GeneratorSettings(model=str(single_file["file"]), model_config=str(empty_hub_cache.parent))
         )
 
 
 def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empty_hub_cache, tmp_path):
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from bank.encode import PromptEncoder
     from bank.merge import read_manifest
     from bank.store import BankStore
 
-    options = GeneratorOptions(
+    options = GeneratorSettings(
         model=str(single_file["file"]),
         model_config=str(single_file["config"]),
         resolution=32,
@@ -193,7 +193,7 @@ def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empt
     names = tmp_path / "names.txt"
     names.write_text("cat\n")
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=tmp_path / "bank", generator="sd15", vocab=[str(names)], encoder="tiny", templates=1, progress=False
         ),
         generator=gen,
@@ -207,18 +207,18 @@ def test_safety_checker_verdict_is_nsfw_and_never_silently_off(single_file, empt
     assert gen.generate([Request("a cat", 1)]).failures == [None]
     # asked for where none can run: one line, never a silent "off"
     with pytest.raises(UserError, match="ships no safety checker"):
-        create_generator("sd15", GeneratorOptions(model=str(ensure_tiny_sd()), safety_checker=True))
+        create_generator("sd15", GeneratorSettings(model=str(ensure_tiny_sd()), safety_checker=True))
     without = tmp_path / "config-without-checker"
     shutil.copytree(
         single_file["config"], without, ignore=shutil.ignore_patterns("safety_checker", "feature_extractor")
     )
     with pytest.raises(UserError, match="no safety checker in"):
         create_generator(
-            "sd15", GeneratorOptions(model=str(single_file["file"]), model_config=str(without), safety_checker=True)
+            "sd15", GeneratorSettings(model=str(single_file["file"]), model_config=str(without), safety_checker=True)
         )
     for spec in ("sd3", "sd15-random"):
         with pytest.raises(UserError, match="no safety checker"):
-            create_generator(spec, GeneratorOptions(model=str(tmp_path / "none"), safety_checker=True))
+            create_generator(spec, GeneratorSettings(model=str(tmp_path / "none"), safety_checker=True))
 
 
 def _layer_files(folder: Path, unet) -> dict:
@@ -236,14 +236,14 @@ def test_layerdiffuse_reference_defaults_and_explicit_safety_checker(single_file
     from diffusers import StableDiffusionPipeline
 
     extra = _layer_files(tmp_path, StableDiffusionPipeline.from_pretrained(ensure_tiny_sd()).unet)
-    gen = create_generator("layerdiffuse", GeneratorOptions(model=str(ensure_tiny_sd()), extra=extra))
+    gen = create_generator("layerdiffuse", GeneratorSettings(model=str(ensure_tiny_sd()), extra=extra))
     s, config = gen.settings, gen.pipe.scheduler.config
     assert (s["resolution"], s["steps"], s["guidance"], s["scheduler"]) == (512, 20, 7.0, "dpm++-karras")
     assert type(gen.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert config.use_karras_sigmas and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
     assert (SD15Generator.defaults["resolution"], SD15Generator.defaults["scheduler"]) == (768, "dpm++")  # the paper's
     # the pipeline is called for latents and skips its checker: layerdiffuse runs it on the composite
-    options = GeneratorOptions(
+    options = GeneratorSettings(
         model=str(single_file["file"]),
         model_config=str(single_file["config"]),
         resolution=64,
@@ -258,7 +258,7 @@ def test_layerdiffuse_reference_defaults_and_explicit_safety_checker(single_file
 
 
 def test_fp16_vae_overflow_is_decoded_again_in_fp32():
-    gen = create_generator("tiny-sd", GeneratorOptions(resolution=32, steps=2, dtype="fp16"))
+    gen = create_generator("tiny-sd", GeneratorSettings(resolution=32, steps=2, dtype="fp16"))
     vae = gen.pipe.vae
     with torch.no_grad():  # activations beyond fp16's 65504: inf, then NaN after the first GroupNorm
         vae.decoder.conv_in.weight.mul_(1e5)
@@ -287,19 +287,19 @@ def test_safetensors_only_and_the_fp16_variant(tmp_path):
     assert fp16_variant("owner/name", torch.float16) == "fp16" and fp16_variant("owner/name", torch.float32) is None
     pipe.to(torch.float16).save_pretrained(tmp_path / "fp16", variant="fp16")
     assert fp16_variant(str(tmp_path / "fp16"), torch.float16) == "fp16"
-    gen = create_generator("sd15", GeneratorOptions(model=str(tmp_path / "fp16"), dtype="fp16"))
+    gen = create_generator("sd15", GeneratorSettings(model=str(tmp_path / "fp16"), dtype="fp16"))
     assert gen.pipe.unet.dtype == torch.float16
     pipe.save_pretrained(tmp_path / "pickled")  # then the UNet's weights as a pickle (.bin) only
     unet = tmp_path / "pickled" / "unet"
     torch.save(pipe.unet.state_dict(), unet / "diffusion_pytorch_model.bin")
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(UserError, match="could not load Stable Diffusion weights"):
-        create_generator("sd15", GeneratorOptions(model=str(tmp_path / "pickled")))
+        create_generator("sd15", GeneratorSettings(model=str(tmp_path / "pickled")))
 
 
 def test_sd3_guards(tmp_path):
     with pytest.raises(UserError, match="does not exist"):  # options.extra = None is fine
-        create_generator("sd3", GeneratorOptions(model=str(tmp_path / "nope"), extra=None))
+        create_generator("sd3", GeneratorSettings(model=str(tmp_path / "nope"), extra=None))
     (tmp_path / "sd3.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="not single files"):
-        create_generator("sd3", GeneratorOptions(model=str(tmp_path / "sd3.safetensors")))
+        create_generator("sd3", GeneratorSettings(model=str(tmp_path / "sd3.safetensors")))

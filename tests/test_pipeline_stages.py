@@ -176,7 +176,7 @@ def test_printed_params_are_the_values_every_stage_runs_with(profile, tmp_path, 
     import pipeline.clip.pretrain
     import pipeline.evaluate.loop
     import pipeline.train.loop
-    from pipeline.bank_stage import options_view
+    from pipeline.bank_stage import settings_view
 
     monkeypatch.chdir(tmp_path)
     seen: dict[str, list] = {"bank": [], "train": [], "eval": [], "clip": []}
@@ -194,7 +194,7 @@ def test_printed_params_are_the_values_every_stage_runs_with(profile, tmp_path, 
     for name in r["eval"]["sets"]:
         stages.run_eval(r, name, progress=False)
 
-    bank = options_view(seen["bank"][0])  # the base bank, which the `bank` stage links as bank.out
+    bank = settings_view(seen["bank"][0])  # the base bank, which the `bank` stage links as bank.out
     assert bank["out"] == stages.BASE_BANK
     assert printed["bank"] == {**bank, "out": r["bank"]["out"], "base_generator": r["bank"]["generator"]}
     assert printed["train"] == asdict(seen["train"][0])
@@ -223,8 +223,8 @@ def test_the_demo_eval_saves_a_few_predictions_and_the_report_draws_their_panels
     import torch
     from PIL import Image
 
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
     from dpseg.data.shapes import UNSEEN
     from dpseg.data.synth import write_shapes_benchmark
     from dpseg.model import DPSegConfig, build_dpseg
@@ -234,7 +234,7 @@ def test_the_demo_eval_saves_a_few_predictions_and_the_report_draws_their_panels
     write_shapes_benchmark(Path("out/data/shapes"), images=1, val_images=6, size=64, progress=False)
     Path("unseen.txt").write_text("".join(f"{n}\n" for n in UNSEEN))
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=Path("out/bank"),
             generator="procedural",
             vocab=["unseen.txt"],
@@ -242,7 +242,7 @@ def test_the_demo_eval_saves_a_few_predictions_and_the_report_draws_their_panels
             encoder_weights=None,
             templates=2,
             encode_size=64,
-            generator_options=GeneratorOptions(resolution=32),
+            generator_options=GeneratorSettings(resolution=32),
             progress=False,
         )
     )

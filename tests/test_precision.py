@@ -13,7 +13,7 @@ from dpseg.model.cost_volume import cosine_cost, initial_cost
 from dpseg.model.summary import random_prompts
 from pipeline.evaluate.loop import EvalSettings
 from pipeline.profiles import resolve
-from pipeline.train.loop import TrainRecipe, resolve_precision
+from pipeline.train.loop import TrainSettings, resolve_precision
 from pipeline.train.resolve import check_numbers
 
 
@@ -25,7 +25,7 @@ def bf16_autocast():
 
 
 def test_train_and_eval_default_to_fp32():
-    assert TrainRecipe().mixed_precision == "fp32"
+    assert TrainSettings().mixed_precision == "fp32"
     assert resolve_precision("fp32", gpu=True) == "no" and resolve_precision("no", gpu=True) == "no"
     assert resolve_precision("bf16", gpu=False) == "bf16"  # asked for: given, also on the CPU
     assert EvalSettings(checkpoint="c", dataset="d").precision == "fp32"
@@ -34,7 +34,7 @@ def test_train_and_eval_default_to_fp32():
 @pytest.mark.parametrize("profile", ["paper-b", "paper-l", "demo"])
 def test_profiles_train_and_evaluate_in_fp32_unless_asked(profile):
     r = resolve({"profile": profile})
-    assert r["train"].get("mixed_precision", TrainRecipe().mixed_precision) == "fp32"
+    assert r["train"].get("mixed_precision", TrainSettings().mixed_precision) == "fp32"
     assert r["eval"].get("precision", "fp32") == "fp32"
     asked = resolve({"profile": profile, "train": {"mixed_precision": "bf16"}, "eval": {"precision": "bf16"}})
     assert asked["train"]["mixed_precision"] == "bf16" and asked["eval"]["precision"] == "bf16"
@@ -44,7 +44,7 @@ def test_bad_precisions_are_one_line_errors():
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         resolve_precision("fp16", gpu=False)
     with pytest.raises(UserError, match="--mixed-precision 'fp8' is not one of"):
-        check_numbers(TrainRecipe(dataset="d", mixed_precision="fp8"))
+        check_numbers(TrainSettings(dataset="d", mixed_precision="fp8"))
     with pytest.raises(UserError, match="precision 'half' is not one of fp32, bf16, fp16"):
         EvalSettings(checkpoint="c", dataset="d", precision="half").validate()
 

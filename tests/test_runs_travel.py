@@ -35,7 +35,7 @@ def world(tmp_path_factory, umask022):
     import torch
     from safetensors.torch import save_file
 
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from dpseg.clip.encoders import ENCODERS, create_open_clip
     from dpseg.data.synth import write_shapes_benchmark
     from pipeline.train.loop import train
@@ -51,7 +51,7 @@ def world(tmp_path_factory, umask022):
     os.chdir(root)
     try:
         build_bank(
-            BuildOptions(
+            BuildSettings(
                 out="bank",
                 generator="procedural",
                 vocab=["names.txt"],

@@ -17,15 +17,15 @@ PHOTO = FIXTURES / "voc2012" / "images" / "1_image.png"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.model.checkpoint import save_dpseg
 
     root = tmp_path_factory.mktemp("segment")
     (root / "vocab.txt").write_text("red solid circle\n")
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=root / "bank",
             generator="procedural",
             vocab=[str(root / "vocab.txt")],
@@ -33,7 +33,7 @@ def world(tmp_path_factory):
             encoder_weights=None,
             templates=2,
             encode_size=64,
-            generator_options=GeneratorOptions(resolution=32),
+            generator_options=GeneratorSettings(resolution=32),
             progress=False,
         )
     )

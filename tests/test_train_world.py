@@ -26,7 +26,7 @@ def shared_world(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def build_world(root: Path) -> tuple[Path, Path]:
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from dpseg.data.synth import write_shapes_benchmark
 
     data, bank = root / "data", root / "bank"
@@ -34,7 +34,7 @@ def build_world(root: Path) -> tuple[Path, Path]:
     names = root / "names.txt"
     names.write_text("".join(shapes.SHAPES_CATEGORIES[i] + "\n" for i in CLASS_IDS))
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=bank,
             generator="procedural",
             vocab=[str(names)],
@@ -50,7 +50,7 @@ def build_world(root: Path) -> tuple[Path, Path]:
 
 
 def recipe(data: Path, bank: Path, out: Path, **overrides):
-    from pipeline.train.loop import TrainRecipe
+    from pipeline.train.loop import TrainSettings
 
     base = dict(
         dataset=str(data),
@@ -67,7 +67,7 @@ def recipe(data: Path, bank: Path, out: Path, **overrides):
         log_every=1,
         checkpoint_every=4,
     )
-    return TrainRecipe(**{**base, **overrides})
+    return TrainSettings(**{**base, **overrides})
 
 
 def flags(r) -> list[str]:

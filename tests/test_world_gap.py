@@ -106,8 +106,8 @@ def test_crop_prompt_training_replaces_a_share_of_the_present_classes_slots():
 
 
 def test_crop_prompts_outside_zero_one_is_a_one_line_error():
-    from pipeline.train.loop import TrainRecipe
+    from pipeline.train.loop import TrainSettings
     from pipeline.train.resolve import check_numbers
 
     with pytest.raises(UserError, match="--crop-prompts is a share"):
-        check_numbers(TrainRecipe(dataset="d", crop_prompts=1.5, crop_size=64))
+        check_numbers(TrainSettings(dataset="d", crop_prompts=1.5, crop_size=64))

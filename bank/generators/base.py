@@ -33,7 +33,7 @@ class Generated:
 
 
 @dataclass
-class GeneratorOptions:
+class GeneratorSettings:
     """What a user may set; None = the generator's documented default."""
 
     model: str | None = None
@@ -65,7 +65,7 @@ class Generator(ABC):
 
     @classmethod
     @abstractmethod
-    def create(cls, options: GeneratorOptions) -> Generator: ...
+    def create(cls, options: GeneratorSettings) -> Generator: ...
 
     @abstractmethod
     def generate(self, requests: Sequence[Request]) -> Generated: ...
@@ -103,7 +103,7 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
-def runtime_of(options: GeneratorOptions, dtype: torch.dtype) -> dict[str, Any]:
+def runtime_of(options: GeneratorSettings, dtype: torch.dtype) -> dict[str, Any]:
     """What is recorded but not hashed: where and how the images were made."""
     return {"device": str(options.device), "dtype": str(dtype).removeprefix("torch."), "compile": list(options.compile)}
 
@@ -111,7 +111,7 @@ def runtime_of(options: GeneratorOptions, dtype: torch.dtype) -> dict[str, Any]:
 GENERATORS: Registry[type[Generator]] = Registry("generator")
 
 
-def create_generator(spec: str, options: GeneratorOptions | None = None) -> Generator:
+def create_generator(spec: str, options: GeneratorSettings | None = None) -> Generator:
     """`spec` is a registered id (`sd15`, `tiny-sd`, ...). `noise:<r>` is derived from a bank."""
     import bank.generators  # noqa: F401  (registers the built-in generators)
 
@@ -120,8 +120,8 @@ def create_generator(spec: str, options: GeneratorOptions | None = None) -> Gene
             f"generator {spec!r} is derived from another bank: use `dpseg bank derive --from DIR --noise R --out DIR2`"
         )
     cls = GENERATORS.get(spec)
-    return cls.create(options or GeneratorOptions())
+    return cls.create(options or GeneratorSettings())
 
 
-def options_dict(options: GeneratorOptions) -> dict[str, Any]:
+def options_dict(options: GeneratorSettings) -> dict[str, Any]:
     return asdict(options)

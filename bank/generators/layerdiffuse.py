@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bank.generators.base import GENERATORS, Generated, GeneratorOptions, Request, pick, runtime_of, torch_dtype
+from bank.generators.base import GENERATORS, Generated, GeneratorSettings, Request, pick, runtime_of, torch_dtype
 from bank.generators.diffusion import (
     FP32_DECODE,
     DiffusionGenerator,
@@ -253,7 +253,7 @@ class LayerDiffuseGenerator(DiffusionGenerator):
         self.decoder = decoder
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         from safetensors.torch import load_file
 
         d = cls.defaults

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bank.generators.base import Generated, Generator, GeneratorOptions, Request
+from bank.generators.base import Generated, Generator, GeneratorSettings, Request
 from dpseg.errors import UserError
 
 BLEND = "linear-gaussian-v1"
@@ -58,7 +58,7 @@ class NoiseGenerator(Generator):
         self._readers: dict = {}
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         raise UserError("noise banks are derived: use `dpseg bank derive --from DIR --noise R --out DIR2`")
 
     def _source_image(self, row) -> tuple[np.ndarray, np.ndarray | None]:

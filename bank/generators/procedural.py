@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from bank.generators.base import GENERATORS, Generated, Generator, GeneratorOptions, Request, pick
+from bank.generators.base import GENERATORS, Generated, Generator, GeneratorSettings, Request, pick
 
 
 @GENERATORS.register("procedural")
@@ -17,7 +17,7 @@ class ProceduralGenerator(Generator):
     defaults = {"resolution": 64}
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         resolution = pick(options.resolution, cls.defaults["resolution"])
         return cls(
             {"renderer": "dpseg.data.shapes/v1", "resolution": resolution},
@@ -43,7 +43,7 @@ class StudioGenerator(ProceduralGenerator):
     id = "procedural-studio"
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         resolution = pick(options.resolution, cls.defaults["resolution"])
         return cls(
             {"renderer": "dpseg.data.shapes/v1", "resolution": resolution, "look": "studio"},

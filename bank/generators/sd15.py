@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bank.generators.base import GENERATORS, GeneratorOptions, pick, runtime_of, torch_dtype
+from bank.generators.base import GENERATORS, GeneratorSettings, pick, runtime_of, torch_dtype
 from bank.generators.diffusion import DiffusionGenerator, compile_modules, quiet_loading, set_scheduler
 from dpseg.errors import UserError
 
@@ -153,11 +153,11 @@ class SD15Generator(DiffusionGenerator):
     }
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         return cls.load(options, pick(options.model, cls.defaults["model"]))
 
     @classmethod
-    def load(cls, options: GeneratorOptions, model: str, model_id: str | None = None):
+    def load(cls, options: GeneratorSettings, model: str, model_id: str | None = None):
         """`model_id` names the weights in the settings when the path is not their identity."""
         d = cls.defaults
         dtype = torch_dtype(options.dtype, options.device)

@@ -4,7 +4,7 @@ with real weights (random images): for speed measurements where weights cannot b
 
 from __future__ import annotations
 
-from bank.generators.base import GENERATORS, GeneratorOptions, pick, runtime_of, torch_dtype
+from bank.generators.base import GENERATORS, GeneratorSettings, pick, runtime_of, torch_dtype
 from bank.generators.diffusion import DiffusionGenerator, compile_modules, set_scheduler
 from bank.generators.sd15 import SD15Generator
 from bank.generators.sd_configs import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd_pipeline
@@ -17,7 +17,7 @@ class SD15RandomGenerator(DiffusionGenerator):
     defaults = dict(SD15Generator.defaults, model="sd15-architecture-random-seed0", safety_checker=False)
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         if options.safety_checker:
             raise UserError("sd15-random has no safety checker (random weights): drop --safety-checker")
         d = cls.defaults

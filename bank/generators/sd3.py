@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bank.generators.base import GENERATORS, GeneratorOptions, pick, runtime_of, torch_dtype
+from bank.generators.base import GENERATORS, GeneratorSettings, pick, runtime_of, torch_dtype
 from bank.generators.diffusion import DiffusionGenerator, compile_modules, quiet_loading
 from bank.generators.sd15 import _from_pretrained, offline
 from dpseg.errors import UserError
@@ -29,7 +29,7 @@ class SD3Generator(DiffusionGenerator):
     }
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         from diffusers import StableDiffusion3Pipeline
 
         d = cls.defaults

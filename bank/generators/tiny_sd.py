@@ -8,7 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from bank.generators.base import GENERATORS, GeneratorOptions, pick
+from bank.generators.base import GENERATORS, GeneratorSettings, pick
 from bank.generators.sd15 import SD15Generator
 from bank.generators.sd_configs import TINY_TEXT, TINY_UNET, TINY_VAE, build_sd_pipeline
 
@@ -40,7 +40,7 @@ class TinySDGenerator(SD15Generator):
     defaults = dict(SD15Generator.defaults, model=VERSION, resolution=64, steps=4, safety_checker=False)
 
     @classmethod
-    def create(cls, options: GeneratorOptions):
+    def create(cls, options: GeneratorSettings):
         model = options.model
         if model is None or model == VERSION:
             return cls.load(options, str(ensure_tiny_sd()), model_id=VERSION)

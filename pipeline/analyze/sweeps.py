@@ -316,11 +316,11 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _train_defaults() -> dict[str, Any]:
     try:
-        from pipeline.train.loop import TrainRecipe
+        from pipeline.train.loop import TrainSettings
     except ImportError:
         return {}
     out = {}
-    for f in dataclasses.fields(TrainRecipe):
+    for f in dataclasses.fields(TrainSettings):
         if f.default is not dataclasses.MISSING:
             out[f"train.{f.name}"] = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -49,10 +49,10 @@ def _clip_bench(steps: int = 6) -> dict[str, Any]:
     """Seconds per step of the demo's CLIP pretraining (64 px and the small size), no outputs kept."""
     import tempfile
 
-    from pipeline.clip.pretrain import ClipPretrainConfig, pretrain
+    from pipeline.clip.pretrain import ClipPretrainSettings, pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ClipPretrainConfig(steps=steps, renders=1, eval_renders=1, warmup=1, out=tmp)
+        cfg = ClipPretrainSettings(steps=steps, renders=1, eval_renders=1, warmup=1, out=tmp)
         result = pretrain(cfg, progress=False)
     return {
         "steps": steps,

@@ -186,8 +186,8 @@ def bench_encode(
 ) -> dict[str, Any]:
     """Re-encoding throughput alone: a procedural bank of `images` PNGs at `resolution` (what
     SD would store; the generator does not matter to re-encoding), re-encoded with `encoder`."""
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
     from bank.runtime import distributed_state, resolve_device
 
     device = resolve_device(device)
@@ -199,7 +199,7 @@ def bench_encode(
         names = work / "names.txt"
         names.write_text("".join(f"bench object {i}\n" for i in range(categories)))
         build_bank(
-            BuildOptions(
+            BuildSettings(
                 out=work / "bank",
                 generator="procedural",
                 vocab=[str(names)],
@@ -210,7 +210,7 @@ def bench_encode(
                 batch_size=64,
                 shard_size=256,
                 progress=False,
-                generator_options=GeneratorOptions(resolution=resolution),
+                generator_options=GeneratorSettings(resolution=resolution),
             )
         )
         rows = encode_figure(work / "bank", encoder, sizes, batch_size, workers, device, encoder_weights)
@@ -233,8 +233,8 @@ def overhead_figure(
     """Bare pipeline calls vs `build_bank` over the same number of new entries, same batch size;
     `rounds` alternations of (bare, bank), the fastest of each kept."""
     from bank import checks
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions, Request
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings, Request
     from bank.plan import plan_entries
 
     n = batch_size * batches  # `batches` categories x `batch_size` templates: one batch per category
@@ -259,7 +259,7 @@ def overhead_figure(
     for r in range(rounds):
         bare_times.append(_timed(bare, device))
         out = work / f"bank-{tag}-{r}"  # a new bank each round: all n entries are made
-        opts = BuildOptions(
+        opts = BuildSettings(
             out=out,
             generator=generator.id,
             vocab=[f"bench:{tag}"],
@@ -268,7 +268,7 @@ def overhead_figure(
             batch_size=batch_size,
             shard_size=256,
             progress=False,
-            generator_options=GeneratorOptions(device=device),
+            generator_options=GeneratorSettings(device=device),
         )
         bank_times.append(
             _timed(lambda o=opts: build_bank(o, generator=generator, encoder=encoder, categories=categories), device)
@@ -311,13 +311,13 @@ def bench_bank(
 
     import bank.build  # noqa: F401  (imports are process start-up, not build time)
     from bank.encode import PromptEncoder, encode_bank
-    from bank.generators.base import GeneratorOptions, create_generator
+    from bank.generators.base import GeneratorSettings, create_generator
     from bank.generators.diffusion import compile_modules
     from bank.runtime import distributed_state, resolve_device
 
     device = resolve_device(device)
     distributed_state(device)
-    options = GeneratorOptions(resolution=resolution, steps=steps, device=device, dtype=dtype)
+    options = GeneratorSettings(resolution=resolution, steps=steps, device=device, dtype=dtype)
     gen = create_generator(generator, options)
     enc = PromptEncoder(encoder, encoder_weights, device)
     work = Path(tempfile.mkdtemp(prefix="dpseg-bench-bank-"))

@@ -31,7 +31,7 @@ from dpseg.data import shapes
 def _world(
     root: Path, size: int, classes: int, templates: int, data: Path | None, with_bank: bool = True
 ) -> tuple[Path, Path | None, list[int]]:
-    from bank.build import BuildOptions, build_bank
+    from bank.build import BuildSettings, build_bank
     from dpseg.data.synth import write_shapes_benchmark
 
     ids = shapes.SEEN_IDS[:classes]
@@ -44,7 +44,7 @@ def _world(
     names.write_text("".join(shapes.SHAPES_CATEGORIES[i] + "\n" for i in ids))
     bank = root / "bank"
     build_bank(
-        BuildOptions(
+        BuildSettings(
             out=bank,
             generator="procedural",
             vocab=[str(names)],

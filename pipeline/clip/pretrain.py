@@ -50,7 +50,7 @@ TIMING_KEYS = ("render_s", "train_s", "eval_s", "total_s", "train_s_per_step")
 
 
 @dataclass
-class ClipPretrainConfig:
+class ClipPretrainSettings:
     encoder: str = "tiny"
     steps: int = 1200  # ~3.5 min on 2 cores (docs/clip.md)
     batch_size: int = 64
@@ -70,7 +70,7 @@ class ClipPretrainConfig:
     out: str = "out/clip"
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ClipPretrainConfig:
+    def from_dict(cls, values: dict[str, Any]) -> ClipPretrainSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -243,7 +243,7 @@ def zero_shot_metrics(
 # --- the stage ----------------------------------------------------------------------------
 
 
-def lr_at(step: int, cfg: ClipPretrainConfig) -> float:
+def lr_at(step: int, cfg: ClipPretrainSettings) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -251,7 +251,7 @@ def lr_at(step: int, cfg: ClipPretrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain(cfg: ClipPretrainConfig, progress: bool = True) -> dict[str, Any]:
+def pretrain(cfg: ClipPretrainSettings, progress: bool = True) -> dict[str, Any]:
     """Trains, evaluates and writes OUT/tiny.safetensors, OUT/config.json, OUT/metrics.json and
     OUT/metrics.jsonl (loss per step); returns the metrics."""
     from dpseg.reproducibility import deterministic
@@ -268,7 +268,7 @@ def pretrain(cfg: ClipPretrainConfig, progress: bool = True) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def _pretrain(cfg: ClipPretrainConfig, progress: bool) -> dict[str, Any]:
+def _pretrain(cfg: ClipPretrainSettings, progress: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     spec = ENCODERS.get(cfg.encoder)
     size = spec.prompt_size  # the CLIP resolution: what prompt images and crops are encoded at
@@ -357,7 +357,7 @@ def weights_path(out: str | Path, encoder: str = "tiny") -> Path:
 
 
 def write_outputs(
-    model: torch.nn.Module, cfg: ClipPretrainConfig, spec, metrics: dict, history: list[dict], out: Path
+    model: torch.nn.Module, cfg: ClipPretrainSettings, spec, metrics: dict, history: list[dict], out: Path
 ) -> None:
     from safetensors.torch import save
 
@@ -386,16 +386,16 @@ def write_outputs(
 def pretrain_from_params(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """The DVC stage's entry: `params` is the resolved `clip` section of params.yaml."""
     values = {k: v for k, v in params.items() if k != "enabled"}
-    return pretrain(ClipPretrainConfig.from_dict(values), progress=progress)
+    return pretrain(ClipPretrainSettings.from_dict(values), progress=progress)
 
 
-def main() -> None:  # `python -m pipeline.clip.pretrain [key=value ...]` (ClipPretrainConfig fields)
+def main() -> None:  # `python -m pipeline.clip.pretrain [key=value ...]` (ClipPretrainSettings fields)
     import sys
 
     overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    base = ClipPretrainConfig()
+    base = ClipPretrainSettings()
     typed = {k: type(getattr(base, k))(v) for k, v in overrides.items()}
-    print(json.dumps(pretrain(ClipPretrainConfig(**typed), progress=os.isatty(2)), indent=1))
+    print(json.dumps(pretrain(ClipPretrainSettings(**typed), progress=os.isatty(2)), indent=1))
 
 
 if __name__ == "__main__":

@@ -58,16 +58,16 @@ def generate_missing(bank, missing: list[str], encoder: str, weights: str, encod
     images; `bank.build` stores and encodes them (a bank holds one generator setting)."""
     from dataclasses import fields
 
-    from bank.build import BuildOptions, build_bank
-    from bank.generators.base import GeneratorOptions
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
 
     recorded = bank.config["generator"].get("settings") or {}
-    known = {f.name for f in fields(GeneratorOptions)} - {"device", "dtype", "compile", "extra"}
-    options = GeneratorOptions(**{k: v for k, v in recorded.items() if k in known})
+    known = {f.name for f in fields(GeneratorSettings)} - {"device", "dtype", "compile", "extra"}
+    options = GeneratorSettings(**{k: v for k, v in recorded.items() if k in known})
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "missing.txt"
         vocab.write_text("".join(f"{n}\n" for n in missing))
-        opts = BuildOptions(
+        opts = BuildSettings(
             out=bank.root,
             generator=bank.generator,
             vocab=[str(vocab)],

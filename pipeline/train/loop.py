@@ -1,6 +1,6 @@
 """Stage two: train DPSeg on a prepared dataset with text prompts and the bank's visual prompts.
 
-    summary = train(TrainRecipe(dataset="data/shapes", bank="out/bank", classes="seen", out="out/train"))
+    summary = train(TrainSettings(dataset="data/shapes", bank="out/bank", classes="seen", out="out/train"))
 
 One loop, top to bottom: (1) resolve and check every input, (2) the run folder and resume,
 (3) the model, (4) the prompts, (5) the data, (6) optimizer and schedule, (7) accelerate,
@@ -32,7 +32,7 @@ LOSS_CSV = "loss.csv"
 
 
 @dataclass
-class TrainRecipe:
+class TrainSettings:
     """Defaults are the paper's and SED's recipe (docs/train.md says which is whose)."""
 
     dataset: str = ""  # prepared dataset folder (`dpseg data prepare` / `dpseg data synth`)
@@ -75,7 +75,7 @@ class TrainRecipe:
         return dataclasses.asdict(self)
 
 
-def train(recipe: TrainRecipe, progress: bool = True) -> dict:
+def train(recipe: TrainSettings, progress: bool = True) -> dict:
     from accelerate import Accelerator
 
     from dpseg.reproducibility import deterministic
@@ -359,7 +359,7 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def run_record(r: TrainRecipe, plan, accelerator) -> dict:
+def run_record(r: TrainSettings, plan, accelerator) -> dict:
     """What config.json's `extra` says about how the weights were made. Its paths are relative to
     the run folder, so a run folder moved or copied together with its bank still finds it."""
     from dpseg.reproducibility import environment
@@ -400,7 +400,7 @@ def relative_to_run(path: str | os.PathLike, out: Path) -> str:
     return os.path.relpath(Path(path).resolve(), out.resolve())
 
 
-def recorded_recipe(r: TrainRecipe, out: Path) -> dict:
+def recorded_recipe(r: TrainSettings, out: Path) -> dict:
     """The recipe as a run records it: paths relative to the run folder (`out` itself is ".")."""
     recipe = r.to_dict()
     for key in RUN_PATHS:
@@ -473,11 +473,11 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def recipe_from_params(section: dict) -> TrainRecipe:
-    """A params.yaml `train:` section -> TrainRecipe; keys are the recipe's field names, null
+def recipe_from_params(section: dict) -> TrainSettings:
+    """A params.yaml `train:` section -> TrainSettings; keys are the recipe's field names, null
     means the default, an unknown key is a one-line error."""
     section = dict(section or {})
-    known = {f.name for f in dataclasses.fields(TrainRecipe)}
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
     unknown = sorted(set(section) - known)
     if unknown:
         raise UserError(f"params.yaml train: unknown keys {unknown}; known: {', '.join(sorted(known))}")
@@ -487,7 +487,7 @@ def recipe_from_params(section: dict) -> TrainRecipe:
     for key in ("dataset", "bank", "out", "encoder_weights", "classes"):
         if key in values:
             values[key] = str(values[key])
-    return TrainRecipe(**values)
+    return TrainSettings(**values)
 
 
 def train_from_params(section: dict, progress: bool = True) -> dict:

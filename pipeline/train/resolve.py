@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {
 
 @dataclass
 class Resolved:
-    recipe: object  # the TrainRecipe with every default filled in
+    recipe: object  # the TrainSettings with every default filled in
     model_cfg: object  # DPSegConfig
     dataset: object  # SegmentationDataset (train split)
     val_dataset: object | None
