@@ -25,9 +25,10 @@ def test_public_vocabulary_counts_and_unique_names(name, count):
 
 
 def test_registry_holds_the_six_and_shapes():
-    assert set(vocab_names()) == set(EXPECTED) | {"shapes"}
+    assert set(vocab_names()) == set(EXPECTED) | {"shapes", "shapes-background"}
     assert vocab_names() == VOCABULARIES.names()
     assert len(load_vocab("shapes")) == 48
+    assert load_vocab("shapes-background") == [*load_vocab("shapes"), "background"]
 
 
 def test_label_order_matches_the_published_lists():
