@@ -99,6 +99,40 @@ def write_vocab(folder, names: list[str]):
     return path
 
 
+def tiny_run(root, names: list[str], bank: str | Path = "bank", checkpoint: str | Path = "ckpt", **extra) -> Path:
+    """A tiny random dual checkpoint (2 templates, 64 px) and the procedural bank it records, under
+    `root`: the stand-in for a trained run in tests whose result does not depend on training.
+    `extra` adds to the checkpoint's recorded facts (dataset, recipe, ...)."""
+    from bank.build import BuildSettings, build_bank
+    from bank.generators.base import GeneratorSettings
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.checkpoint import save_dpseg
+
+    root = Path(root)
+    vocab = root / "tiny-run-vocab.txt"
+    vocab.write_text("".join(f"{n}\n" for n in names))
+    build_bank(
+        BuildSettings(
+            out=root / bank,
+            generator="procedural",
+            vocab=[str(vocab)],
+            encoder="tiny",
+            encoder_weights=None,
+            templates=2,
+            encode_size=64,
+            generator_options=GeneratorSettings(resolution=32),
+            progress=False,
+        )
+    )
+    torch.manual_seed(0)
+    save_dpseg(
+        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
+        root / checkpoint,
+        extra={"bank": {"path": str(root / bank)}, "encoder": "tiny", "encode_size": 64, **extra},
+    )
+    return root
+
+
 def first_conv(tower) -> torch.nn.Conv2d:
     """The first convolution of an image tower's trunk (ConvNeXt's patchify stem, ResNet's deep stem)."""
     return next(m for m in tower.visual.trunk.modules() if isinstance(m, torch.nn.Conv2d))
@@ -111,40 +145,11 @@ def app_world(tmp_path_factory):
     Built in a few seconds; nothing stored."""
     from PIL import Image, ImageDraw
 
-    from bank.build import BuildSettings, build_bank
-    from bank.generators.base import GeneratorSettings
     from dpseg.data.synth import write_shapes_benchmark
-    from dpseg.model import DPSegConfig, build_dpseg
-    from dpseg.model.checkpoint import save_dpseg
 
     root = tmp_path_factory.mktemp("app")
     write_shapes_benchmark(root / "shapes", images=1, val_images=2, size=64, progress=False)
-    (root / "vocab.txt").write_text("red solid circle\nblue solid square\n")
-    build_bank(
-        BuildSettings(
-            out=root / "bank",
-            generator="procedural",
-            vocab=[str(root / "vocab.txt")],
-            encoder="tiny",
-            encoder_weights=None,
-            templates=2,
-            encode_size=64,
-            generator_options=GeneratorSettings(resolution=32),
-            progress=False,
-        )
-    )
-    torch.manual_seed(0)
-    save_dpseg(
-        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
-        root / "ckpt",
-        extra={
-            "bank": {"path": str(root / "bank")},
-            "encoder": "tiny",
-            "encode_size": 64,
-            "dataset": str(root / "shapes"),
-            "recipe": {"crop_size": 64},
-        },
-    )
+    tiny_run(root, ["red solid circle", "blue solid square"], dataset=str(root / "shapes"), recipe={"crop_size": 64})
     picture = Image.new("RGB", (200, 150), (230, 230, 230))
     draw = ImageDraw.Draw(picture)
     draw.ellipse([20, 20, 90, 90], fill=(220, 20, 20))

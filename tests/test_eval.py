@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_run
 from PIL import Image
 
 from dpseg.data.readers import SegmentationDataset
@@ -22,36 +22,11 @@ from pipeline.evaluate.loop import EvalSettings, eval_from_params, evaluate
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from bank.build import BuildSettings, build_bank
-    from bank.generators.base import GeneratorSettings
     from dpseg.data.synth import write_shapes_benchmark
-    from dpseg.model import DPSegConfig, build_dpseg
-    from dpseg.model.checkpoint import save_dpseg
 
     root = tmp_path_factory.mktemp("eval")
     write_shapes_benchmark(root / "shapes", images=1, val_images=4, size=64, progress=False)
-    (root / "unseen.txt").write_text("".join(f"{n}\n" for n in UNSEEN))
-    build_bank(
-        BuildSettings(
-            out=root / "bank",
-            generator="procedural",
-            vocab=[str(root / "unseen.txt")],
-            encoder="tiny",
-            encoder_weights=None,
-            templates=2,
-            encode_size=64,
-            generator_options=GeneratorSettings(resolution=32),
-            progress=False,
-        )
-    )
-    torch.manual_seed(0)
-    model = build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None)
-    save_dpseg(
-        model,
-        root / "ckpt",
-        extra={"bank": {"path": str(root / "bank")}, "encoder": "tiny", "encode_size": 64, "recipe": {"crop_size": 64}},
-    )
-    return root
+    return tiny_run(root, list(UNSEEN), recipe={"crop_size": 64})
 
 
 def settings(world: Path, out: str, **kw) -> EvalSettings:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_run
 
 from dpseg.errors import UserError
 from pipeline import stages
@@ -220,38 +221,14 @@ def test_params_command_prints_yaml_and_params_yaml_says_so(tmp_path, monkeypatc
 def test_the_demo_eval_saves_a_few_predictions_and_the_report_draws_their_panels(tmp_path, monkeypatch):
     """The demo profile's eval keeps the first images' predictions and its report turns them into
     image | ground truth | pass I | pass II panels (a tiny random checkpoint stands in)."""
-    import torch
     from PIL import Image
 
-    from bank.build import BuildSettings, build_bank
-    from bank.generators.base import GeneratorSettings
     from dpseg.data.shapes import UNSEEN
     from dpseg.data.synth import write_shapes_benchmark
-    from dpseg.model import DPSegConfig, build_dpseg
-    from dpseg.model.checkpoint import save_dpseg
 
     monkeypatch.chdir(tmp_path)
     write_shapes_benchmark(Path("out/data/shapes"), images=1, val_images=6, size=64, progress=False)
-    Path("unseen.txt").write_text("".join(f"{n}\n" for n in UNSEEN))
-    build_bank(
-        BuildSettings(
-            out=Path("out/bank"),
-            generator="procedural",
-            vocab=["unseen.txt"],
-            encoder="tiny",
-            encoder_weights=None,
-            templates=2,
-            encode_size=64,
-            generator_options=GeneratorSettings(resolution=32),
-            progress=False,
-        )
-    )
-    torch.manual_seed(0)
-    save_dpseg(
-        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
-        Path("out/train/checkpoint"),
-        extra={"bank": {"path": "out/bank"}, "encoder": "tiny", "encode_size": 64, "recipe": {"crop_size": 64}},
-    )
+    tiny_run(Path("."), list(UNSEEN), "out/bank", "out/train/checkpoint", recipe={"crop_size": 64})
     r = resolve({"profile": "demo", "eval": {"sets": ["unseen"]}})
     assert r["eval"]["save_predictions"] == 4 and r["report"]["panels"] == 4
     stages.run_eval(r, "unseen", progress=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_run
 from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "realseg"
@@ -17,33 +17,7 @@ PHOTO = FIXTURES / "voc2012" / "images" / "1_image.png"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from bank.build import BuildSettings, build_bank
-    from bank.generators.base import GeneratorSettings
-    from dpseg.model import DPSegConfig, build_dpseg
-    from dpseg.model.checkpoint import save_dpseg
-
-    root = tmp_path_factory.mktemp("segment")
-    (root / "vocab.txt").write_text("red solid circle\n")
-    build_bank(
-        BuildSettings(
-            out=root / "bank",
-            generator="procedural",
-            vocab=[str(root / "vocab.txt")],
-            encoder="tiny",
-            encoder_weights=None,
-            templates=2,
-            encode_size=64,
-            generator_options=GeneratorSettings(resolution=32),
-            progress=False,
-        )
-    )
-    torch.manual_seed(0)
-    save_dpseg(
-        build_dpseg(DPSegConfig(encoder="tiny", templates=2), weights=None),
-        root / "ckpt",
-        extra={"bank": {"path": str(root / "bank")}, "encoder": "tiny", "encode_size": 64},
-    )
-    return root
+    return tiny_run(tmp_path_factory.mktemp("segment"), ["red solid circle"])
 
 
 def test_segment_a_real_photo_writes_a_png_and_reports_areas(world, cli):
