@@ -184,8 +184,8 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
 
     from dpseg.reproducibility import deterministic
 
-    # 1. resolve checkpoint, bank, dataset, prompts (one-line errors before any slow work)
-    settings.validate()
+    # 1. resolve checkpoint, bank, dataset, prompts (one-line errors before any slow work;
+    # `evaluate` validated the settings before taking the folder's lock)
     deterministic()  # as training: same checkpoint, data and thread count give the same metrics
     state = _world(settings.device)
     settings = dataclasses.replace(settings, device=_rank_device(state, settings.device))
