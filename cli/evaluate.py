@@ -35,8 +35,14 @@ def eval_command(
     margin: float = typer.Option(0.0, help="Pass II: ... and whose top-1 minus top-2 probability is >= this."),
     erode: int = typer.Option(0, min=0, help="Pass II: shrink each class mask by this many pixels before cropping."),
     gate: float = typer.Option(0.0, help="Pass II: refine a class only if its mean pass-I probability reaches this."),
-    merge: str = typer.Option("replace", help="Pass II: replace (all M slots) | mix | blend (--share) | add."),
-    share: float = typer.Option(1.0, help="mix: share of the M slots given to crops; blend: the crops' weight."),
+    merge: str | None = typer.Option(
+        None,
+        help="Pass II: replace (all M slots) | mix | blend (--share) | add. Default: as the checkpoint was trained "
+        "(mix at its --crop-prompts share, else replace).",
+    ),
+    share: float | None = typer.Option(
+        None, help="mix: share of the M slots given to crops; blend: the crops' weight (default: see --merge)."
+    ),
     fit: bool = typer.Option(
         False, "--fit/--no-fit", help="Encode each crop at the smallest multiple of 32 holding it."
     ),

@@ -37,6 +37,10 @@ HELP = {
     "color_jitter": "SED's photometric distortion.",
     "crop_prompts": "Share of each present class's M bank prompts replaced by its ground-truth crop (0: off; "
     "not in the paper).",
+    "crop_negatives": "With --crop-prompts: absent classes per image given a present class's crop, as pass II's "
+    "false detections are (0: off; not in the paper).",
+    "crop_prompt_images": "With --crop-prompts: the share of training images given crops; the rest keep the bank's "
+    "prompts, as pass I does.",
     "mixed_precision": "fp32 (SED's; 'no' is the same) | bf16 | fp16 | auto (bf16 or fp16 on GPU, fp32 on CPU).",
     "seed": "Seed of the decoder init, the data order and the augmentations.",
     "num_workers": "Data-loader worker processes.",

@@ -97,6 +97,11 @@ PROFILES.register(
                 "lr": 2e-3,
                 "image_lr_multiplier": 0.0,
                 "color_jitter": False,
+                # the decoder meets crop prompts as pass II gives them (docs/train.md, not in the paper): on half
+                # the images, half the slots of each present class and of 2 absent ones; eval then mixes likewise
+                "crop_prompts": 0.5,
+                "crop_negatives": 2,
+                "crop_prompt_images": 0.5,
                 "num_workers": 0,
                 "log_every": 10,
                 "checkpoint_every": 0,

@@ -326,3 +326,50 @@ def test_the_pass_two_diagnosis_adds_up(world, oracle_run):
     assert covered == int((tp2 - tp1)[present].sum())
     assert groups["refined, false detection"].get("gt_pixels", 0) == 0
     assert "crop-mask precision" in markdown([d])
+
+
+# ---- the checkpoint decides how pass II merges --------------------------------------------------
+def test_pass_two_merges_as_the_checkpoint_met_crop_prompts_in_training():
+    from pipeline.evaluate.setup import checkpoint_facts, pass2_merge
+
+    def facts(recipe):
+        return checkpoint_facts({"encoder": {"name": "tiny"}, "encoder_weights": None, "extra": {"recipe": recipe}})
+
+    assert pass2_merge(facts({"crop_prompts": 0.5})) == ("mix", 0.5)
+    assert pass2_merge(facts({"crop_prompts": 0.0})) == ("replace", 1.0)
+    assert pass2_merge(facts({})) == ("replace", 1.0)  # checkpoints from before the option: the paper's
+    trained = ("mix", 0.25)
+
+    def resolved(**kw):
+        r = EvalSettings(checkpoint="c", dataset="d", **kw).refine_settings(64, trained)
+        return r.merge, r.share
+
+    assert resolved() == ("mix", 0.25)
+    assert resolved(merge="mix") == ("mix", 0.25)
+    assert resolved(merge="mix", share=0.75) == ("mix", 0.75)
+    assert resolved(merge="replace") == ("replace", 1.0)
+    assert resolved(merge="blend") == ("blend", 1.0)
+
+
+def test_eval_and_segment_take_the_merge_from_a_crop_prompt_checkpoint(world):
+    import shutil
+
+    from pipeline.evaluate.session import SegmentSession
+
+    crop_ckpt = world / "ckpt-crop"
+    shutil.copytree(world / "ckpt", crop_ckpt)
+    config = json.loads((crop_ckpt / "config.json").read_text())
+    config["extra"]["recipe"]["crop_prompts"] = 0.5
+    (crop_ckpt / "config.json").write_text(json.dumps(config))
+
+    default = evaluate(_settings(world, "crop-default", checkpoint=str(crop_ckpt), bootstrap=0), progress=False)
+    explicit = evaluate(_settings(world, "crop-explicit", merge="mix", share=0.5, bootstrap=0), progress=False)
+    plain = evaluate(_settings(world, "plain-default", bootstrap=0), progress=False)
+    r = default["settings"]["refinement"]
+    assert (r["merge"], r["share"]) == ("mix", 0.5)
+    assert plain["settings"]["refinement"]["merge"] == "replace"
+    assert default["passes"]["2"]["miou"] == explicit["passes"]["2"]["miou"]
+    assert default["passes"]["1"]["miou"] == plain["passes"]["1"]["miou"]
+    session = SegmentSession(crop_ckpt, device="cpu")
+    assert (session.merge, session.share) == ("mix", 0.5)
+    assert (SegmentSession(world / "ckpt", device="cpu").merge) == "replace"

@@ -77,8 +77,9 @@ def test_the_demo_profile_uses_the_gap_world_and_500_val_images_and_no_crop_trai
     data = demo.defaults("data")
     assert data["val_images"] >= 500 and data["background"] and data["scene_style"] == "photo"
     assert demo.defaults("bank")["generator"] == "procedural-studio"
-    for name in ("demo", "paper-b", "paper-l"):
+    for name in ("paper-b", "paper-l"):  # the extension stays out of the paper's profiles
         assert PROFILES.get(name).defaults("train").get("crop_prompts", 0.0) == 0.0
+    assert demo.defaults("train")["crop_prompts"] > 0 and demo.defaults("train")["crop_negatives"] > 0
 
 
 def test_crop_prompt_training_replaces_a_share_of_the_present_classes_slots():
@@ -111,3 +112,50 @@ def test_crop_prompts_outside_zero_one_is_a_one_line_error():
 
     with pytest.raises(UserError, match="--crop-prompts is a share"):
         check_numbers(TrainSettings(dataset="d", crop_prompts=1.5, crop_size=64))
+
+
+def test_crop_negatives_give_absent_classes_a_present_class_crop_and_are_seeded():
+    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model.prompts import VisualPrompts
+    from dpseg.refine import mixed_slots
+    from pipeline.train.loop import crop_prompt_visual
+
+    torch.manual_seed(0)
+    model = build_dpseg(DPSegConfig(encoder="tiny", templates=4), weights=None)
+    g = torch.Generator().manual_seed(0)
+    tower = model.prompt_encoder
+    pooled = {s: torch.randn(6, 4, tower.channels_at(s), generator=g) for s in (4, 8, 16)}
+    visual = VisualPrompts(torch.randn(6, 4, tower.embed_dim, generator=g), pooled)
+    images = torch.rand(2, 3, 64, 64)
+    labels = torch.full((2, 64, 64), 255)
+    labels[0, :32] = 1  # image 0: class 1 only; image 1: nothing present, so no negatives either
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255, negatives=2, generator=gen)
+
+    out, again = run(7), run(7)
+    assert torch.equal(out.embedding, again.embedding)
+    slots = mixed_slots(4, 0.5)
+    changed = [c for c in range(6) if not torch.equal(out.embedding[0, c], visual.embedding[c])]
+    assert 1 in changed and len(changed) == 3  # the present class and two absent ones
+    for c in changed:  # every changed class carries class 1's crop in the mixed slots, the bank elsewhere
+        assert torch.equal(out.embedding[0, c, slots], out.embedding[0, 1, slots])
+        assert torch.equal(out.embedding[0, c, ~slots], visual.embedding[c, ~slots])
+        for s in (4, 8, 16):
+            assert torch.equal(out.pooled[s][0, c, slots], out.pooled[s][0, 1, slots])
+    assert torch.equal(out.embedding[1], visual.embedding)
+    picks = {
+        tuple(c for c in range(6) if not torch.equal(run(s).embedding[0, c], visual.embedding[c])) for s in range(8)
+    }
+    assert len(picks) > 1  # the generator, not a fixed rule, picks the absent classes
+
+
+def test_crop_negatives_need_crop_prompts():
+    from pipeline.train.loop import TrainSettings
+    from pipeline.train.resolve import check_numbers
+
+    with pytest.raises(UserError, match="set --crop-prompts too"):
+        check_numbers(TrainSettings(dataset="d", crop_negatives=2, crop_size=64))
+    with pytest.raises(UserError, match="--crop-negatives counts"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negatives=-1, crop_size=64))

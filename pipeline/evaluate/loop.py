@@ -90,8 +90,8 @@ class EvalSettings:
     margin: float = 0.0  # ... and top-1 minus top-2 probability >= this
     erode: int = 0  # pixels each class mask shrinks by before cropping
     gate: float = 0.0  # refine a class only if its mean pass-I probability reaches this
-    merge: str = "replace"  # replace | mix | blend | add
-    share: float = 1.0  # mix: share of the M slots given to crops; blend: the crops' weight
+    merge: str | None = None  # replace | mix | blend | add (None: the checkpoint's, pass2_merge)
+    share: float | None = None  # mix: share of the M slots given to crops; blend: the crops' weight
     fit: bool = False  # encode each crop at the smallest multiple of 32 holding it (speed)
     topk: int = 0  # fast pass II: decode each image's k best pass-I classes only, the rest kept (0: exact)
     # diagnostics and statistics
@@ -138,7 +138,13 @@ class EvalSettings:
             raise UserError("--topk decodes a subset of the classes; --merge add appends classes: use one of them")
         self.refine_settings(64)  # one-line errors for the refinement settings
 
-    def refine_settings(self, encode_size: int) -> RefineSettings:
+    def refine_settings(self, encode_size: int, checkpoint_merge: tuple[str, float] = ("replace", 1.0)):
+        """The refinement to run: merge and share unset take the checkpoint's (`pass2_merge`); a
+        merge given without a share gets the checkpoint's share if it is the checkpoint's merge, else 1."""
+        merge = self.merge or checkpoint_merge[0]
+        share = self.share
+        if share is None:
+            share = checkpoint_merge[1] if merge == checkpoint_merge[0] else 1.0
         return RefineSettings(
             encode_size,
             self.min_area,
@@ -148,8 +154,8 @@ class EvalSettings:
             margin=self.margin,
             erode=self.erode,
             gate=self.gate,
-            merge=self.merge,
-            share=self.share,
+            merge=merge,
+            share=share,
             fit=self.fit,
         )
 
@@ -200,7 +206,7 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     if state.is_main_process:
         _claim_output(out, resolved)
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
-    refine = settings.refine_settings(ctx.encode_size)
+    refine = settings.refine_settings(ctx.encode_size, ctx.pass2_merge)
 
     # 2. overlays: read (pass II from storage) or write (after computing them; the main rank
     # records their settings before the others open the folder)
@@ -556,7 +562,7 @@ def _resolved_settings(settings: EvalSettings, ctx: EvalContext, run_passes: lis
             "class_names": list(ctx.names),
             "text_prompts": ctx.text_source,
             "refinement": {
-                **settings.refine_settings(ctx.encode_size).to_dict(),
+                **settings.refine_settings(ctx.encode_size, ctx.pass2_merge).to_dict(),
                 "topk": settings.topk,
                 "min_area_unit": "pixels of the model input",
             },

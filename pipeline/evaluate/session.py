@@ -31,7 +31,14 @@ from dpseg.errors import UserError
 from dpseg.metrics import predict_labels
 from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import DEFAULT_MIN_AREA, Refinement, RefineSettings, image_crops, refine_batch, replace_prompts
-from pipeline.evaluate.setup import bank_encoder_info, load_prototypes, open_bank, read_facts, tower_weights
+from pipeline.evaluate.setup import (
+    bank_encoder_info,
+    load_prototypes,
+    open_bank,
+    pass2_merge,
+    read_facts,
+    tower_weights,
+)
 
 PROMPT_KINDS = ("dual", "text", "visual")
 
@@ -114,6 +121,7 @@ class SegmentSession:
             raise UserError(f"model input size {self.size} must be a positive multiple of 32; pass --size")
         bank_size = info.get("encode_size") or info.get("prompt_size")
         self.encode_size = int(facts["encode_size"] or bank_size or self.model.prompt_encoder.image_size)
+        self.merge, self.share = pass2_merge(facts)  # as the decoder met crop prompts in training
         self._text: dict[str, torch.Tensor] = {}
         self._protos: dict[str, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
 
@@ -208,7 +216,8 @@ class SegmentSession:
         instances: int = 0,
     ) -> Segmentation:
         """Pass I with the prompts, then (passes=2) pass II with every detected class's visual
-        prompts replaced by its crop of this image; labels at the image's own size."""
+        prompts given its crop of this image (all M slots, or the share the checkpoint was trained
+        with: `pass2_merge`); labels at the image's own size."""
         if passes not in (1, 2):
             raise UserError(f"passes must be 1 or 2, got {passes}")
         if passes == 2 and prompts.visual is None:
@@ -217,7 +226,7 @@ class SegmentSession:
                 "nothing to refine; use one pass"
             )
         model, chunk = self.model, self.class_chunk
-        refine = RefineSettings(self.encode_size, min_area, crop, instances)
+        refine = RefineSettings(self.encode_size, min_area, crop, instances, merge=self.merge, share=self.share)
         images01 = self.model_input(image)
         out = Segmentation(prompts, image, images01, None, {}, refine=refine)
         with torch.inference_mode():
@@ -227,7 +236,7 @@ class SegmentSession:
             if passes == 2:
                 out.detect_map = predict_labels(logits, (self.size, self.size), chunk)
                 out.refinement = refine_batch(model, images01, out.detect_map, refine)[0]
-                visual2 = replace_prompts(prompts.visual, [out.refinement])
+                visual2 = replace_prompts(prompts.visual, [out.refinement], refine.merge, refine.share)
                 logits2 = model(text=prompts.text, visual=visual2, features=out.features, class_chunk=chunk)
                 out.preds[2] = predict_labels(logits2, image.shape[:2], chunk)[0].cpu().numpy()
         return out

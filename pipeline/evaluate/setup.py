@@ -29,7 +29,16 @@ def checkpoint_facts(config: dict) -> dict[str, Any]:
         "encode_size": extra.get("encode_size"),
         "size": (extra.get("recipe") or {}).get("crop_size"),
         "step": extra.get("step"),
+        "crop_prompts": float((extra.get("recipe") or {}).get("crop_prompts") or 0.0),
     }
+
+
+def pass2_merge(facts: dict) -> tuple[str, float]:
+    """How pass II merges crop prompts unless told: as the checkpoint met them in training. A
+    decoder trained with `crop_prompts s` saw crops in a share s of the slots (mix, s); one trained
+    on bank prompts alone gets the paper's replace-all."""
+    share = facts.get("crop_prompts") or 0.0
+    return ("mix", share) if share > 0 else ("replace", 1.0)
 
 
 def _weights_id(weights) -> str:
@@ -94,6 +103,7 @@ class EvalContext:
     bank_generator: str
     text_source: str
     checkpoint_step: Any = None
+    pass2_merge: tuple[str, float] = ("replace", 1.0)
 
     def loader(self, batches: list[list[int]], workers: int):
         """Batches of the given dataset indices, read by `workers` processes, in order."""
@@ -237,4 +247,5 @@ def prepare_context(settings) -> EvalContext:
         bank_generator=bank.generator,
         text_source=source,
         checkpoint_step=facts["step"],
+        pass2_merge=pass2_merge(facts),
     )

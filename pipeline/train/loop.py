@@ -61,6 +61,13 @@ class TrainSettings:
     # step, by the prompt tower's features of that class's ground-truth crop from the training image,
     # so the decoder meets crop prompts (what pass II feeds it) in training. 0 = off (every profile)
     crop_prompts: float = 0.0
+    # not in the paper: with crop_prompts, this many absent classes per image also get a present class's
+    # crop in those slots, as pass II's false detections do; the label still says "absent", so a crop
+    # prompt alone is not evidence of its class. 0 = off
+    crop_negatives: int = 0
+    # with crop_prompts: the share of training images whose prompts get crops; the others keep the bank's
+    # for every class, as pass I does, so bank prompts of present classes stay meaningful
+    crop_prompt_images: float = 1.0
     mixed_precision: str = "fp32"  # fp32 (= no; SED's) | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16)
     seed: int = 0
     num_workers: int = 4
@@ -238,7 +245,16 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
             step_visual = visual
             if r.crop_prompts > 0 and visual is not None:
                 step_visual = crop_prompt_visual(
-                    model, images, labels, visual, r.crop_prompts, plan.encode_size, plan.dataset.ignore_index
+                    model,
+                    images,
+                    labels,
+                    visual,
+                    r.crop_prompts,
+                    plan.encode_size,
+                    plan.dataset.ignore_index,
+                    negatives=r.crop_negatives,
+                    image_share=r.crop_prompt_images,
+                    generator=torch.Generator().manual_seed(r.seed * 1_000_003 + step * r.grad_accum + micro),
                 )
             with sync, accelerator.autocast():
                 logits, aux = ddp_model(model.image_encoder.normalize(images), text=text, visual=step_visual, aux=True)
@@ -314,18 +330,60 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
 
 
 # ---- helpers the loop uses ---------------------------------------------------------------------
-def crop_prompt_visual(model, images, labels, visual, share: float, encode_size: int | None, ignore_index: int):
+def crop_prompt_visual(
+    model,
+    images,
+    labels,
+    visual,
+    share: float,
+    encode_size: int | None,
+    ignore_index: int,
+    negatives: int = 0,
+    generator: torch.Generator | None = None,
+    image_share: float = 1.0,
+):
     """Per-image prompts for one step of `crop_prompts` training: for every class with at least
     DEFAULT_MIN_AREA labelled pixels, `share` of its M slots (dpseg.refine.mixed_slots) take the
-    features of its ground-truth crop (masked, as pass II cuts them) from this image."""
+    features of its ground-truth crop (masked, as pass II cuts them) from this image. With
+    `negatives`, that many absent classes (drawn by `generator`) take a present class's crop too.
+    With `image_share` < 1, only that share of the images (drawn by `generator`) gets crops."""
     from dpseg.refine import RefineSettings, label_maps, refine_batch, replace_prompts
 
     n = visual.num_classes
     size = encode_size or model.encoder_spec.image_size
     maps = label_maps(labels, n, ignore_index, tuple(images.shape[-2:]))
+    if image_share < 1.0:
+        chosen = torch.rand(len(images), generator=generator) < image_share
+        maps[~chosen.to(maps.device)] = n  # nothing detected: that image keeps the bank's prompts
     settings = RefineSettings(int(size), merge="mix", share=share)
     refs = refine_batch(model, images, maps, settings, num_classes=n)
+    if negatives > 0:
+        refs = [false_detections(ref, n, negatives, generator) for ref in refs]
     return replace_prompts(visual, refs, "mix", share)
+
+
+def false_detections(ref, num_classes: int, count: int, generator: torch.Generator | None):
+    """`ref` with up to `count` absent classes added, each carrying the first crop of a present
+    class drawn at random: what pass II gives a class pass I wrongly detected over that region."""
+    from dpseg.refine import Refinement
+
+    present = ref.classes.tolist()
+    absent = [c for c in range(num_classes) if c not in set(present)]
+    count = min(count, len(absent))
+    if not present or count == 0:
+        return ref
+    picked = torch.randperm(len(absent), generator=generator)[:count]
+    added = torch.tensor(sorted(absent[i] for i in picked.tolist()), dtype=torch.int64)
+    sources = torch.randint(len(present), (count,), generator=generator)
+    first_row = torch.cumsum(ref.counts, 0) - ref.counts
+    rows = first_row[sources]
+    return Refinement(
+        torch.cat([ref.classes, added]),
+        torch.cat([ref.areas, torch.zeros(count, dtype=torch.int64)]),
+        torch.cat([ref.counts, torch.ones(count, dtype=torch.int64)]),
+        torch.cat([ref.embedding, ref.embedding[rows]]),
+        {s: torch.cat([p, p[rows]]) for s, p in ref.pooled.items()},
+    )
 
 
 def resolve_precision(value: str, gpu: bool) -> str:

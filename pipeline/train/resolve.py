@@ -67,6 +67,12 @@ def check_numbers(r) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
     if not 0.0 <= r.crop_prompts <= 1.0:
         raise UserError(f"--crop-prompts is a share of the M prompt slots, in [0, 1]; got {r.crop_prompts}")
+    if r.crop_negatives < 0:
+        raise UserError(f"--crop-negatives counts absent classes per image, zero or more; got {r.crop_negatives}")
+    if not 0.0 < r.crop_prompt_images <= 1.0:
+        raise UserError(f"--crop-prompt-images is a share of the images, in (0, 1]; got {r.crop_prompt_images}")
+    if r.crop_negatives and not r.crop_prompts:
+        raise UserError("--crop-negatives fills --crop-prompts' slots of absent classes: set --crop-prompts too")
     if r.crop_size < 32 or r.crop_size % 32:
         raise UserError(f"--crop-size must be a multiple of 32 (the encoder's stride), got {r.crop_size}")
     if r.mixed_precision not in MIXED_PRECISION:
