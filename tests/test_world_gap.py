@@ -82,21 +82,29 @@ def test_the_demo_profile_uses_the_gap_world_and_500_val_images_and_no_crop_trai
     assert demo.defaults("train")["crop_prompts"] > 0 and demo.defaults("train")["crop_negatives"] > 0
 
 
-def test_crop_prompt_training_replaces_a_share_of_the_present_classes_slots():
+def crop_world(num_classes: int):
+    """A random tiny model, random bank prompts (4 templates) for `num_classes` classes, and two
+    64 px images: class 1 fills the top half of image 0 (2048 pixels), image 1 is all ignore."""
     from dpseg.model import DPSegConfig, build_dpseg
     from dpseg.model.prompts import VisualPrompts
-    from dpseg.refine import mixed_slots
-    from pipeline.train.loop import crop_prompt_visual
 
     torch.manual_seed(0)
     model = build_dpseg(DPSegConfig(encoder="tiny", templates=4), weights=None)
     g = torch.Generator().manual_seed(0)
     tower = model.prompt_encoder
-    pooled = {s: torch.randn(3, 4, tower.channels_at(s), generator=g) for s in (4, 8, 16)}
-    visual = VisualPrompts(torch.randn(3, 4, tower.embed_dim, generator=g), pooled)
+    pooled = {s: torch.randn(num_classes, 4, tower.channels_at(s), generator=g) for s in (4, 8, 16)}
+    visual = VisualPrompts(torch.randn(num_classes, 4, tower.embed_dim, generator=g), pooled)
     images = torch.rand(2, 3, 64, 64)
     labels = torch.full((2, 64, 64), 255)
-    labels[0, :32] = 1  # class 1 in image 0 only (2048 pixels), image 1 all ignore
+    labels[0, :32] = 1
+    return model, visual, images, labels
+
+
+def test_crop_prompt_training_replaces_a_share_of_the_present_classes_slots():
+    from dpseg.refine import mixed_slots
+    from pipeline.train.loop import crop_prompt_visual
+
+    model, visual, images, labels = crop_world(3)
     out = crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255)
     slots = mixed_slots(4, 0.5)
     assert torch.equal(out.embedding[0, 1, ~slots], visual.embedding[1, ~slots])
@@ -115,20 +123,10 @@ def test_crop_prompts_outside_zero_one_is_a_one_line_error():
 
 
 def test_crop_negatives_give_absent_classes_a_present_class_crop_and_are_seeded():
-    from dpseg.model import DPSegConfig, build_dpseg
-    from dpseg.model.prompts import VisualPrompts
     from dpseg.refine import mixed_slots
     from pipeline.train.loop import crop_prompt_visual
 
-    torch.manual_seed(0)
-    model = build_dpseg(DPSegConfig(encoder="tiny", templates=4), weights=None)
-    g = torch.Generator().manual_seed(0)
-    tower = model.prompt_encoder
-    pooled = {s: torch.randn(6, 4, tower.channels_at(s), generator=g) for s in (4, 8, 16)}
-    visual = VisualPrompts(torch.randn(6, 4, tower.embed_dim, generator=g), pooled)
-    images = torch.rand(2, 3, 64, 64)
-    labels = torch.full((2, 64, 64), 255)
-    labels[0, :32] = 1  # image 0: class 1 only; image 1: nothing present, so no negatives either
+    model, visual, images, labels = crop_world(6)  # image 1 has nothing present, so no negatives either
 
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
@@ -151,6 +149,22 @@ def test_crop_negatives_give_absent_classes_a_present_class_crop_and_are_seeded(
     assert len(picks) > 1  # the generator, not a fixed rule, picks the absent classes
 
 
+def test_crop_prompt_images_leave_the_other_images_with_the_bank_prompts():
+    from pipeline.train.loop import crop_prompt_visual
+
+    model, visual, images, labels = crop_world(3)
+    labels[1, 32:] = 2  # both images now have a present class
+    changed = []
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        out = crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255, generator=gen, image_share=0.5)
+        changed.append(tuple(not torch.equal(out.embedding[b], visual.embedding) for b in range(2)))
+    for b in range(2):  # each image gets crops under some seeds and keeps the bank's under others
+        assert {c[b] for c in changed} == {True, False}
+    everyone = crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255)
+    assert all(not torch.equal(everyone.embedding[b], visual.embedding) for b in range(2))
+
+
 def test_crop_negatives_need_crop_prompts():
     from pipeline.train.loop import TrainSettings
     from pipeline.train.resolve import check_numbers
@@ -159,3 +173,5 @@ def test_crop_negatives_need_crop_prompts():
         check_numbers(TrainSettings(dataset="d", crop_negatives=2, crop_size=64))
     with pytest.raises(UserError, match="--crop-negatives counts"):
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negatives=-1, crop_size=64))
+    with pytest.raises(UserError, match="--crop-prompt-images is a share"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompt_images=0.0, crop_size=64))

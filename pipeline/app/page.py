@@ -16,7 +16,7 @@ from dpseg.errors import UserError
 from pipeline.app.runner import sheet
 
 EXAMPLES = 4
-PASS_LABELS = {1: "pass I (bank prompts)", 2: "pass II (prompts replaced by this image's crops)"}
+PASS_LABELS = {1: "pass I (bank prompts)", 2: "pass II (prompts refined with this image's crops)"}
 
 
 @dataclass
@@ -78,8 +78,8 @@ def build_page(runner, examples: list[Example] = ()):
     with gr.Blocks(title="dpseg") as page:
         gr.Markdown(
             "## dpseg: your image, your classes\n"
-            "Pass I segments with the bank's prompts; pass II replaces each detected class's visual prompts "
-            "with the image's own crop and segments again."
+            "Pass I segments with the bank's prompts; pass II gives each detected class's visual prompts "
+            "the image's own crop (all of them, or the share the checkpoint was trained with) and segments again."
         )
         state = gr.State(None)
         with gr.Row():
@@ -108,7 +108,7 @@ def build_page(runner, examples: list[Example] = ()):
                     pass2 = gr.Image(label=PASS_LABELS[2], format="png", interactive=False, elem_id="pass2")
                 legend = gr.HTML(elem_id="legend")
                 gallery = gr.Image(
-                    label="pass II: the bank's prompt images → the crop of this image that replaced them",
+                    label="pass II: the bank's prompt images → the crop of this image given to them",
                     format="png",
                     interactive=False,
                     elem_id="prompts",
