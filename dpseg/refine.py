@@ -47,6 +47,7 @@ from dpseg.model.prompts import VisualPrompts
 
 CROP_MODES = ("masked", "bbox")
 MERGES = ("replace", "mix", "blend", "add")
+PAPER_MERGE = ("replace", 1.0)  # §4.3: every slot of a detected class takes its crop
 DEFAULT_MIN_AREA = 64  # pixels of the model input: 0.4% of a 128x128 demo image, 0.01% at 768
 FIT_STEP = 32  # `fit` encode sizes are multiples of the towers' stride
 

@@ -51,6 +51,7 @@ from dpseg.metrics import (
 from dpseg.refine import (
     CROP_MODES,
     DEFAULT_MIN_AREA,
+    PAPER_MERGE,
     RefineSettings,
     add_classes,
     class_mask,
@@ -138,7 +139,7 @@ class EvalSettings:
             raise UserError("--topk decodes a subset of the classes; --merge add appends classes: use one of them")
         self.refine_settings(64)  # one-line errors for the refinement settings
 
-    def refine_settings(self, encode_size: int, checkpoint_merge: tuple[str, float] = ("replace", 1.0)):
+    def refine_settings(self, encode_size: int, checkpoint_merge: tuple[str, float] = PAPER_MERGE):
         """The refinement to run: merge and share unset take the checkpoint's (`pass2_merge`); a
         merge given without a share gets the checkpoint's share if it is the checkpoint's merge, else 1."""
         merge = self.merge or checkpoint_merge[0]

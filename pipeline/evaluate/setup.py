@@ -15,6 +15,7 @@ import torch
 from bank.runtime import resolve_device
 from dpseg.errors import UserError
 from dpseg.model.prompts import VisualPrompts
+from dpseg.refine import PAPER_MERGE
 
 
 def checkpoint_facts(config: dict) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def pass2_merge(facts: dict) -> tuple[str, float]:
     decoder trained with `crop_prompts s` saw crops in a share s of the slots (mix, s); one trained
     on bank prompts alone gets the paper's replace-all."""
     share = facts.get("crop_prompts") or 0.0
-    return ("mix", share) if share > 0 else ("replace", 1.0)
+    return ("mix", share) if share > 0 else PAPER_MERGE
 
 
 def _weights_id(weights) -> str:
@@ -103,7 +104,7 @@ class EvalContext:
     bank_generator: str
     text_source: str
     checkpoint_step: Any = None
-    pass2_merge: tuple[str, float] = ("replace", 1.0)
+    pass2_merge: tuple[str, float] = PAPER_MERGE
 
     def loader(self, batches: list[list[int]], workers: int):
         """Batches of the given dataset indices, read by `workers` processes, in order."""

@@ -59,7 +59,7 @@ class TrainSettings:
     color_jitter: bool = True  # SED's photometric distortion
     # not in the paper: this share of each present class's M bank prompts is replaced, per image and
     # step, by the prompt tower's features of that class's ground-truth crop from the training image,
-    # so the decoder meets crop prompts (what pass II feeds it) in training. 0 = off (every profile)
+    # so the decoder meets crop prompts (what pass II feeds it) in training. 0 = off (the paper profiles)
     crop_prompts: float = 0.0
     # not in the paper: with crop_prompts, this many absent classes per image also get a present class's
     # crop in those slots, as pass II's false detections do; the label still says "absent", so a crop
@@ -368,7 +368,8 @@ def false_detections(ref, num_classes: int, count: int, generator: torch.Generat
     from dpseg.refine import Refinement
 
     present = ref.classes.tolist()
-    absent = [c for c in range(num_classes) if c not in set(present)]
+    taken = set(present)
+    absent = [c for c in range(num_classes) if c not in taken]
     count = min(count, len(absent))
     if not present or count == 0:
         return ref
