@@ -234,7 +234,7 @@ def bench_eval_command(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     repeats: int = typer.Option(3, min=1),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="CPU: a fresh process per case (peak memory)."),
-    topk: int = typer.Option(16, min=1, help="k of the fast pass-II modes (topk, topk+fit)."),
+    topk: str = typer.Option("16,8", help="Comma-separated k of the fast pass-II modes (topk<k>, topk<k>+fit)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
 ):
     """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
@@ -244,7 +244,7 @@ def bench_eval_command(
     result = bench_eval(
         encoder=encoder,
         size=size or None,
-        classes=[int(c) for c in classes.split(",") if c.strip()],
+        classes=_positive_ints(classes, "--classes", allow_empty=True),
         class_chunk=class_chunk,
         ratio_classes=ratio_classes,
         device=device,
@@ -252,7 +252,7 @@ def bench_eval_command(
         templates=templates,
         batch=batch,
         isolate=isolate,
-        topk=topk,
+        topk=_positive_ints(topk, "--topk"),
     )
     if out:
         atomic_write_json(out, result)
@@ -265,3 +265,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("segment")(segment_command)
     app.command("report")(report_command)
     bench_app.command("eval")(bench_eval_command)
+
+
+def _positive_ints(text: str, option: str, allow_empty: bool = False) -> list[int]:
+    from dpseg.errors import UserError
+
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    if not all(c.isdigit() and int(c) > 0 for c in items) or not (items or allow_empty):
+        raise UserError(f"{option} takes comma-separated positive integers, got {text!r}")
+    return [int(c) for c in items]

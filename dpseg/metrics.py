@@ -99,8 +99,7 @@ def _predict_labels(logits: torch.Tensor, size: tuple[int, int], class_chunk: in
     chunk = class_chunk or n
     best_val = best_idx = None
     for start in range(0, n, chunk):
-        probs = torch.sigmoid(logits[:, start : start + chunk].float())
-        up = torch.nn.functional.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
+        up = _upsampled_scores(logits[:, start : start + chunk], size)
         idx = up.argmax(dim=1, keepdim=True)
         val = up.gather(1, idx).squeeze(1)
         idx = idx.squeeze(1) + start
@@ -111,6 +110,50 @@ def _predict_labels(logits: torch.Tensor, size: tuple[int, int], class_chunk: in
             best_val = torch.where(better, val, best_val)
             best_idx = torch.where(better, idx, best_idx)
     return best_idx
+
+
+def predict_labels_pair(
+    logits1: torch.Tensor,
+    index: torch.Tensor,
+    part: torch.Tensor,
+    size: tuple[int, int],
+    class_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass I's labels and fast pass II's: pass II's logits are pass I's with the classes `index`
+    (B, k) replaced by `part` (B, k, h, w). Pass I's labels are `predict_labels(logits1)`'s, bit
+    for bit; pass II's come from `refined_labels` (the other classes upsampled once for both).
+    With a `class_chunk` below N the two are predicted separately, so memory stays bounded."""
+    if class_chunk and class_chunk < logits1.shape[1]:
+        from dpseg.refine import scatter_classes
+
+        merged = scatter_classes(logits1, index, part)
+        return predict_labels(logits1, size, class_chunk), predict_labels(merged, size, class_chunk)
+    labels1, scores = scored_labels(logits1, size)
+    return labels1, refined_labels(scores, index, part)
+
+
+def scored_labels(logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`predict_labels(logits, size)` (bit for bit) and the upsampled scores (B, N, H, W) fp32 it
+    took the argmax of, which `refined_labels` reuses."""
+    with fp32(logits), torch.no_grad():
+        scores = _upsampled_scores(logits, size)
+        return scores.argmax(dim=1), scores
+
+
+def refined_labels(scores1: torch.Tensor, index: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Fast pass II's labels (B, H, W) from pass I's upsampled scores (`scored_labels`; they are
+    overwritten) with the classes `index` (B, k) rescored from their pass-II logits `part`
+    (B, k, h, w): only k classes are upsampled. Equal to `predict_labels` of the merged logits
+    up to the last bit of a sigmoid at a tie."""
+    where = index.to(scores1.device).view(*index.shape, 1, 1).expand(-1, -1, *scores1.shape[-2:])
+    with fp32(part), torch.inference_mode():  # scores made under inference mode stay writable
+        scores1.scatter_(1, where, _upsampled_scores(part, tuple(scores1.shape[-2:])))
+        return scores1.argmax(dim=1)
+
+
+def _upsampled_scores(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    probs = torch.sigmoid(logits.float())
+    return torch.nn.functional.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def miou_from_counts(tp: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:

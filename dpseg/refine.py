@@ -380,17 +380,33 @@ def select_classes(
 ) -> tuple[torch.Tensor | None, VisualPrompts]:
     """Per-image prompts of the classes `index` (B, k): text (B, k, M, D), visual (B, k, M, ...)."""
     b = index.shape[0]
-    per = visual.per_image(b) if not visual.batched else visual
 
     def gather(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:  # shared by every image: no per-image copy of all N classes
+            return t[index.to(t.device)]
         idx = index.to(t.device).view(b, -1, 1, 1).expand(-1, -1, *t.shape[-2:])
         return t.gather(1, idx)
 
-    text_k = None
-    if text is not None:
-        t = text.unsqueeze(0).expand(b, *text.shape) if text.dim() == 3 else text
-        text_k = gather(t)
-    return text_k, VisualPrompts(gather(per.embedding), {s: gather(p) for s, p in per.pooled.items()})
+    text_k = None if text is None else gather(text)
+    return text_k, VisualPrompts(gather(visual.embedding), {s: gather(p) for s, p in visual.pooled.items()})
+
+
+def restrict_refinement(ref: Refinement, classes: torch.Tensor) -> Refinement:
+    """`ref` for prompts holding only `classes` (ascending vocabulary indices): its classes
+    renumbered to positions in `classes`, the refined classes outside them (and their crops)
+    dropped."""
+    classes = classes.cpu()
+    position = torch.searchsorted(classes, ref.classes)
+    inside = position < classes.numel()
+    inside[inside.clone()] = classes[position[inside]] == ref.classes[inside]
+    rows = torch.repeat_interleave(inside, ref.counts)
+    return Refinement(
+        position[inside],
+        ref.areas[inside],
+        ref.counts[inside],
+        ref.embedding[rows],
+        {s: p[rows] for s, p in ref.pooled.items()},
+    )
 
 
 def scatter_classes(base: torch.Tensor, index: torch.Tensor, part: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import yaml
 from dpseg.errors import UserError
 from dpseg.registry import Registry
 
-SECTIONS = ("data", "clip", "bank", "train", "eval", "report")
+SECTIONS = ("data", "clip", "bank", "train", "eval", "seeds", "report")
 PAPER_BENCHMARKS = ("ade-847", "pc-459", "ade-150", "pc-59", "voc-20")
 CLIP_WEIGHTS = "out/clip/tiny.safetensors"  # written by the demo's clip stage
 
@@ -121,6 +121,8 @@ PROFILES.register(
                 # the first images' predictions, for the report's panels (image | truth | pass I | pass II)
                 "save_predictions": 4,
             },
+            # a second training seed beside every result (the demo's spread between seeds is several points)
+            "seeds": {"extra": [1], "out": "out/seeds"},
             "report": {"title": "dpseg demo (shapes, tiny CLIP, CPU)", "panels": 4},
         },
         eval_sets={
@@ -176,6 +178,7 @@ def _paper(name: str, encoder: str, description: str) -> Profile:
                 "save_predictions": 4,
                 "precision": "fp32",
             },
+            "seeds": {"extra": [], "out": "out/seeds"},  # e.g. [1]: the whole training again per seed
             "report": {"title": f"dpseg {name} (paper setting)", "panels": 4},
         },
         eval_sets={b: {"dataset": f"out/data/{b}"} for b in PAPER_BENCHMARKS},

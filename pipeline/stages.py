@@ -11,6 +11,8 @@ section next to its outputs, and calls the stage function:
     train      pipeline.train.loop.train_from_params                            -> out/train
     eval       pipeline.evaluate.loop.eval_from_params, one eval set (--set)
                -> out/eval/<set>, metrics/eval/<set>.json
+    seeds      the train stage's recipe at each of `seeds.extra`, each evaluated on every eval set
+               -> out/seeds/seed-<s>/{train,eval/<set>}, metrics/seeds.json
     report     the tables (pipeline.evaluate.report) + the demo's results table -> out/report, metrics/miou.csv
 """
 
@@ -29,7 +31,7 @@ from dpseg.errors import UserError, error_line
 from dpseg.io import atomic_write_bytes, atomic_write_json
 from pipeline.profiles import eval_set, load_params, resolve
 
-STAGES = ("data", "clip", "bank-base", "bank", "train", "eval", "report")
+STAGES = ("data", "clip", "bank-base", "bank", "train", "eval", "seeds", "report")
 BASE_BANK = "out/bank-base"
 METRICS_DIR = Path("metrics")
 # bank keys that are not BuildSettings settings: which generator the base bank uses
@@ -213,9 +215,21 @@ def checkpoint_uses_visual(checkpoint: str) -> bool:
 
 
 def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, Any]:
+    metrics = _evaluate(eval_set(r, name), progress)
+    if _is_main(eval_set(r, name)):
+        atomic_write_json(METRICS_DIR / "eval" / f"{name}.json", compact_metrics(metrics))
+    return metrics
+
+
+def _is_main(settings: dict[str, Any]) -> bool:
+    from bank.runtime import distributed_state
+
+    return distributed_state(settings.get("device") or "auto").is_main_process
+
+
+def _evaluate(settings: dict[str, Any], progress: bool) -> dict[str, Any]:
     from pipeline.evaluate.loop import eval_from_params
 
-    settings = eval_set(r, name)
     if int(settings.get("passes") or 1) == 2 and not checkpoint_uses_visual(settings["checkpoint"]):
         settings["passes"] = 1  # a text-only model has no visual prompts for pass II to replace
     out = Path(settings["out"])
@@ -226,47 +240,119 @@ def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, A
     if out.exists() and state.is_main_process:  # DVC removed it already; by hand, a stale run would be refused
         shutil.rmtree(out)
     state.wait_for_everyone()
-    metrics = eval_from_params(settings, progress=progress and state.is_main_process)
-    if state.is_main_process:
-        atomic_write_json(METRICS_DIR / "eval" / f"{name}.json", compact_metrics(metrics))
-    return metrics
+    return eval_from_params(settings, progress=progress and state.is_main_process)
+
+
+def extra_seeds(r: dict[str, Any]) -> list[int]:
+    """`seeds.extra`: other training seeds than the train stage's, each at most once."""
+    from pipeline.train.loop import recipe_from_params
+
+    seeds = r["seeds"].get("extra") or []
+    main = recipe_from_params(r["train"]).seed
+    ok = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    if not ok or len(set(seeds)) != len(seeds) or main in seeds:
+        raise UserError(
+            f"params.yaml seeds.extra: a list of distinct whole numbers other than train.seed ({main}), got {seeds!r}"
+        )
+    return seeds
+
+
+def run_seeds(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """The seed spread: for each seed of `seeds.extra`, the train stage's recipe at that seed,
+    then every eval set as the eval stage runs it (without saved predictions), so every result
+    of the demo comes with a second training run beside it."""
+    from pipeline.train.loop import train_from_params
+
+    out = Path(r["seeds"].get("out") or "out/seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {}
+    for seed in extra_seeds(r):
+        run = out / f"seed-{seed}"
+        # 1. train: the train section at this seed, into this seed's folder
+        train_from_params({**r["train"], "seed": seed, "out": str(run / "train")}, progress=progress)
+        # 2. evaluate its checkpoint on every eval set
+        result[str(seed)] = {}
+        for name in r["eval"].get("sets") or []:
+            settings = {
+                **eval_set(r, name),
+                "checkpoint": str(run / "train" / "checkpoint"),
+                "out": str(run / "eval" / name),
+                "save_predictions": 0,
+            }
+            result[str(seed)][name] = compact_metrics(_evaluate(settings, progress))
+    if _is_main({"device": r["eval"].get("device")}):
+        atomic_write_json(METRICS_DIR / "seeds.json", {"seeds": result})
+    return result
 
 
 def results_table(r: dict[str, Any]) -> str:
     """Markdown: one row per eval set, pass I / pass II mIoU, the change with its paired-bootstrap
     95% interval over images, the uniform-random baseline; where the eval ran the oracle
-    diagnostic, the share of its gain pass II closes (in a column marked as a diagnostic)."""
+    diagnostic, the share of its gain pass II closes (in a column marked as a diagnostic). With
+    `seeds.extra`, a second table gives the same per training seed."""
     rows = [
         "| set | classes | images | pass I mIoU | pass II mIoU | II - I [95% CI] | uniform random "
         "| diagnostic: oracle pass II, share of its gain closed |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in r["eval"].get("sets") or []:
+    sets = r["eval"].get("sets") or []
+    for name in sets:
         path = METRICS_DIR / "eval" / f"{name}.json"
         if not path.is_file():
             rows.append(f"| {name} | – | – | – | – | – | – | – |")
             continue
         m = json.loads(path.read_text())
-        p1, p2 = m.get("pass1", {}), m.get("pass2", {})
-        full = json.loads((Path("out/eval") / name / "metrics.json").read_text())
-        classes = len(full.get("class_ids", []))
-
-        def f(v):
-            return "–" if v is None else f"{v:.1f}"
-
-        change = f(m.get("pass2_minus_pass1_miou"))
-        if m.get("pass2_minus_pass1_ci95"):
-            low, high = m["pass2_minus_pass1_ci95"]
-            change = f"{m['pass2_minus_pass1_miou']:+.1f} [{low:+.1f}, {high:+.1f}]"
-        oracle = "–"
-        if m.get("diagnostic_pass2_oracle_miou") is not None:
-            share = m.get("diagnostic_share_of_oracle_gain_closed")
-            oracle = f"{m['diagnostic_pass2_oracle_miou']:.1f}, " + ("–" if share is None else f"{100 * share:.0f}%")
+        full = Path("out/eval") / name / "metrics.json"
+        classes = len(json.loads(full.read_text()).get("class_ids", [])) if full.is_file() else "–"
+        p1, p2, change, oracle = _result_cells(m)
+        random = _number(m.get("pass1", {}).get("uniform_random_miou"))
         rows.append(
-            f"| {name} | {classes} | {m.get('images', '–')} | {f(p1.get('miou'))} | {f(p2.get('miou'))} | "
-            f"{change} | {f(p1.get('uniform_random_miou'))} | {oracle} |"
+            f"| {name} | {classes} | {m.get('images', '–')} | {p1} | {p2} | {change} "
+            f"| {random} | {oracle} |"
         )
+    seeds_path = METRICS_DIR / "seeds.json"
+    extra = json.loads(seeds_path.read_text()).get("seeds", {}) if seeds_path.is_file() else {}
+    if extra:
+        from pipeline.train.loop import recipe_from_params
+
+        main_seed = recipe_from_params(r["train"]).seed
+        rows += [
+            "",
+            "Per training seed (the train stage's, then `seeds.extra`; each trained and evaluated alike):",
+            "",
+            "| training seed | set | pass I mIoU | pass II mIoU | II - I [95% CI] "
+            "| diagnostic: oracle pass II, share of its gain closed |",
+            "|---|---|---|---|---|---|",
+        ]
+        runs = [(main_seed, {n: METRICS_DIR / "eval" / f"{n}.json" for n in sets})] + [
+            (int(seed), by_set) for seed, by_set in extra.items()
+        ]
+        for seed, by_set in runs:
+            for name in sets:
+                m = by_set.get(name)
+                if isinstance(m, Path):
+                    m = json.loads(m.read_text()) if m.is_file() else None
+                cells = _result_cells(m) if m else ("–",) * 4
+                rows.append(f"| {seed} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _number(v) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def _result_cells(m: dict[str, Any]) -> tuple[str, str, str, str]:
+    """pass I, pass II, the change with its interval, and the oracle diagnostic of compact metrics."""
+    change = _number(m.get("pass2_minus_pass1_miou"))
+    if m.get("pass2_minus_pass1_ci95"):
+        low, high = m["pass2_minus_pass1_ci95"]
+        change = f"{m['pass2_minus_pass1_miou']:+.1f} [{low:+.1f}, {high:+.1f}]"
+    oracle = "–"
+    if m.get("diagnostic_pass2_oracle_miou") is not None:
+        share = m.get("diagnostic_share_of_oracle_gain_closed")
+        oracle = f"{m['diagnostic_pass2_oracle_miou']:.1f}, " + ("–" if share is None else f"{100 * share:.0f}%")
+    p1, p2 = m.get("pass1", {}), m.get("pass2", {})
+    return _number(p1.get("miou")), _number(p2.get("miou")), change, oracle
 
 
 def run_report(r: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -316,6 +402,7 @@ def stage_params(r: dict[str, Any]) -> dict[str, Any]:
     for name in out["eval"]["sets"]:
         settings = EvalSettings(**eval_set(r, name))
         out["eval"][name] = asdict(settings)
+    out["seeds"] = {**r["seeds"], "extra": extra_seeds(r)}
     out["report"] = dict(r["report"])
     return out
 
@@ -326,6 +413,7 @@ RUNNERS = {
     "bank-base": run_bank_base,
     "bank": run_bank,
     "train": run_train,
+    "seeds": run_seeds,
     "report": run_report,
 }
 

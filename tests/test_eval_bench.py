@@ -26,7 +26,7 @@ def test_bench_eval_reports_ratio_and_scaling_cases(tmp_path, cli):
         "--repeats",
         "1",
         "--topk",
-        "2",
+        "2,1",
         "--no-isolate",
         "-o",
         out,
@@ -39,8 +39,15 @@ def test_bench_eval_reports_ratio_and_scaling_cases(tmp_path, cli):
     assert abs(data["two_pass_over_one_pass"] - case["two_pass_ms"] / case["one_pass_ms"]) < 0.01  # ms are rounded
     assert all(c["refined_classes_per_image"] == min(8, c["classes"]) for c in data["scaling"])
     modes = data["two_pass_over_one_pass_by_mode"]
-    assert list(modes) == ["exact", "topk", "topk+fit"] and modes["exact"] == data["two_pass_over_one_pass"]
-    assert [(c["topk"], c["fit"]) for c in data["ratio_cases"].values()] == [(0, False), (2, False), (2, True)]
+    assert list(modes) == ["exact", "topk2", "topk2+fit", "topk1", "topk1+fit"]
+    assert modes["exact"] == data["two_pass_over_one_pass"] and data["topk"] == [2, 1]
+    cases = [(c["topk"], c["fit"]) for c in data["ratio_cases"].values()]
+    assert cases == [(0, False), (2, False), (2, True), (1, False), (1, True)]
+
+
+def test_bench_eval_refuses_a_k_that_is_not_a_positive_integer(tmp_path, cli):
+    result = cli("bench", "eval", "--topk", "16,x", "--no-isolate")
+    assert result.exit_code != 0 and "--topk takes comma-separated positive integers, got '16,x'" in result.output
 
 
 def test_the_bench_detection_map_has_the_asked_classes():

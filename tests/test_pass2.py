@@ -15,7 +15,15 @@ from test_eval import settings as eval_settings
 from test_eval import world  # noqa: F401 - the same tiny checkpoint, bank and scenes
 
 from dpseg.errors import UserError
-from dpseg.metrics import confusion_matrix, miou_from_counts, paired_bootstrap, segmentation_scores
+from dpseg.metrics import (
+    confusion_matrix,
+    miou_from_counts,
+    paired_bootstrap,
+    predict_labels,
+    predict_labels_pair,
+    refined_labels,
+    segmentation_scores,
+)
 from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import (
     RefineSettings,
@@ -27,11 +35,12 @@ from dpseg.refine import (
     mixed_slots,
     refine_batch,
     replace_prompts,
+    restrict_refinement,
     scatter_classes,
     select_classes,
     top_classes,
 )
-from pipeline.evaluate.loop import EvalSettings, evaluate, head_counts, pass2_logits
+from pipeline.evaluate.loop import EvalSettings, evaluate, fast_pass2, head_counts, pass2_logits
 
 
 # ---- the paired bootstrap ---------------------------------------------------------------------
@@ -238,6 +247,74 @@ def test_fast_pass_two_equals_the_exact_one_where_it_must(model):
         rest = [c for c in range(5) if c not in index[b].tolist()]
         assert torch.equal(two[b, rest], logits1[b, rest])  # kept from pass I
     assert not torch.equal(two, exact)
+
+
+def test_restricted_refinement_keeps_the_decoded_classes_renumbered_with_their_crops():
+    from dpseg.refine import Refinement
+
+    counts = torch.tensor([2, 1, 1])  # class 1 has two instance crops: rows 0-1, class 3 row 2, class 4 row 3
+    rows = torch.arange(4, dtype=torch.float32)
+    ref = Refinement(torch.tensor([1, 3, 4]), torch.tensor([9, 8, 7]), counts, rows.view(4, 1), {4: -rows.view(4, 1)})
+    out = restrict_refinement(ref, torch.tensor([0, 3, 4]))
+    assert out.classes.tolist() == [1, 2] and out.areas.tolist() == [8, 7] and out.counts.tolist() == [1, 1]
+    assert out.embedding.flatten().tolist() == [2.0, 3.0] and out.pooled[4].flatten().tolist() == [-2.0, -3.0]
+    kept_first = restrict_refinement(ref, torch.tensor([1, 2]))
+    assert kept_first.classes.tolist() == [0] and kept_first.embedding.flatten().tolist() == [0.0, 1.0]
+    assert restrict_refinement(ref, torch.tensor([0, 2, 5])).classes.numel() == 0
+
+
+@pytest.mark.parametrize("merge, share, instances", [("replace", 1.0, 0), ("mix", 0.5, 2)])
+def test_fast_pass_two_merges_only_the_decoded_classes_as_a_full_merge_would(model, merge, share, instances):
+    from dpseg.model.summary import random_prompts
+
+    torch.manual_seed(2)
+    images = torch.rand(2, 3, 64, 64)
+    text, visual = random_prompts(model, 6)
+    refine = RefineSettings(64, min_area=1, merge=merge, share=share, instances=instances)
+    detect = (torch.arange(64) * 6 // 64).view(1, 64, 1).expand(2, 64, 64).clone()  # six bands: all refined
+    with torch.inference_mode():
+        features = model.encode_image(model.image_encoder.normalize(images))
+        logits1 = model(text=text, visual=visual, features=features)
+        refs = refine_batch(model, images, detect, refine)
+        index = top_classes(logits1, 3)
+        part = fast_pass2(model, text, visual, features, refs, refine, index, None)
+        # independently: every class merged, then the top classes' prompts gathered
+        text_k, visual_k = select_classes(text, replace_prompts(visual, refs, merge, share), index)
+        expected = model(text=text_k, visual=visual_k, features=features)
+    assert torch.equal(part, expected)
+
+
+def test_pass_one_and_fast_pass_two_labels_share_one_upsampling():
+    torch.manual_seed(3)
+    logits1 = torch.randn(2, 9, 5, 6)
+    logits1[:, 4] = logits1[:, 2]  # exact ties: the lower class wins, as in predict_labels
+    index = top_classes(logits1, 3)
+    part = torch.randn(2, 3, 5, 6)
+    merged = scatter_classes(logits1, index, part)
+    for chunk in (None, 4):
+        labels1, labels2 = predict_labels_pair(logits1, index, part, (17, 19), chunk)
+        assert labels1.shape == labels2.shape == (2, 17, 19)
+        assert torch.equal(labels1, predict_labels(logits1, (17, 19), chunk))
+        assert torch.equal(labels2, predict_labels(merged, (17, 19), chunk))
+
+
+def test_fast_pass_two_reuses_pass_one_scores_with_the_labels_of_predicting_apart(world, monkeypatch):
+    import pipeline.evaluate.loop as loop
+
+    def per_image(out):
+        return sorted(p.read_bytes() for p in (world / out / "per_image").iterdir())
+
+    reused = []
+    monkeypatch.setattr(loop, "refined_labels", lambda *a: reused.append(1) or refined_labels(*a))
+    exact = evaluate(_settings(world, "topk-exact", bootstrap=0), progress=False)
+    assert not reused
+    shared = evaluate(_settings(world, "topk-shared", topk=4, bootstrap=0), progress=False)
+    assert len(reused) == 4  # the scenes are labelled at the model's input size: pass I's scores reused
+    monkeypatch.setattr(loop, "_labels_sized", lambda batch, size: False)  # labels predicted at their own size
+    apart = evaluate(_settings(world, "topk-apart", topk=4, bootstrap=0), progress=False)
+    assert exact["passes"]["1"] == shared["passes"]["1"] == apart["passes"]["1"]  # pass I never depends on pass II
+    assert shared["passes"]["2"] == apart["passes"]["2"]
+    assert per_image("topk-shared") == per_image("topk-apart")
 
 
 # ---- the eval end to end: per-image counts, interval, oracle ------------------------------------

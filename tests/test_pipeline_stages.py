@@ -1,6 +1,7 @@
 """Profiles + params resolution, the dvc.yaml wiring, and the bank stages: a noise bank is
 derived from the base bank (no regeneration), the base generator's bank is hard-linked."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -276,3 +277,62 @@ def test_results_table_shows_the_interval_and_the_oracle_diagnostic(tmp_path, mo
     table = stages.results_table(resolve({"profile": "demo", "eval": {"sets": ["seen"]}}))
     assert "| seen | 2 | 500 | 40.0 | 42.5 | +2.5 [+1.0, +4.0] | 2.5 | 50.0, 25% |" in table
     assert "diagnostic" in table.splitlines()[0]
+
+
+def test_the_seed_spread_trains_the_recipe_at_each_extra_seed_and_evaluates_every_set(tmp_path, monkeypatch):
+    """The `seeds` stage: the train section at each of seeds.extra into its own folder, then each
+    eval set on that checkpoint as the eval stage runs it; the results table gains a row per
+    (seed, set), the train stage's seed first (training and evaluation captured here)."""
+    import json
+
+    import pipeline.evaluate.loop
+    import pipeline.train.loop
+
+    monkeypatch.chdir(tmp_path)
+    trained, evaluated = [], []
+    monkeypatch.setattr(pipeline.train.loop, "train", lambda recipe, progress: trained.append(recipe) or {})
+
+    def fake_evaluate(settings, progress):
+        evaluated.append(settings)
+        seed = int(Path(settings.checkpoint).parts[2].removeprefix("seed-"))
+        miou = 10.0 * seed + (1 if settings.classes == "seen" else 2)
+        return {"images": 5, "passes": {"1": {"miou": miou}, "2": {"miou": miou + 0.5}}, "pass2_minus_pass1_miou": 0.5}
+
+    monkeypatch.setattr(pipeline.evaluate.loop, "evaluate", fake_evaluate)
+    monkeypatch.setattr(stages, "checkpoint_uses_visual", lambda checkpoint: True)
+    r = resolve({"profile": "demo", "seeds": {"extra": [3, 1]}})
+    stages.run_seeds(r, progress=False)
+
+    assert [(t.seed, t.out) for t in trained] == [(3, "out/seeds/seed-3/train"), (1, "out/seeds/seed-1/train")]
+    main = pipeline.train.loop.recipe_from_params(r["train"])
+    assert all(dataclasses.replace(t, seed=main.seed, out=main.out) == main for t in trained)  # nothing else differs
+    assert [(e.checkpoint, e.out, e.classes) for e in evaluated] == [
+        (f"out/seeds/seed-{s}/train/checkpoint", f"out/seeds/seed-{s}/eval/{c}", c)
+        for s in (3, 1)
+        for c in ("seen", "unseen")
+    ]
+    assert all(e.save_predictions == 0 and e.oracle == r["eval"]["oracle"] for e in evaluated)
+    written = json.loads(Path("metrics/seeds.json").read_text())["seeds"]
+    assert list(written) == ["3", "1"] and written["1"]["unseen"]["pass1"]["miou"] == 12.0
+
+    # the main seed's row comes from the eval stage's metrics
+    Path("metrics/eval").mkdir()
+    Path("metrics/eval/seen.json").write_text(json.dumps({"pass1": {"miou": 7.0}, "pass2": {"miou": 8.0}}))
+    table = stages.results_table(r)
+    assert "| 0 | seen | 7.0 | 8.0 |" in table and "| 0 | unseen | – | – | – | – |" in table
+    assert "| 3 | seen | 31.0 | 31.5 | 0.5 | – |" in table and "| 1 | unseen | 12.0 | 12.5 | 0.5 | – |" in table
+
+
+@pytest.mark.parametrize("extra", [[0], [1, 1], ["1"], 1, [-2]])
+def test_extra_seeds_are_distinct_whole_numbers_other_than_the_train_seed(extra):
+    r = resolve({"profile": "demo", "seeds": {"extra": extra}})
+    with pytest.raises(UserError, match=r"seeds.extra: a list of distinct whole numbers other than train.seed \(0\)"):
+        stages.extra_seeds(r)
+
+
+def test_no_extra_seeds_write_an_empty_spread_and_no_second_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = resolve({"profile": "paper-b"})
+    assert stages.extra_seeds(r) == [] and stages.run_seeds(r, progress=False) == {}
+    assert Path("out/seeds").is_dir() and Path("metrics/seeds.json").read_text().strip() == '{\n  "seeds": {}\n}'
+    assert "Per training seed" not in stages.results_table(r)

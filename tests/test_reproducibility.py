@@ -1,5 +1,5 @@
 """Same commit, same params, same thread count -> the same bytes: a short data -> clip -> bank ->
-train -> eval chain of the demo pipeline, run twice in fresh processes (other PYTHONHASHSEEDs,
+train -> eval -> seeds chain of the demo pipeline, run twice in fresh processes (other PYTHONHASHSEEDs,
 other folders, 2 threads, where torch's multi-threaded CPU kernels differ run to run without its
 deterministic mode), gives identical CLIP weights, bank features, checkpoint and metrics."""
 
@@ -19,6 +19,7 @@ from pipeline.profiles import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
+CKPT = "out/train/checkpoint/config.json"
 
 PARAMS = {
     "profile": "demo",
@@ -37,6 +38,7 @@ from pipeline.stages import run_stage
 for stage in ("data", "clip", "bank-base", "bank", "train"):
     run_stage(stage, "params.yaml", progress=False)
 run_stage("eval", "params.yaml", "seen", progress=False)
+run_stage("seeds", "params.yaml", progress=False)
 """
 
 
@@ -86,6 +88,28 @@ def test_two_runs_give_the_same_bytes_at_every_stage(two_runs):
     assert (a / "metrics/eval/seen.json").read_text() == (b / "metrics/eval/seen.json").read_text()
     ma, mb = (json.loads((x / "out/eval/seen/metrics.json").read_text()) for x in (a, b))
     assert ma["passes"] == mb["passes"]  # per-class IoUs of both passes, to the last bit
+    seed1 = "out/seeds/seed-1/train/checkpoint/model.safetensors"  # the demo's second training seed
+    assert sha(a / seed1) == sha(b / seed1) != sha(a / ckpt)
+    assert (a / "metrics/seeds.json").read_text() == (b / "metrics/seeds.json").read_text()
+
+
+def test_the_seed_stage_trains_and_evaluates_a_second_seed_as_the_main_one(two_runs):
+    a, _ = two_runs
+    main, other = (
+        json.loads((a / p).read_text())["extra"] for p in (CKPT, "out/seeds/seed-1/train/checkpoint/config.json")
+    )
+    assert (main["recipe"]["seed"], other["recipe"]["seed"]) == (0, 1)
+    paths = ("dataset", "bank", "encoder_weights", "out")  # recorded relative to each run's folder
+
+    def recipe(extra):
+        return {k: v for k, v in extra["recipe"].items() if k not in ("seed", *paths)}
+
+    assert recipe(other) == recipe(main)
+    assert other["recipe"]["bank"] == "../../../bank" and main["recipe"]["bank"] == "../bank"
+    spread = json.loads((a / "metrics/seeds.json").read_text())["seeds"]
+    evaluated = json.loads((a / "out/seeds/seed-1/eval/seen/metrics.json").read_text())
+    assert spread["1"]["seen"]["pass2"]["miou"] == evaluated["passes"]["2"]["miou"] and evaluated["images"] == 4
+    assert evaluated["settings"]["checkpoint"] == "out/seeds/seed-1/train/checkpoint"
 
 
 def test_every_stage_records_its_thread_count_and_library_versions(two_runs):

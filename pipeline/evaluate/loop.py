@@ -45,6 +45,9 @@ from dpseg.metrics import (
     label_range_error,
     paired_bootstrap,
     predict_labels,
+    predict_labels_pair,
+    refined_labels,
+    scored_labels,
     segmentation_scores,
     uniform_random_miou,
 )
@@ -60,6 +63,7 @@ from dpseg.refine import (
     pass1_confidence,
     refine_batch,
     replace_prompts,
+    restrict_refinement,
     scatter_classes,
     select_classes,
     top_classes,
@@ -253,14 +257,17 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         unit="img",
         disable=not (progress and state.is_main_process),
     )
+    chunk = settings.class_chunk
     for (shard, batch_indices), batch in zip(batches, loader, strict=True):  # the loader yields one batch per entry
         # 4. pass I: image features once, bank prompts
         images01 = batch["image"].to(ctx.device).float().div_(255)
         with torch.inference_mode(), autocast:
             features = model.encode_image(model.image_encoder.normalize(images01))
-            logits = {}
+            logits, fast, fast_index, detect_scores = {}, None, None, None
             if 1 in run_passes:
                 logits["1"] = model(text=text, visual=visual, features=features, class_chunk=settings.class_chunk)
+                if 2 in run_passes and reader is None and uses_fast_pass2(settings.topk, logits["1"], visual, refine):
+                    fast_index = top_classes(logits["1"], settings.topk)
             # 5. pass II: detected classes' prompts replaced by their crops (pass I's features reused)
             if 2 in run_passes:
                 size = tuple(images01.shape[-2:])
@@ -268,7 +275,11 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                 if reader is not None:
                     refs = [reader.read(i) for i in batch["id"]]
                 else:
-                    detect_maps = predict_labels(logits["1"], size, settings.class_chunk)
+                    # at the labels' own size, pass I's upsampled scores also serve fast pass II (step 6)
+                    if fast_index is not None and not (chunk and chunk < k) and _labels_sized(batch, size):
+                        detect_maps, detect_scores = scored_labels(logits["1"], size)
+                    else:
+                        detect_maps = predict_labels(logits["1"], size, chunk)
                     confidence = pass1_confidence(logits["1"], size) if refine.uses_confidence else None
                     refs = refine_batch(model, images01, detect_maps, refine, confidence)
                     overlay_items += [
@@ -280,8 +291,13 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                         for i, r in zip(batch["id"], refs, strict=True)
                     ]
                     refined_rows += _crop_quality(batch["id"], refs, detect_maps, confidence, gt_maps, refine)
-                topk = settings.topk if reader is None else 0
-                logits["2"] = pass2_logits(model, text, visual, features, refs, refine, logits.get("1"), topk, settings)
+                if fast_index is not None:
+                    fast = fast_index, fast_pass2(model, text, visual, features, refs, refine, fast_index, chunk)
+                    logits["2"] = scatter_classes(logits["1"], *fast)
+                else:
+                    logits["2"] = pass2_logits(
+                        model, text, visual, features, refs, refine, logits.get("1"), 0, settings
+                    )
                 # the diagnostic bound: the same pass II with crops cut from the ground truth
                 if settings.oracle:
                     oracle_refine = dataclasses.replace(refine, confidence=0.0, margin=0.0, gate=0.0, erode=0)
@@ -299,9 +315,16 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                     "prepare the dataset again"
                 )
             label = ctx.remap(label)
-            image_conf = {}
+            image_conf, preds = {}, {}
+            if fast is not None:  # pass II shares pass I's upsampled scores but for its k classes
+                top, part = fast[0][j : j + 1], fast[1][j : j + 1]
+                if detect_scores is not None:
+                    pair = detect_maps[j : j + 1], refined_labels(detect_scores[j : j + 1], top, part)
+                else:
+                    pair = predict_labels_pair(logits["1"][j : j + 1], top, part, label.shape, chunk)
+                preds = {"1": pair[0][0].cpu(), "2": pair[1][0].cpu()}
             for h in heads:
-                pred = predict_labels(logits[h][j : j + 1], label.shape, settings.class_chunk)[0].cpu()
+                pred = preds[h] if h in preds else predict_labels(logits[h][j : j + 1], label.shape, chunk)[0].cpu()
                 image_conf[h] = confusion_matrix(pred, label, k, ignore)
                 conf[h] += image_conf[h]
                 if h in ("1", "2") and saves(settings.save_predictions, index):
@@ -379,6 +402,10 @@ def gather_parts(out: Path, shards: int) -> list[np.ndarray]:
     return parts
 
 
+def _labels_sized(batch, size: tuple[int, int]) -> bool:
+    return all(tuple(label.shape[-2:]) == tuple(size) for label in batch["label"])
+
+
 # ---- pass II ----------------------------------------------------------------------------------
 def pass2_logits(
     model, text, visual, features, refs, refine: RefineSettings, logits1, topk: int, settings
@@ -394,13 +421,25 @@ def pass2_logits(
             out = model(text=text_j, visual=visual_j, features=_select_image(features, j), class_chunk=chunk)
             parts.append(merge_added(out, owners, visual.num_classes))
         return torch.cat(parts, dim=0)
-    visual2 = replace_prompts(visual, refs, refine.merge, refine.share)
-    if topk and logits1 is not None and topk < visual.num_classes:
+    if uses_fast_pass2(topk, logits1, visual, refine):
         index = top_classes(logits1, topk)
-        text_k, visual_k = select_classes(text, visual2, index)
-        part = model(text=text_k, visual=visual_k, features=features, class_chunk=chunk)
-        return scatter_classes(logits1, index, part)
+        return scatter_classes(logits1, index, fast_pass2(model, text, visual, features, refs, refine, index, chunk))
+    visual2 = replace_prompts(visual, refs, refine.merge, refine.share)
     return model(text=text, visual=visual2, features=features, class_chunk=chunk)
+
+
+def uses_fast_pass2(topk: int, logits1, visual, refine: RefineSettings) -> bool:
+    return bool(topk) and logits1 is not None and topk < visual.num_classes and refine.merge != "add"
+
+
+def fast_pass2(model, text, visual, features, refs, refine: RefineSettings, index, chunk) -> torch.Tensor:
+    """Pass II's logits (B, k, h, w) of the classes `index` (B, k) only: each image's best pass-I
+    classes (`top_classes`). Only those classes' prompts are gathered and merged (a refined
+    class outside them cannot change a decoded logit)."""
+    text_k, visual_k = select_classes(text, visual, index)
+    refs_k = [restrict_refinement(r, index[b]) for b, r in enumerate(refs)]
+    visual_k = replace_prompts(visual_k, refs_k, refine.merge, refine.share)
+    return model(text=text_k, visual=visual_k, features=features, class_chunk=chunk)
 
 
 def _select_image(features, j: int):
