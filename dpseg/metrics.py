@@ -129,7 +129,7 @@ def predict_labels_pair(
         merged = scatter_classes(logits1, index, part)
         return predict_labels(logits1, size, class_chunk), predict_labels(merged, size, class_chunk)
     labels1, scores = scored_labels(logits1, size)
-    return labels1, refined_labels(scores, index, part)
+    return labels1, refined_labels(scores, labels1, index, part)
 
 
 def scored_labels(logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,15 +140,32 @@ def scored_labels(logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Te
         return scores.argmax(dim=1), scores
 
 
-def refined_labels(scores1: torch.Tensor, index: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """Fast pass II's labels (B, H, W) from pass I's upsampled scores (`scored_labels`; they are
-    overwritten) with the classes `index` (B, k) rescored from their pass-II logits `part`
-    (B, k, h, w): only k classes are upsampled. Equal to `predict_labels` of the merged logits
-    up to the last bit of a sigmoid at a tie."""
-    where = index.to(scores1.device).view(*index.shape, 1, 1).expand(-1, -1, *scores1.shape[-2:])
+def refined_labels(
+    scores1: torch.Tensor, labels1: torch.Tensor, index: torch.Tensor, part: torch.Tensor
+) -> torch.Tensor:
+    """Fast pass II's labels (B, H, W) from pass I's labels and upsampled scores (`scored_labels`;
+    the scores are overwritten) with the classes `index` (B, k, ascending) rescored from their pass-II logits
+    `part` (B, k, h, w): only k classes are upsampled, and the other classes' best class is looked
+    up only where pass I's winner was one of the k. Equal to `predict_labels` of the merged
+    logits up to the last bit of a sigmoid at a tie."""
     with fp32(part), torch.inference_mode():  # scores made under inference mode stay writable
-        scores1.scatter_(1, where, _upsampled_scores(part, tuple(scores1.shape[-2:])))
-        return scores1.argmax(dim=1)
+        top = index.to(scores1.device)
+        new = _upsampled_scores(part, tuple(scores1.shape[-2:]))
+        top_val, top_pos = new.max(dim=1)  # the first of equal maxima: the lowest class (index ascends)
+        top_idx = top.gather(1, top_pos.flatten(1)).view_as(top_pos)
+        is_top = torch.zeros(scores1.shape[:2], dtype=torch.bool, device=scores1.device).scatter_(1, top, True)
+        for b in range(scores1.shape[0]):  # only the k channels are written
+            scores1[b].index_fill_(0, top[b], float("-inf"))
+        rest_val = scores1.amax(dim=1)  # the other classes' best score (a value: cheap)
+        # which of them: pass I's winner where it was not a top class; looked up where it was
+        labels = torch.where(top_val > rest_val, top_idx, labels1)
+        lookup = (top_val <= rest_val) & is_top.gather(1, labels1.flatten(1)).view_as(labels1)
+        lookup |= top_val == rest_val
+        if bool(lookup.any()):
+            rest_idx = scores1.permute(0, 2, 3, 1)[lookup].argmax(dim=1)
+            tie = (top_val == rest_val)[lookup]
+            labels[lookup] = torch.where(tie, torch.minimum(rest_idx, top_idx[lookup]), rest_idx)
+        return labels
 
 
 def _upsampled_scores(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -229,7 +229,10 @@ def _encode(tower, crops: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, t
     embedding = pooled = None
     for size in sizes:
         rows = [i for i, c in enumerate(crops) if int(c.shape[-1]) == size]
-        out = tower.encode_prompts(tower.normalize(torch.stack([crops[i] for i in rows])), PROMPT_STRIDES)
+        batch = tower.normalize(torch.stack([crops[i] for i in rows]))
+        if batch.device.type == "cpu":  # oneDNN's convolutions run faster channels-last (same values to ~1e-7)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        out = tower.encode_prompts(batch, PROMPT_STRIDES)
         if embedding is None:
             embedding = out.embedding.new_zeros(len(crops), out.embedding.shape[-1])
             pooled = {s: out.pooled[s].new_zeros(len(crops), out.pooled[s].shape[-1]) for s in PROMPT_STRIDES}

@@ -306,10 +306,7 @@ def results_table(r: dict[str, Any]) -> str:
         classes = len(json.loads(full.read_text()).get("class_ids", [])) if full.is_file() else "–"
         p1, p2, change, oracle = _result_cells(m)
         random = _number(m.get("pass1", {}).get("uniform_random_miou"))
-        rows.append(
-            f"| {name} | {classes} | {m.get('images', '–')} | {p1} | {p2} | {change} "
-            f"| {random} | {oracle} |"
-        )
+        rows.append(f"| {name} | {classes} | {m.get('images', '–')} | {p1} | {p2} | {change} | {random} | {oracle} |")
     seeds_path = METRICS_DIR / "seeds.json"
     extra = json.loads(seeds_path.read_text()).get("seeds", {}) if seeds_path.is_file() else {}
     if extra:

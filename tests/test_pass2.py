@@ -284,6 +284,41 @@ def test_fast_pass_two_merges_only_the_decoded_classes_as_a_full_merge_would(mod
     assert torch.equal(part, expected)
 
 
+def test_fast_pass_two_decodes_the_top_classes_in_the_context_of_all(model):
+    """With nothing refined, the top classes decoded against pass I's attention summaries of all
+    N classes give pass I's own logits back; attending among themselves only, they do not."""
+    from dpseg.model import PassContext
+    from dpseg.model.summary import random_prompts
+    from dpseg.refine import Refinement
+
+    torch.manual_seed(4)
+    images = torch.rand(2, 3, 64, 64)
+    text, visual = random_prompts(model, 7)
+    refine = RefineSettings(64, min_area=1)
+    empty = Refinement(
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, visual.embedding.shape[-1]),
+        {s: torch.zeros(0, p.shape[-1]) for s, p in visual.pooled.items()},
+    )
+    with torch.inference_mode():
+        features = model.encode_image(model.image_encoder.normalize(images))
+        context = PassContext()
+        logits1 = model(text=text, visual=visual, features=features, context_out=context)
+        assert len(context.summaries) == len(context.skips) == model.decoder.num_stages
+        index = top_classes(logits1, 3)
+        expected = logits1.gather(1, index.view(2, 3, 1, 1).expand(-1, -1, *logits1.shape[-2:]))
+        for chunk in (None, 2):
+            part = fast_pass2(model, text, visual, features, [empty, empty], refine, index, chunk, context)
+            torch.testing.assert_close(part, expected, rtol=1e-4, atol=1e-5)
+        alone = fast_pass2(model, text, visual, features, [empty, empty], refine, index, None)
+        assert not torch.allclose(alone, expected, rtol=1e-3, atol=1e-3)
+        # a context recorded from the same decode changes nothing
+        again = model(text=text, visual=visual, features=features, context=context)
+        torch.testing.assert_close(again, logits1, rtol=1e-5, atol=1e-6)
+
+
 def test_pass_one_and_fast_pass_two_labels_share_one_upsampling():
     torch.manual_seed(3)
     logits1 = torch.randn(2, 9, 5, 6)

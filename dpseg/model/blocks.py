@@ -88,12 +88,18 @@ class ClassAttention(nn.Module):
         k, v = self._part(x, slice(1, 3)).unbind(-3)
         return self._summary(F.elu(k) + 1, v)
 
-    def forward(self, x: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, summary: AttentionSummary | None = None, sink: list | None = None
+    ) -> torch.Tensor:
+        """Attention of every class against `summary` (default: these classes' own); `sink`
+        receives the summary used (a pass-I context for `CostDecoder.forward(context=...)`)."""
         if summary is None:
             q, k, v = self._qkv(x)
             summary = self._summary(k, v)
         else:
             q = F.elu(self._part(x, slice(0, 1)).squeeze(-3)) + 1
+        if sink is not None:
+            sink.append(summary)
         kv, k_sum = summary
         with fp32(q):
             q = q.float()
@@ -156,10 +162,13 @@ class AggregationBlock(nn.Module):
     def summarize(self, x: torch.Tensor) -> AttentionSummary:
         return self.summarize_prepared(self.prepare(x))
 
-    def finish(self, y: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
-        """The class block (attention against `summary` of all classes, if given) -> (B, N, C, H, W)."""
+    def finish(
+        self, y: torch.Tensor, summary: AttentionSummary | None = None, sink: list | None = None
+    ) -> torch.Tensor:
+        """The class block (attention against `summary` of all classes, if given; the summary
+        used goes to `sink`) -> (B, N, C, H, W)."""
         p = self._pooled(y)
-        p = p + self.attention(self.attention_norm(p), summary)
+        p = p + self.attention(self.attention_norm(p), summary, sink)
         if self.mlp is not None:
             p = p + self.mlp(self.mlp_norm(p))
         if p.shape[2:4] != y.shape[2:4]:
@@ -169,8 +178,10 @@ class AggregationBlock(nn.Module):
             p = p.permute(0, 2, 3, 1).reshape(b, n, h, w, c)
         return (y + p).permute(0, 1, 4, 2, 3)
 
-    def forward(self, x: torch.Tensor, summary: AttentionSummary | None = None) -> torch.Tensor:
-        return self.finish(self.prepare(x), summary)
+    def forward(
+        self, x: torch.Tensor, summary: AttentionSummary | None = None, sink: list | None = None
+    ) -> torch.Tensor:
+        return self.finish(self.prepare(x), summary, sink)
 
 
 class CostGuidance(nn.Module):

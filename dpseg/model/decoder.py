@@ -20,7 +20,7 @@ from the finer stages (SED's early rejection).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,16 @@ class DecoderInputs:
     cost: torch.Tensor  # initial cost (B, M', N, h, w)
     levels: dict[int, torch.Tensor]  # encoder features by stride
     guidance_prompts: dict[int, torch.Tensor] | None  # stride -> (N|B,N, M, C_l) for visual_guidance "prompt"
+
+
+@dataclass
+class PassContext:
+    """What a decode of all classes leaves for a later decode of some of them on the same image
+    features (fast pass II): per stage, the class-attention summary over all classes and the
+    encoder skip (class-independent)."""
+
+    summaries: list = field(default_factory=list)
+    skips: list = field(default_factory=list)
 
 
 @dataclass
@@ -127,13 +137,18 @@ class CostDecoder(nn.Module):
         x = state.x
         return self.aux_heads[k](x.detach().flatten(0, 1)).view(x.shape[0], x.shape[1], *x.shape[-2:])
 
-    def fuse(self, k: int, x: torch.Tensor, state: DecoderState) -> DecoderState:
-        """Stage k's fusion with the detached encoder skip and the cost guidance of the next stride."""
+    def skip(self, k: int, levels: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Stage k's encoder skip: the same for every class (no gradient into the encoder)."""
+        return self.skips[k](levels[self.cfg.guidance_strides[k]].detach())
+
+    def fuse(self, k: int, x: torch.Tensor, state: DecoderState, skip: torch.Tensor | None = None) -> DecoderState:
+        """Stage k's fusion with the detached encoder skip (computed unless given) and the cost
+        guidance of the next stride."""
         cfg = self.cfg
         b = x.shape[0]
         stride = cfg.guidance_strides[k]
         features = state.levels[stride]
-        skip = self.skips[k](features.detach())  # no gradient into the encoder through skips
+        skip = self.skip(k, state.levels) if skip is None else skip
         guidance, chain = None, state.chain
         if chain is not None:
             chain = self.cost_chain.step(k, chain, tuple(features.shape[-2:]))
@@ -148,11 +163,22 @@ class CostDecoder(nn.Module):
         x = state.x
         return self.head(x.flatten(0, 1)).view(x.shape[0], x.shape[1], *x.shape[-2:])
 
-    def forward(self, inputs: DecoderInputs, aux: bool = False, reject_topk: int | None = None):
+    def forward(
+        self,
+        inputs: DecoderInputs,
+        aux: bool = False,
+        reject_topk: int | None = None,
+        context: PassContext | None = None,
+        context_out: PassContext | None = None,
+    ):
         """Returns (logits (B, N, H/4, W/4), aux logits [(B, N, h, w) at strides 32, 16, 8] or []).
 
         With `reject_topk`, classes outside every pixel's top k at an aux head skip the finer
-        stages and score REJECTED_LOGIT (their aux logits too, from the next head on)."""
+        stages and score REJECTED_LOGIT (their aux logits too, from the next head on).
+        `context_out` receives each stage's class-attention summary and encoder skip; `context`
+        (one from a decode of the same image features) makes these classes attend against its
+        summaries instead of against each other, and reuses its skips: a subset of the classes
+        decoded in the context of all of them (fast pass II)."""
         state = self.embed(inputs)
         n = state.x.shape[1]
         keep = None  # indices (into all N) of the classes still decoded; None: all
@@ -168,7 +194,12 @@ class CostDecoder(nn.Module):
                         state = state.select(local)
                         keep = local if keep is None else keep[local]
             # 3. aggregation at this stage's input width, 4. fusion
-            state = self.fuse(k, self.blocks[k](state.x), state)
+            summary, skip = (context.summaries[k], context.skips[k]) if context is not None else (None, None)
+            x = self.blocks[k](state.x, summary, context_out.summaries if context_out is not None else None)
+            if context_out is not None:
+                skip = self.skip(k, state.levels)
+                context_out.skips.append(skip)
+            state = self.fuse(k, x, state, skip)
         # 5. one logit map per class at stride 4
         logits = self.logits(state)
         return (self._scatter(logits, keep, n) if keep is not None else logits), aux_logits

@@ -19,7 +19,7 @@ from dpseg.errors import UserError
 from dpseg.model.blocks import AttentionSummary
 from dpseg.model.config import DPSegConfig
 from dpseg.model.cost_volume import initial_cost
-from dpseg.model.decoder import CostDecoder, DecoderInputs
+from dpseg.model.decoder import CostDecoder, DecoderInputs, PassContext
 from dpseg.model.prompts import VisualPrompts
 
 
@@ -78,9 +78,16 @@ class DPSeg(nn.Module):
         features: ImageFeatures | None = None,
         class_chunk: int | None = None,
         aux: bool = False,
+        context: PassContext | None = None,
+        context_out: PassContext | None = None,
     ):
         """Per-class logits (B, N, H/4, W/4); with `aux`, (logits, aux_logits) where aux_logits
         are the aux heads' (B, N, h, w) maps at strides 32, 16, 8 ([] without deep supervision).
+
+        `context_out` (a `PassContext`) receives every decoder stage's class-attention summary
+        over these classes and its encoder skip; `context` (one from a decode of the same
+        features) makes these classes attend against it: fast pass II decodes k classes in the
+        context of pass I's N.
 
         Pass `features` (from `encode_image`) to skip the image tower; `class_chunk` (or
         cfg.class_chunk) decodes classes in chunks with the same result as one pass, in bounded
@@ -98,13 +105,30 @@ class DPSeg(nn.Module):
         reject = None if self.training else self.cfg.class_reject_topk
         chunk = class_chunk or self.cfg.class_chunk
         if reject or not chunk or chunk >= num_classes:
-            decode = self.compiled_decoder if self.compiled_decoder is not None and not self.training else self.decoder
-            logits, aux_logits = decode(self._inputs(features, text, visual, slice(None)), aux=aux, reject_topk=reject)
+            compiled = self.compiled_decoder is not None and not self.training and context is context_out is None
+            decode = self.compiled_decoder if compiled else self.decoder
+            inputs = self._inputs(features, text, visual, slice(None))
+            if context is context_out is None:
+                logits, aux_logits = decode(inputs, aux=aux, reject_topk=reject)
+            else:
+                logits, aux_logits = decode(inputs, aux, reject, context, context_out)
             return (logits, aux_logits) if aux else logits
-        logits, aux_logits = self._decode_in_chunks(features, text, visual, num_classes, chunk, aux)
+        logits, aux_logits = self._decode_in_chunks(
+            features, text, visual, num_classes, chunk, aux, context, context_out
+        )
         return (logits, aux_logits) if aux else logits
 
-    def _decode_in_chunks(self, features: ImageFeatures, text, visual, num_classes: int, chunk: int, aux: bool):
+    def _decode_in_chunks(
+        self,
+        features: ImageFeatures,
+        text,
+        visual,
+        num_classes: int,
+        chunk: int,
+        aux: bool,
+        context: PassContext | None = None,
+        context_out: PassContext | None = None,
+    ):
         """Stage by stage over class chunks: each stage's attention summary is summed over all
         chunks before any chunk attends, so the logits equal one pass; nothing is recomputed, and
         at most one stage's state of all classes is held (the stride-4 stage runs chunk by chunk
@@ -122,11 +146,19 @@ class DPSeg(nn.Module):
             for j, st in enumerate(states):
                 prepared.append(block.prepare(st.x))
                 states[j] = replace(st, x=None)  # free the input state as soon as it is used
-            parts = [block.summarize_prepared(y) for y in prepared]
-            summary: AttentionSummary = (sum(p[0] for p in parts), sum(p[1] for p in parts))
-            del parts
+            if context is not None:
+                summary: AttentionSummary = context.summaries[k]
+                skip = context.skips[k]
+            else:
+                parts = [block.summarize_prepared(y) for y in prepared]
+                summary = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+                del parts
+                skip = dec.skip(k, features.levels)  # class-independent: once, not per chunk
+            if context_out is not None:
+                context_out.summaries.append(summary)
+                context_out.skips.append(skip)
             for j, st in enumerate(states):
-                st = dec.fuse(k, block.finish(prepared[j], summary), st)
+                st = dec.fuse(k, block.finish(prepared[j], summary), st, skip)
                 prepared[j] = None
                 if k == dec.num_stages - 1:
                     logits.append(dec.logits(st))

@@ -59,7 +59,7 @@ def _case(
     fit: bool = False,
 ) -> dict:
     from dpseg.metrics import predict_labels, predict_labels_pair
-    from dpseg.model import DPSegConfig, build_dpseg
+    from dpseg.model import DPSegConfig, PassContext, build_dpseg
     from dpseg.model.summary import random_prompts
     from dpseg.refine import RefineSettings, refine_batch, replace_prompts, top_classes
     from pipeline.evaluate.loop import fast_pass2
@@ -83,12 +83,14 @@ def _case(
         return features, predict_labels(logits, (size, size), class_chunk)
 
     def two_pass():
+        fast = bool(topk) and topk < num_classes
+        context = PassContext() if fast else None  # as `dpseg eval --topk`: what pass I leaves pass II
         features = model.encode_image(model.image_encoder.normalize(images01))
-        logits1 = model(text=text, visual=visual, features=features, class_chunk=class_chunk)
+        logits1 = model(text=text, visual=visual, features=features, class_chunk=class_chunk, context_out=context)
         refs = refine_batch(model, images01, detect, settings)  # (the map stands in for pass I's argmax)
-        if topk and topk < num_classes:  # as `dpseg eval --topk`: pass I's scores serve both passes' labels
+        if fast:  # the top classes in pass I's context; pass I's scores serve both passes' labels
             index = top_classes(logits1, topk)
-            part = fast_pass2(model, text, visual, features, refs, settings, index, class_chunk)
+            part = fast_pass2(model, text, visual, features, refs, settings, index, class_chunk, context)
             return predict_labels_pair(logits1, index, part, (size, size), class_chunk)
         predict_labels(logits1, (size, size), class_chunk)  # pass I's answer (and the detection map)
         logits = model(text=text, visual=replace_prompts(visual, refs), features=features, class_chunk=class_chunk)

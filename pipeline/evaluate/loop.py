@@ -51,6 +51,7 @@ from dpseg.metrics import (
     segmentation_scores,
     uniform_random_miou,
 )
+from dpseg.model.decoder import PassContext
 from dpseg.refine import (
     CROP_MODES,
     DEFAULT_MIN_AREA,
@@ -264,9 +265,12 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         with torch.inference_mode(), autocast:
             features = model.encode_image(model.image_encoder.normalize(images01))
             logits, fast, fast_index, detect_scores = {}, None, None, None
+            # fast pass II decodes pass I's top classes in the context of all (pass I's attention summaries)
+            fast_path = 2 in run_passes and reader is None and uses_fast_pass2(settings.topk, k, refine)
+            context = PassContext() if fast_path else None
             if 1 in run_passes:
-                logits["1"] = model(text=text, visual=visual, features=features, class_chunk=settings.class_chunk)
-                if 2 in run_passes and reader is None and uses_fast_pass2(settings.topk, logits["1"], visual, refine):
+                logits["1"] = model(text=text, visual=visual, features=features, class_chunk=chunk, context_out=context)
+                if context is not None:
                     fast_index = top_classes(logits["1"], settings.topk)
             # 5. pass II: detected classes' prompts replaced by their crops (pass I's features reused)
             if 2 in run_passes:
@@ -292,7 +296,8 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                     ]
                     refined_rows += _crop_quality(batch["id"], refs, detect_maps, confidence, gt_maps, refine)
                 if fast_index is not None:
-                    fast = fast_index, fast_pass2(model, text, visual, features, refs, refine, fast_index, chunk)
+                    part = fast_pass2(model, text, visual, features, refs, refine, fast_index, chunk, context)
+                    fast = fast_index, part
                     logits["2"] = scatter_classes(logits["1"], *fast)
                 else:
                     logits["2"] = pass2_logits(
@@ -319,7 +324,10 @@ def _evaluate(settings: EvalSettings, progress: bool = True) -> dict:
             if fast is not None:  # pass II shares pass I's upsampled scores but for its k classes
                 top, part = fast[0][j : j + 1], fast[1][j : j + 1]
                 if detect_scores is not None:
-                    pair = detect_maps[j : j + 1], refined_labels(detect_scores[j : j + 1], top, part)
+                    pair = (
+                        detect_maps[j : j + 1],
+                        refined_labels(detect_scores[j : j + 1], detect_maps[j : j + 1], top, part),
+                    )
                 else:
                     pair = predict_labels_pair(logits["1"][j : j + 1], top, part, label.shape, chunk)
                 preds = {"1": pair[0][0].cpu(), "2": pair[1][0].cpu()}
@@ -408,7 +416,7 @@ def _labels_sized(batch, size: tuple[int, int]) -> bool:
 
 # ---- pass II ----------------------------------------------------------------------------------
 def pass2_logits(
-    model, text, visual, features, refs, refine: RefineSettings, logits1, topk: int, settings
+    model, text, visual, features, refs, refine: RefineSettings, logits1, topk: int, settings, context=None
 ) -> torch.Tensor:
     """Pass II's logits from the refinements `refs`: prompts merged per `refine.merge`; decoded
     for all classes (exact), for each image's `topk` best pass-I classes only (the rest keep
@@ -421,25 +429,30 @@ def pass2_logits(
             out = model(text=text_j, visual=visual_j, features=_select_image(features, j), class_chunk=chunk)
             parts.append(merge_added(out, owners, visual.num_classes))
         return torch.cat(parts, dim=0)
-    if uses_fast_pass2(topk, logits1, visual, refine):
+    if logits1 is not None and uses_fast_pass2(topk, visual.num_classes, refine):
         index = top_classes(logits1, topk)
-        return scatter_classes(logits1, index, fast_pass2(model, text, visual, features, refs, refine, index, chunk))
+        part = fast_pass2(model, text, visual, features, refs, refine, index, chunk, context)
+        return scatter_classes(logits1, index, part)
     visual2 = replace_prompts(visual, refs, refine.merge, refine.share)
     return model(text=text, visual=visual2, features=features, class_chunk=chunk)
 
 
-def uses_fast_pass2(topk: int, logits1, visual, refine: RefineSettings) -> bool:
-    return bool(topk) and logits1 is not None and topk < visual.num_classes and refine.merge != "add"
+def uses_fast_pass2(topk: int, num_classes: int, refine: RefineSettings) -> bool:
+    return bool(topk) and topk < num_classes and refine.merge != "add"
 
 
-def fast_pass2(model, text, visual, features, refs, refine: RefineSettings, index, chunk) -> torch.Tensor:
+def fast_pass2(
+    model, text, visual, features, refs, refine: RefineSettings, index, chunk, context: PassContext | None = None
+) -> torch.Tensor:
     """Pass II's logits (B, k, h, w) of the classes `index` (B, k) only: each image's best pass-I
     classes (`top_classes`). Only those classes' prompts are gathered and merged (a refined
-    class outside them cannot change a decoded logit)."""
+    class outside them cannot change a decoded logit). With `context` (what pass I's decode of
+    all classes left: `model(..., context_out=PassContext())`), the k classes attend against all
+    N classes of pass I, as in the exact pass II, instead of against each other only."""
     text_k, visual_k = select_classes(text, visual, index)
     refs_k = [restrict_refinement(r, index[b]) for b, r in enumerate(refs)]
     visual_k = replace_prompts(visual_k, refs_k, refine.merge, refine.share)
-    return model(text=text_k, visual=visual_k, features=features, class_chunk=chunk)
+    return model(text=text_k, visual=visual_k, features=features, class_chunk=chunk, context=context)
 
 
 def _select_image(features, j: int):
