@@ -41,7 +41,7 @@ timeout 160 python3 scripts/device/bench_model.py --encoder $ENC --size $SIZE --
 # 2. two-pass vs one-pass evaluation, memory and latency against the class count
 step "eval"
 timeout 120 $DPSEG bench eval --encoder $ENC --size $SIZE --device $DEV --classes $EVAL_CLASSES --ratio-classes $RATIO_CLASSES \
-  --batch 2 --repeats 3 -o "$OUT/eval_${TAG}_${ENC}_${SIZE}.json" > /dev/null || status=1
+  --batch 2 --repeats 3 --topk 16 -o "$OUT/eval_${TAG}_${ENC}_${SIZE}.json" > /dev/null || status=1
 # 3. train step: real loader + bank vs in-memory tensors, dual vs text-only
 step "train"
 timeout 90 $DPSEG bench train --encoder $ENC --size $SIZE --classes $TRAIN_CLASSES --templates $TEMPLATES \
