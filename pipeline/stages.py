@@ -215,27 +215,28 @@ def checkpoint_uses_visual(checkpoint: str) -> bool:
 
 
 def run_eval(r: dict[str, Any], name: str, progress: bool = True) -> dict[str, Any]:
-    metrics = _evaluate(eval_set(r, name), progress)
-    if _is_main(eval_set(r, name)):
+    settings = eval_set(r, name)
+    metrics = _evaluate(settings, progress)
+    if _is_main(settings):
         atomic_write_json(METRICS_DIR / "eval" / f"{name}.json", compact_metrics(metrics))
     return metrics
 
 
 def _is_main(settings: dict[str, Any]) -> bool:
+    """Under `accelerate launch` (the stage's shards split over ranks) the main rank owns the folders."""
     from bank.runtime import distributed_state
 
     return distributed_state(settings.get("device") or "auto").is_main_process
 
 
 def _evaluate(settings: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One eval set as the stages run it, into a fresh `settings["out"]`."""
+    from bank.runtime import distributed_state
     from pipeline.evaluate.loop import eval_from_params
 
     if int(settings.get("passes") or 1) == 2 and not checkpoint_uses_visual(settings["checkpoint"]):
         settings["passes"] = 1  # a text-only model has no visual prompts for pass II to replace
     out = Path(settings["out"])
-    # under `accelerate launch` (the stage's shards split over ranks) the main rank owns the folders
-    from bank.runtime import distributed_state
-
     state = distributed_state(settings.get("device") or "auto")
     if out.exists() and state.is_main_process:  # DVC removed it already; by hand, a stale run would be refused
         shutil.rmtree(out)
