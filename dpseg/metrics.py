@@ -144,10 +144,10 @@ def refined_labels(
     scores1: torch.Tensor, labels1: torch.Tensor, index: torch.Tensor, part: torch.Tensor
 ) -> torch.Tensor:
     """Fast pass II's labels (B, H, W) from pass I's labels and upsampled scores (`scored_labels`;
-    the scores are overwritten) with the classes `index` (B, k, ascending) rescored from their pass-II logits
-    `part` (B, k, h, w): only k classes are upsampled, and the other classes' best class is looked
-    up only where pass I's winner was one of the k. Equal to `predict_labels` of the merged
-    logits up to the last bit of a sigmoid at a tie."""
+    the scores are overwritten), with the classes `index` (B, k, ascending) rescored from their
+    pass-II logits `part` (B, k, h, w): only k classes are upsampled, and the other classes' best
+    class is looked up only where pass I's winner was one of the k. Equal to `predict_labels` of
+    the merged logits up to the last bit of a sigmoid at a tie."""
     with fp32(part), torch.inference_mode():  # scores made under inference mode stay writable
         top = index.to(scores1.device)
         new = _upsampled_scores(part, tuple(scores1.shape[-2:]))

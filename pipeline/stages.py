@@ -322,14 +322,12 @@ def results_table(r: dict[str, Any]) -> str:
             "| diagnostic: oracle pass II, share of its gain closed |",
             "|---|---|---|---|---|---|",
         ]
-        runs = [(main_seed, {n: METRICS_DIR / "eval" / f"{n}.json" for n in sets})] + [
-            (int(seed), by_set) for seed, by_set in extra.items()
-        ]
+        main_runs = {n: METRICS_DIR / "eval" / f"{n}.json" for n in sets}
+        main_runs = {n: json.loads(p.read_text()) for n, p in main_runs.items() if p.is_file()}
+        runs = [(main_seed, main_runs)] + [(int(seed), by_set) for seed, by_set in extra.items()]
         for seed, by_set in runs:
             for name in sets:
                 m = by_set.get(name)
-                if isinstance(m, Path):
-                    m = json.loads(m.read_text()) if m.is_file() else None
                 cells = _result_cells(m) if m else ("–",) * 4
                 rows.append(f"| {seed} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -197,7 +197,7 @@ class CostDecoder(nn.Module):
             summary, skip = (context.summaries[k], context.skips[k]) if context is not None else (None, None)
             x = self.blocks[k](state.x, summary, context_out.summaries if context_out is not None else None)
             if context_out is not None:
-                skip = self.skip(k, state.levels)
+                skip = self.skip(k, state.levels) if skip is None else skip
                 context_out.skips.append(skip)
             state = self.fuse(k, x, state, skip)
         # 5. one logit map per class at stride 4

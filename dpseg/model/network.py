@@ -105,13 +105,11 @@ class DPSeg(nn.Module):
         reject = None if self.training else self.cfg.class_reject_topk
         chunk = class_chunk or self.cfg.class_chunk
         if reject or not chunk or chunk >= num_classes:
+            # the compiled decoder is traced without a pass context; a decode that keeps or uses one runs eager
             compiled = self.compiled_decoder is not None and not self.training and context is context_out is None
             decode = self.compiled_decoder if compiled else self.decoder
             inputs = self._inputs(features, text, visual, slice(None))
-            if context is context_out is None:
-                logits, aux_logits = decode(inputs, aux=aux, reject_topk=reject)
-            else:
-                logits, aux_logits = decode(inputs, aux, reject, context, context_out)
+            logits, aux_logits = decode(inputs, aux, reject, context, context_out)
             return (logits, aux_logits) if aux else logits
         logits, aux_logits = self._decode_in_chunks(
             features, text, visual, num_classes, chunk, aux, context, context_out
