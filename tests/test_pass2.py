@@ -485,3 +485,32 @@ def test_eval_and_segment_take_the_merge_from_a_crop_prompt_checkpoint(world):
     session = SegmentSession(crop_ckpt, device="cpu")
     assert (session.merge, session.share) == ("mix", 0.5)
     assert (SegmentSession(world / "ckpt", device="cpu").merge) == "replace"
+
+
+def test_the_diagnosis_scores_the_objects_without_the_background_class(tmp_path):
+    from pipeline.analyze.pass2 import diagnose, markdown
+
+    # 2 images x 3 classes (a, b, background); rows gt, tp_1, tp_2, pred_1, pred_2
+    gt = np.array([[10, 0, 50], [0, 20, 40]])
+    tp1, pred1 = np.array([[5, 0, 40], [0, 10, 30]]), np.array([[10, 5, 45], [5, 20, 35]])
+    tp2, pred2 = np.array([[8, 0, 40], [0, 10, 30]]), np.array([[12, 0, 48], [0, 25, 35]])
+    folder = tmp_path / "eval"
+    (folder / "per_image").mkdir(parents=True)
+    np.save(folder / "per_image" / "counts.npy", np.stack([gt, tp1, tp2, pred1, pred2], axis=1))
+    (folder / "per_image" / "ids.json").write_text(
+        json.dumps({"ids": ["0", "1"], "rows": ["gt", "tp_1", "tp_2", "pred_1", "pred_2"]})
+    )
+    (folder / "refinement.csv").write_text("image,class,area,gt_area,cropped,cropped_in_gt\n0,0,10,10,10,8\n")
+    metrics = {"class_names": ["a", "b", "background"], "paired_bootstrap": {"samples": 200, "seed": 3}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+    objects = diagnose(folder)["objects_only"]
+    # a: I 5/(10+15-5)=0.25, II 8/(10+12-8)=8/14; b: I 10/(20+25-10)=10/35, II 10/(20+25-10)=10/35
+    assert objects["classes"] == 2
+    assert objects["pass1"] == pytest.approx(100 * (0.25 + 10 / 35) / 2)
+    assert objects["pass2"] == pytest.approx(100 * (8 / 14 + 10 / 35) / 2)
+    assert objects["change"] == pytest.approx(objects["pass2"] - objects["pass1"])
+    assert "objects only" in markdown([diagnose(folder)])
+    metrics["class_names"] = ["a", "b", "c"]  # no background class: nothing to leave out
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert diagnose(folder)["objects_only"] is None

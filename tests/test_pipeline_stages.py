@@ -50,7 +50,7 @@ def test_eval_sets_resolve_to_eval_settings():
     seen = eval_set(r, "seen")
     assert seen["classes"] == "seen" and seen["out"] == "out/eval/seen" and seen["min_area"] == 9
     EvalSettings(**seen).validate()  # every key is an EvalSettings field
-    assert eval_set(r, "unseen")["classes"] == "unseen"
+    assert eval_set(r, "unseen")["classes"] == "unseen+background"  # a new dataset labels its canvas
 
 
 def test_params_yaml_resolves_and_dvc_yaml_tracks_it():

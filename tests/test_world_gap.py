@@ -66,6 +66,7 @@ def test_synth_with_background_writes_the_world_vocabulary(tmp_path):
     assert layout.vocabulary == "shapes-background" and layout.num_classes == 49
     assert load_vocab("shapes-background")[48] == "background"
     assert 48 in layout.extra["seen_ids"] and 48 not in layout.extra["unseen_ids"]
+    assert layout.extra["background_ids"] == [48]
     with pytest.raises(UserError, match="scene style 'fog'"):
         write_shapes_benchmark(tmp_path / "x", images=1, size=32, scene_style="fog")
 
@@ -80,6 +81,40 @@ def test_the_demo_profile_uses_the_gap_world_and_500_val_images_and_no_crop_trai
     for name in ("paper-b", "paper-l"):  # the extension stays out of the paper's profiles
         assert PROFILES.get(name).defaults("train").get("crop_prompts", 0.0) == 0.0
     assert demo.defaults("train")["crop_prompts"] > 0 and demo.defaults("train")["crop_negatives"] > 0
+
+
+def test_the_unseen_set_holds_its_canvas_class_exactly_when_the_canvas_is_labelled(tmp_path):
+    from dpseg.data.layout import read_layout
+    from dpseg.data.subsets import remap_labels, resolve_subset
+    from dpseg.data.synth import write_shapes_benchmark
+    from pipeline.profiles import eval_set, resolve
+
+    classes = eval_set(resolve({"profile": "demo"}), "unseen")["classes"]
+    write_shapes_benchmark(tmp_path / "w", images=1, val_images=1, size=32, background=True)
+    write_shapes_benchmark(tmp_path / "plain", images=1, val_images=1, size=32)
+    labelled, ignored = read_layout(tmp_path / "w"), read_layout(tmp_path / "plain")
+    assert resolve_subset(labelled, classes) == [*shapes.UNSEEN_IDS, 48]
+    assert resolve_subset(ignored, classes) == list(shapes.UNSEEN_IDS)  # no canvas class: it stays ignored
+    # the canvas is counted as the set's last class; seen objects are ignored as before
+    seen_object = shapes.SEEN_IDS[0]
+    label = np.array([[48, shapes.UNSEEN_IDS[1], seen_object, 255]])
+    keep = resolve_subset(labelled, classes)
+    assert remap_labels(label, keep, 49, 255).tolist() == [[12, 1, 255, 255]]
+
+
+def test_class_subsets_join_with_plus_and_refuse_unknown_parts_and_repeats(tmp_path):
+    from dpseg.data.layout import read_layout
+    from dpseg.data.subsets import resolve_subset
+    from dpseg.data.synth import write_shapes_benchmark
+
+    write_shapes_benchmark(tmp_path / "w", images=1, val_images=1, size=32, background=True)
+    info = read_layout(tmp_path / "w")
+    assert resolve_subset(info, "unseen+3,5") == [*shapes.UNSEEN_IDS, 3, 5]
+    assert sorted(resolve_subset(info, "seen+unseen")) == list(range(49))
+    with pytest.raises(UserError, match="declares no class subset 'rare'.*joined by '\\+'"):
+        resolve_subset(info, "unseen+rare")
+    with pytest.raises(UserError, match="must list distinct ids"):
+        resolve_subset(info, "seen+background")  # the canvas is already a seen class
 
 
 def crop_world(num_classes: int):

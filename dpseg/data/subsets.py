@@ -1,7 +1,8 @@
 """Class subsets: train or evaluate on part of a dataset's vocabulary, as a new dataset would be.
 
 A prepared dataset may declare named subsets in `dataset.json` extra as `<name>_ids` (the
-synthetic `shapes` benchmark declares `seen_ids` and `unseen_ids`). Restricting to a subset
+synthetic `shapes` benchmark declares `seen_ids`, `unseen_ids` and `background_ids`, the canvas
+class when the canvas is labelled, else none). Restricting to a subset
 keeps only those classes' prompts and relabels the ground truth: subset classes get ids
 0..K-1 in subset order, every other class becomes the ignore value.
 
@@ -25,21 +26,25 @@ def available_subsets(info: LayoutInfo) -> list[str]:
 
 def resolve_subset(info: LayoutInfo, subset: str | None) -> list[int]:
     """Dataset class ids of `subset`: None or "all" -> every class; a declared name
-    ("seen", "unseen"); or comma-separated ids ("0,3,7")."""
+    ("seen", "unseen"); comma-separated ids ("0,3,7"); or a union of those joined by "+"
+    ("unseen+background": the unseen classes, then the dataset's background classes)."""
     if subset in (None, "", "all"):
         return list(range(info.num_classes))
-    if f"{subset}_ids" in info.extra:
-        ids = [int(i) for i in info.extra[f"{subset}_ids"]]
-    elif all(part.strip().isdigit() for part in subset.split(",")):
-        ids = [int(part) for part in subset.split(",")]
-    else:
-        have = ", ".join(available_subsets(info)) or "none"
-        raise UserError(f"dataset {str(info.root)!r} declares no class subset {subset!r} (it has: {have}); "
-                        "pass one of those, 'all', or comma-separated class ids")
+    ids = [i for part in subset.split("+") for i in _resolve_part(info, part.strip())]
     bad = [i for i in ids if not 0 <= i < info.num_classes]
     if bad or not ids or len(set(ids)) != len(ids):
         raise UserError(f"class subset {subset!r} must list distinct ids in 0..{info.num_classes - 1}; got {ids[:10]}")
     return ids
+
+
+def _resolve_part(info: LayoutInfo, part: str) -> list[int]:
+    if f"{part}_ids" in info.extra:
+        return [int(i) for i in info.extra[f"{part}_ids"]]
+    if part and all(p.strip().isdigit() for p in part.split(",")):
+        return [int(p) for p in part.split(",")]
+    have = ", ".join(available_subsets(info)) or "none"
+    raise UserError(f"dataset {str(info.root)!r} declares no class subset {part!r} (it has: {have}); "
+                    "pass one of those, 'all', comma-separated class ids, or a union of them joined by '+'")
 
 
 def remap_table(keep: list[int], num_classes: int, ignore_index: int) -> np.ndarray:

@@ -72,6 +72,9 @@ def write_shapes_benchmark(
     seen, seen_ids = list(shapes.SEEN), list(shapes.SEEN_IDS)
     if background:  # the canvas is in every training image: a seen class
         seen, seen_ids = [*seen, shapes.BACKGROUND], [*seen_ids, canvas]
-    extra = {"seen": seen, "unseen": shapes.UNSEEN, "seen_ids": seen_ids, "unseen_ids": shapes.UNSEEN_IDS}
+    # a new dataset in this world labels its canvas as ADE labels walls: `unseen+background` is that dataset
+    background_ids = [canvas] if background else []
+    extra = {"seen": seen, "unseen": shapes.UNSEEN, "seen_ids": seen_ids, "unseen_ids": shapes.UNSEEN_IDS,
+             "background_ids": background_ids}
     info = writer.finish(splits, {}, extra)
     return Report(info=info, written=written, resumed=resumed)

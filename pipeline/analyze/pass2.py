@@ -11,6 +11,9 @@ at the model input, cropped pixels and cropped pixels inside the ground truth).
   false-positive pixels added ((pred - tp) II - (pred - tp) I); "not refined" are the pairs of
   classes present in an image that pass II did not refine (they change through the decoder's
   class attention and through the refined classes taking or giving up their pixels).
+- objects only: where the set's vocabulary holds `background` (the demo's unseen set holds its
+  canvas), pass I and II mIoU over the other classes with the same paired bootstrap; the canvas
+  pixels still count as their false positives.
 - crop quality: precision = cropped pixels inside the ground truth / cropped pixels, recall =
   cropped pixels inside the ground truth / ground-truth pixels (true detections; model input).
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dpseg.errors import UserError
+from dpseg.metrics import miou_from_counts, paired_bootstrap
 
 
 def diagnose(folder: str | Path) -> dict:
@@ -73,7 +77,32 @@ def diagnose(folder: str | Path) -> dict:
         "mask_precision": hit / cropped if cropped else None,
         "mask_recall": hit / gt if gt else None,
     }
+    out["objects_only"] = objects_only(folder, row)
     return out
+
+
+def objects_only(folder: Path, row: dict) -> dict | None:
+    """Pass I, pass II and the paired bootstrap of their change over the classes other than
+    `background`, from the eval's own per-image counts and bootstrap settings; None when the
+    set has no `background` class."""
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    names = metrics.get("class_names") or []
+    keep = [k for k, name in enumerate(names) if name != "background"]
+    if len(keep) == len(names) or not keep:
+        return None
+    tp1, tp2, pred1, pred2, gt = (row[k][:, keep] for k in ("tp_1", "tp_2", "pred_1", "pred_2", "gt"))
+    settings = metrics.get("paired_bootstrap", {})
+    boot = paired_bootstrap(tp1, pred1, tp2, pred2, gt, settings.get("samples", 1000), settings.get("seed", 0))
+    return {
+        "classes": len(keep),
+        "pass1": float(miou_from_counts(tp1.sum(0), gt.sum(0), pred1.sum(0))),
+        "pass2": float(miou_from_counts(tp2.sum(0), gt.sum(0), pred2.sum(0))),
+        "change": boot["estimate"],
+        "ci95": boot["ci95"],
+    }
 
 
 def markdown(results: list[dict]) -> str:
@@ -100,6 +129,15 @@ def markdown(results: list[dict]) -> str:
             f"| {r['folder']} | {c['refined_per_image']:.2f} | {pct(c['false_detection_share'])} | "
             f"{pct(c['mask_precision'])} | {pct(c['mask_recall'])} |"
         )
+    objects = [r for r in results if r.get("objects_only")]
+    if objects:
+        lines += ["", "| eval | objects only (no background): classes | pass I | pass II | II − I [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for r in objects:
+            o = r["objects_only"]
+            ci = "–" if o["ci95"] is None else f"[{o['ci95'][0]:+.1f}, {o['ci95'][1]:+.1f}]"
+            lines.append(f"| {r['folder']} | {o['classes']} | {o['pass1']:.1f} | {o['pass2']:.1f} | "
+                         f"{o['change']:+.1f} {ci} |")
     return "\n".join(lines)
 
 
