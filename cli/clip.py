@@ -21,6 +21,7 @@ def pretrain_command(
     lr: float = typer.Option(_D.lr, help="Peak learning rate (AdamW, warm-up then cosine)."),
     templates_per_step: int = typer.Option(_D.templates_per_step, min=1, help="Templates captioned per step."),
     renders: int = typer.Option(_D.renders, min=1, help="Cached training renders per (category, template)."),
+    photo_share: float = typer.Option(_D.photo_share, help="Share of the renders under photo conditions (0..1)."),
     small_size: int = typer.Option(_D.small_size, help="Input size of the first part of training (multiple of 32)."),
     small_fraction: float = typer.Option(_D.small_fraction, help="Share of the steps run at --small-size."),
     attribute_weight: float = typer.Option(_D.attribute_weight, help="Weight of the per-attribute losses."),
@@ -38,6 +39,7 @@ def pretrain_command(
         lr=lr,
         templates_per_step=templates_per_step,
         renders=renders,
+        photo_share=photo_share,
         small_size=small_size,
         small_fraction=small_fraction,
         attribute_weight=attribute_weight,
@@ -50,7 +52,8 @@ def pretrain_command(
     attrs = ", ".join(f"{k} {v:.3f}" for k, v in m["attribute_accuracy"].items())
     typer.echo(
         f"zero-shot accuracy {m['zero_shot_accuracy']:.3f} over 48 categories (chance {m['chance']:.3f}) "
-        f"on {m['images']} held-out renders; per attribute: {attrs}"
+        f"on {m['images']} held-out renders; per attribute: {attrs}; "
+        f"{m['photo']['zero_shot_accuracy']:.3f} on the same renders under photo conditions"
     )
     typer.echo(
         f"{m['steps']} steps in {m['train_s']:.0f} s ({m['train_s_per_step']:.3f} s/step), "

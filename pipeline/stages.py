@@ -463,8 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "report":
         print(result["table"])
     elif args.stage == "clip" and "zero_shot_accuracy" in result:
+        photo = result.get("photo", {}).get("zero_shot_accuracy")
         print(
             f"zero-shot accuracy {result['zero_shot_accuracy']:.3f} over 48 categories (chance {result['chance']:.3f})"
+            + ("" if photo is None else f"; {photo:.3f} on the same renders under photo conditions")
         )
 
 

@@ -123,6 +123,27 @@ def test_short_tokens_give_open_clip_embeddings():
 def test_bad_settings_are_one_line_errors(cli, one_line_error, tmp_path):
     one_line_error(cli("clip", "pretrain", "--out", tmp_path, "--small-size", "40"), "small_size", "multiple of 32")
     one_line_error(cli("clip", "pretrain", "--out", tmp_path, "--device", "tpu"), "device", "cpu or cuda")
+    one_line_error(cli("clip", "pretrain", "--out", tmp_path, "--photo-share", "1.5"), "photo_share", "[0, 1]")
     assert not (tmp_path / "tiny.safetensors").exists()
     with pytest.raises(Exception, match="unknown settings"):
         cp.ClipPretrainSettings.from_dict({"stepz": 3})
+
+
+def test_a_photo_share_puts_the_last_renders_under_photo_conditions():
+    from dpseg.clip.templates import TEMPLATES
+    from dpseg.data.shapes import photo_conditions, render_prompt_image
+
+    plain = cp.render_set(32, 2, 5, templates=1)
+    mixed = cp.render_set(32, 2, 5, templates=1, photo_share=0.5)
+    assert mixed.shape == plain.shape == (48, 1, 2, 32, 32, 3)
+    assert (mixed[:, :, 0] == plain[:, :, 0]).all()  # the first render of each pair stays plain
+    c = 7
+    render = render_prompt_image(SHAPES_CATEGORIES[c], TEMPLATES[0], 32, 5 + 1)
+    assert (mixed[c, 0, 1] == photo_conditions(render, 5, f"{c}/0/1")).all() and (mixed[c, 0, 1] != render).any()
+    assert (cp.render_set(32, 2, 5, templates=1, photo_share=0.5) == mixed).all()  # seeded
+
+
+def test_the_metrics_hold_the_zero_shot_accuracy_under_photo_conditions(runs):
+    _, metrics = runs["a"]
+    photo = metrics["photo"]
+    assert 0.0 <= photo["zero_shot_accuracy"] <= 1.0 and set(photo["attribute_accuracy"]) == set(cp.ATTRIBUTES)

@@ -415,16 +415,27 @@ def render_scene(
     return _photo_conditions(image, label, canvas, size, rng)
 
 
+def photo_conditions(image: np.ndarray, seed: int, key: str) -> np.ndarray:
+    """A rendered (size, size, 3) uint8 image under the scenes' photo conditions (clutter, light,
+    colour cast, blur; the texture scale is drawn at paint time and is not among them), drawn
+    from (seed, key): what a camera does to an object, for CLIP pretraining that has seen
+    photographs of the world as well as renders."""
+    size = image.shape[0]
+    photo, _ = _photo_conditions(image.astype(np.float32), None, 0, size, _rng(seed, "photo", key))
+    return photo
+
+
 def _photo_conditions(
-    image: np.ndarray, label: np.ndarray, canvas: int, size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    image: np.ndarray, label: np.ndarray | None, canvas: int, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     for _ in range(int(rng.integers(0, 4))):  # clutter: grey-brown blobs, small enough to leave objects readable
         radius = size * rng.uniform(0.04, 0.1)
         cx, cy = rng.uniform(0, size), rng.uniform(0, size)
         blob = shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
         grey = rng.uniform(60, 200)
         image[blob] = np.asarray([grey * 1.05, grey, grey * 0.9], dtype=np.float32)
-        label[blob] = canvas
+        if label is not None:
+            label[blob] = canvas
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     a = rng.uniform(0, 2 * math.pi)
     light = rng.uniform(0.65, 1.25) * (1 + rng.uniform(0, 0.3) * (xx * math.cos(a) + yy * math.sin(a) - 0.5))

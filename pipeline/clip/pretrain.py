@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from dpseg.clip.encoders import ENCODERS, create_open_clip
 from dpseg.clip.templates import TEMPLATES
-from dpseg.data.shapes import COLOURS, SHAPES, SHAPES_CATEGORIES, TEXTURES, render_prompt_image
+from dpseg.data.shapes import COLOURS, SHAPES, SHAPES_CATEGORIES, TEXTURES, photo_conditions, render_prompt_image
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
 from dpseg.reproducibility import environment
@@ -60,6 +60,9 @@ class ClipPretrainSettings:
     templates: int = 80  # the first K CLIP templates caption the renders (tests use a few)
     templates_per_step: int = 8  # captions per step: 48 categories x this many templates
     renders: int = 2  # cached training renders per (category, template)
+    # share of those renders under the scenes' photo conditions (clutter, light, cast, blur): a CLIP that
+    # has seen the world has seen photographs of it, not renders only (the bank keeps its studio look)
+    photo_share: float = 0.0
     small_size: int = 32  # input size of the first `small_fraction` of steps
     small_fraction: float = 0.0  # measured: a 32 -> 64 px switch loses what 32 px learnt
     attribute_weight: float = 0.5
@@ -96,6 +99,8 @@ class ClipPretrainSettings:
             raise UserError(f"clip pretrain: small_size must be a multiple of 32, got {self.small_size}")
         if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
             raise UserError(f"clip pretrain: device must be cpu or cuda (with a GPU present), got {self.device!r}")
+        if not 0.0 <= self.photo_share <= 1.0:
+            raise UserError(f"clip pretrain: photo_share is a share in [0, 1], got {self.photo_share}")
         if not 0.0 <= self.small_fraction <= 1.0:
             raise UserError(f"clip pretrain: small_fraction must be in [0, 1], got {self.small_fraction}")
 
@@ -104,13 +109,23 @@ class ClipPretrainSettings:
 
 
 def render_set(
-    size: int, renders: int, seed: int, templates: int = len(TEMPLATES), progress: bool = False, desc: str = "render"
+    size: int,
+    renders: int,
+    seed: int,
+    templates: int = len(TEMPLATES),
+    progress: bool = False,
+    desc: str = "render",
+    photo_share: float = 0.0,
 ) -> np.ndarray:
-    """(48, K, renders, size, size, 3) uint8: every (category, template) drawn `renders` times."""
+    """(48, K, renders, size, size, 3) uint8: every (category, template) drawn `renders` times;
+    the last round(renders * photo_share) draws of each under photo conditions (`photo_conditions`)."""
     out = np.empty((len(SHAPES_CATEGORIES), templates, renders, size, size, 3), dtype=np.uint8)
+    first_photo = renders - int(round(renders * photo_share))
     pairs = [(c, t, r) for c in range(len(SHAPES_CATEGORIES)) for t in range(templates) for r in range(renders)]
     for c, t, r in tqdm(pairs, desc=desc, disable=not progress, leave=False):
         out[c, t, r] = render_prompt_image(SHAPES_CATEGORIES[c], TEMPLATES[t], size, seed + r)
+        if r >= first_photo:
+            out[c, t, r] = photo_conditions(out[c, t, r], seed, f"{c}/{t}/{r}")
     return out
 
 
@@ -285,9 +300,13 @@ def _pretrain(cfg: ClipPretrainSettings, progress: bool) -> dict[str, Any]:
 
     # 2. the cached training renders (and the held-out ones, drawn with other seeds)
     t0 = time.perf_counter()
-    train_images = torch.from_numpy(render_set(size, cfg.renders, cfg.seed, cfg.templates, progress, "render train"))
+    train_images = torch.from_numpy(
+        render_set(size, cfg.renders, cfg.seed, cfg.templates, progress, "render train", cfg.photo_share)
+    )
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
     eval_images = render_set(size, cfg.eval_renders, eval_seed, cfg.templates, progress, "render eval")
+    # the same held-out renders under photo conditions: how much of the CLIP survives a camera
+    eval_photo = render_set(size, cfg.eval_renders, eval_seed, cfg.templates, progress, "render eval", 1.0)
     timings["render_s"] = time.perf_counter() - t0
 
     # 3. optimiser: AdamW, no decay on norms, biases, embeddings and the logit scale
@@ -336,6 +355,8 @@ def _pretrain(cfg: ClipPretrainSettings, progress: bool) -> dict[str, Any]:
     # 5. zero-shot accuracy on the held-out renders, then the artifacts (weights first, atomically)
     t0 = time.perf_counter()
     metrics = zero_shot_metrics(model, tokens, eval_images, size)
+    photo = zero_shot_metrics(model, tokens, eval_photo, size)
+    metrics["photo"] = {k: photo[k] for k in ("zero_shot_accuracy", "attribute_accuracy")}
     timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     metrics.update(
