@@ -70,8 +70,9 @@ PROFILES.register(
                 "out": "out/data",
             },
             # 1200 steps: ~3.5 min on 2 cores, zero-shot ~0.6 (docs/clip.md); a GPU runs more in seconds
-            # (-S clip.steps=3000 -S clip.device=cuda)
-            "clip": {"enabled": True, "steps": 1200, "seed": 0, "device": "cpu", "photo_share": 0.0, "out": "out/clip"},
+            # (-S clip.steps=3000 -S clip.device=cuda). Half the renders under the scenes' photo conditions:
+            # a web-scale CLIP has seen photographs of its world, not renders only (docs/clip.md)
+            "clip": {"enabled": True, "steps": 1200, "seed": 0, "device": "cpu", "photo_share": 0.5, "out": "out/clip"},
             "bank": {
                 "generator": "procedural-studio",
                 "vocab": ["shapes-background"],

@@ -307,7 +307,7 @@ def test_the_seed_spread_trains_the_recipe_at_each_extra_seed_and_evaluates_ever
     main = pipeline.train.loop.recipe_from_params(r["train"])
     assert all(dataclasses.replace(t, seed=main.seed, out=main.out) == main for t in trained)  # nothing else differs
     assert [(e.checkpoint, e.out, e.classes) for e in evaluated] == [
-        (f"out/seeds/seed-{s}/train/checkpoint", f"out/seeds/seed-{s}/eval/{c}", c)
+        (f"out/seeds/seed-{s}/train/checkpoint", f"out/seeds/seed-{s}/eval/{c}", eval_set(r, c)["classes"])
         for s in (3, 1)
         for c in ("seen", "unseen")
     ]

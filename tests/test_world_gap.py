@@ -210,3 +210,11 @@ def test_crop_negatives_need_crop_prompts():
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negatives=-1, crop_size=64))
     with pytest.raises(UserError, match="--crop-prompt-images is a share"):
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompt_images=0.0, crop_size=64))
+
+
+def test_the_demo_clip_has_seen_photographs_of_its_world_and_the_paper_profiles_train_none():
+    from pipeline.profiles import PROFILES
+
+    assert PROFILES.get("demo").defaults("clip")["photo_share"] == 0.5
+    for name in ("paper-b", "paper-l"):  # real CLIP weights: no pretraining stage runs
+        assert not PROFILES.get(name).defaults("clip")["enabled"]
