@@ -181,6 +181,7 @@ def test_pairs_are_sampled_deterministically_from_qualifying_regions(world, tmp_
     data = open_dataset(str(root / "shapes"), None)
     ids = resolve_classes(data, ", ".join(top))
     assert [data.class_names[i] for i in ids] == top
+    assert resolve_classes(data, "unseen+1,2") == [*data.info.extra["unseen_ids"], 1, 2]  # a union of subsets
     pairs = sample_pairs(data, ids, 100, 0.005, seed=0)
     assert pairs == sample_pairs(data, ids, 100, 0.005, seed=0) and pairs[:3] == sample_pairs(data, ids, 3, 0.005, 0)
     assert sample_pairs(data, ids, 100, 0.005, seed=1) != pairs  # the seed orders the items
