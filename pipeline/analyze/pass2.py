@@ -131,13 +131,17 @@ def markdown(results: list[dict]) -> str:
         )
     objects = [r for r in results if r.get("objects_only")]
     if objects:
-        lines += ["", "| eval | objects only (no background): classes | pass I | pass II | II − I [95% CI] |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| eval | objects only (no background): classes | pass I | pass II | II − I [95% CI] |",
+            "|---|---|---|---|---|",
+        ]
         for r in objects:
             o = r["objects_only"]
             ci = "–" if o["ci95"] is None else f"[{o['ci95'][0]:+.1f}, {o['ci95'][1]:+.1f}]"
-            lines.append(f"| {r['folder']} | {o['classes']} | {o['pass1']:.1f} | {o['pass2']:.1f} | "
-                         f"{o['change']:+.1f} {ci} |")
+            lines.append(
+                f"| {r['folder']} | {o['classes']} | {o['pass1']:.1f} | {o['pass2']:.1f} | {o['change']:+.1f} {ci} |"
+            )
     return "\n".join(lines)
 
 
