@@ -40,7 +40,7 @@ from dpseg.refine import (
     select_classes,
     top_classes,
 )
-from pipeline.evaluate.loop import EvalSettings, evaluate, fast_pass2, head_counts, pass2_logits
+from pipeline.evaluate.loop import EvalSettings, evaluate, fast_pass2, head_counts, oracle_share, pass2_logits
 
 
 # ---- the paired bootstrap ---------------------------------------------------------------------
@@ -387,12 +387,20 @@ def test_the_oracle_is_a_labelled_diagnostic_never_a_pass(world, oracle_run):
     assert "DIAGNOSTIC" in diag["note"]
     one, two, bound = oracle_run["passes"]["1"]["miou"], oracle_run["passes"]["2"]["miou"], diag["pass2_oracle"]["miou"]
     assert diag["oracle_gain"] == pytest.approx(bound - one)
-    assert diag["share_of_oracle_gain_closed"] == pytest.approx((two - one) / (bound - one))
+    assert diag["share_of_oracle_gain_closed"] == oracle_share(one, two, bound)
+
     # the oracle's crops are cut from the ground truth: every refined class is present there
     from pipeline.evaluate.report import render_report
 
     report = render_report([str(world / "oracle")], labels=["u"], out=str(world / "report"), panels=0)
     assert "diagnostic" in report["markdown"] and f"{bound:.1f}" in report["markdown"]
+
+
+def test_the_share_of_the_oracle_gain_is_given_only_where_there_is_a_gain_to_close():
+    assert oracle_share(10.0, 12.0, 20.0) == pytest.approx(0.2)
+    assert oracle_share(10.0, 9.0, 14.0) == pytest.approx(-0.25)  # pass II lost a quarter of the oracle's gain
+    assert oracle_share(10.0, 12.0, 10.5) is None  # the oracle gains half a point: nothing to close
+    assert oracle_share(23.8, 21.0, 17.7) is None  # below pass I (a decoder that never met a crop prompt)
 
 
 def test_oracle_crops_come_from_the_label_map():

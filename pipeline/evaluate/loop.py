@@ -531,6 +531,16 @@ def head_counts(counts: np.ndarray, heads: list[str], head: str) -> tuple[np.nda
     return counts[:, 1 + h], counts[:, 0], counts[:, 1 + len(heads) + h]
 
 
+MIN_ORACLE_GAIN = 1.0  # mIoU points: below it the oracle leaves no gain to close, and a share would mislead
+
+
+def oracle_share(pass1: float, pass2: float, oracle: float) -> float | None:
+    """The share of the oracle's gain over pass I that pass II closes; None where the oracle gains
+    less than MIN_ORACLE_GAIN (a decoder that cannot use crops: -615% would be read as a result)."""
+    gain = oracle - pass1
+    return (pass2 - pass1) / gain if gain >= MIN_ORACLE_GAIN else None
+
+
 def _add_statistics(metrics: dict, heads: list[str], counts: np.ndarray | None, settings: EvalSettings) -> None:
     passes = metrics["passes"]
     if counts is not None and "1" in heads and "2" in heads and settings.bootstrap:
@@ -552,7 +562,7 @@ def _add_statistics(metrics: dict, heads: list[str], counts: np.ndarray | None, 
         }
         if None not in (one, two, bound):
             diag["oracle_gain"] = bound - one
-            diag["share_of_oracle_gain_closed"] = (two - one) / (bound - one) if bound != one else None
+            diag["share_of_oracle_gain_closed"] = oracle_share(one, two, bound)
         if counts is not None and settings.bootstrap and "1" in heads:
             tp1, gt, pred1 = head_counts(counts, heads, "1")
             tpo, _, predo = head_counts(counts, heads, "oracle")
