@@ -37,10 +37,24 @@ def resolve_subset(info: LayoutInfo, subset: str | None) -> list[int]:
     return ids
 
 
-def _resolve_part(info: LayoutInfo, part: str) -> list[int]:
+def is_subset_expression(info: LayoutInfo, text: str | None) -> bool:
+    """Whether `text` is something `resolve_subset` reads (rather than, say, class names)."""
+    return text in (None, "", "all") or all(_part_kind(info, part.strip()) for part in text.split("+"))
+
+
+def _part_kind(info: LayoutInfo, part: str) -> str | None:
     if f"{part}_ids" in info.extra:
-        return [int(i) for i in info.extra[f"{part}_ids"]]
+        return "declared"
     if part and all(p.strip().isdigit() for p in part.split(",")):
+        return "ids"
+    return None
+
+
+def _resolve_part(info: LayoutInfo, part: str) -> list[int]:
+    kind = _part_kind(info, part)
+    if kind == "declared":
+        return [int(i) for i in info.extra[f"{part}_ids"]]
+    if kind == "ids":
         return [int(p) for p in part.split(",")]
     have = ", ".join(available_subsets(info)) or "none"
     raise UserError(f"dataset {str(info.root)!r} declares no class subset {part!r} (it has: {have}); "

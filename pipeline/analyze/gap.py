@@ -133,14 +133,9 @@ def resolve_classes(dataset, classes: str | None) -> list[int]:
     """Dataset class ids: a declared subset, ids or a '+' union of them (dpseg.data.subsets), else comma-separated
     names matched against any synonym of the dataset's classes."""
     from dpseg.clip.templates import split_synonyms
-    from dpseg.data.subsets import available_subsets, resolve_subset
+    from dpseg.data.subsets import available_subsets, is_subset_expression, resolve_subset
 
-    subsets = available_subsets(dataset.info)
-
-    def subset_or_ids(part: str) -> bool:
-        return part.strip() in subsets or all(p.strip().isdigit() for p in part.split(","))
-
-    if classes is None or classes in ("all", "") or all(subset_or_ids(part) for part in classes.split("+")):
+    if is_subset_expression(dataset.info, classes):
         return resolve_subset(dataset.info, classes)
     index = {}
     for i, name in enumerate(dataset.class_names):

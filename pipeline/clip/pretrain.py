@@ -21,6 +21,7 @@ from 32 to 64 px loses most of what was learnt at 32 px.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -118,14 +119,24 @@ def render_set(
     photo_share: float = 0.0,
 ) -> np.ndarray:
     """(48, K, renders, size, size, 3) uint8: every (category, template) drawn `renders` times;
-    the last round(renders * photo_share) draws of each under photo conditions (`photo_conditions`)."""
+    the last round(renders * photo_share) draws of each under photo conditions (`photograph`)."""
     out = np.empty((len(SHAPES_CATEGORIES), templates, renders, size, size, 3), dtype=np.uint8)
-    first_photo = renders - int(round(renders * photo_share))
     pairs = [(c, t, r) for c in range(len(SHAPES_CATEGORIES)) for t in range(templates) for r in range(renders)]
     for c, t, r in tqdm(pairs, desc=desc, disable=not progress, leave=False):
         out[c, t, r] = render_prompt_image(SHAPES_CATEGORIES[c], TEMPLATES[t], size, seed + r)
-        if r >= first_photo:
-            out[c, t, r] = photo_conditions(out[c, t, r], seed, f"{c}/{t}/{r}")
+    return photograph(out, seed, first=renders - int(round(renders * photo_share)))
+
+
+def photograph(renders: np.ndarray, seed: int, first: int = 0) -> np.ndarray:
+    """A copy of a render set (48, K, R, S, S, 3) with draws `first`..R-1 of every (category,
+    template) under photo conditions, each seeded by (seed, its place in the set); the set itself
+    when no draw is photographed."""
+    n, m, r = renders.shape[:3]
+    if first >= r:
+        return renders
+    out = renders.copy()
+    for c, t, k in itertools.product(range(n), range(m), range(first, r)):
+        out[c, t, k] = photo_conditions(renders[c, t, k], seed, f"{c}/{t}/{k}")
     return out
 
 
@@ -306,7 +317,7 @@ def _pretrain(cfg: ClipPretrainSettings, progress: bool) -> dict[str, Any]:
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
     eval_images = render_set(size, cfg.eval_renders, eval_seed, cfg.templates, progress, "render eval")
     # the same held-out renders under photo conditions: how much of the CLIP survives a camera
-    eval_photo = render_set(size, cfg.eval_renders, eval_seed, cfg.templates, progress, "render eval", 1.0)
+    eval_photo = photograph(eval_images, eval_seed)
     timings["render_s"] = time.perf_counter() - t0
 
     # 3. optimiser: AdamW, no decay on norms, biases, embeddings and the logit scale
