@@ -212,6 +212,30 @@ def test_crop_negatives_need_crop_prompts():
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompt_images=0.0, crop_size=64))
 
 
+def test_crop_prompts_from_trains_the_first_share_of_the_steps_on_bank_prompts_alone():
+    from pipeline.train.loop import TrainSettings, crop_prompts_active
+
+    def active(**kw):
+        recipe = TrainSettings(dataset="d", steps=10, **kw)
+        return [step for step in range(10) if crop_prompts_active(recipe, step)]
+
+    assert active(crop_prompts=0.5) == list(range(10))  # the default: from the first step
+    assert active(crop_prompts=0.5, crop_prompts_from=0.75) == [8, 9]  # ceil(7.5) = 8 steps first
+    assert active(crop_prompts=0.5, crop_prompts_from=0.5) == [5, 6, 7, 8, 9]
+    assert active() == []  # no crop prompts at all
+
+
+def test_crop_prompts_from_is_a_share_below_one_and_needs_crop_prompts():
+    from pipeline.train.loop import TrainSettings
+    from pipeline.train.resolve import check_numbers
+
+    with pytest.raises(UserError, match=r"--crop-prompts-from is the share of the steps .* in \[0, 1\); got 1.0"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompts_from=1.0, crop_size=64))
+    with pytest.raises(UserError, match="--crop-prompts-from says when --crop-prompts begin"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts_from=0.5, crop_size=64))
+    check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompts_from=0.75, crop_size=64))
+
+
 def test_the_demo_clip_has_seen_photographs_of_its_world_and_the_paper_profiles_train_none():
     from pipeline.profiles import PROFILES
 

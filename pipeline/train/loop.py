@@ -68,6 +68,9 @@ class TrainSettings:
     # with crop_prompts: the share of training images whose prompts get crops; the others keep the bank's
     # for every class, as pass I does, so bank prompts of present classes stay meaningful
     crop_prompt_images: float = 1.0
+    # with crop_prompts: the share of the steps trained on the bank's prompts alone before crop prompts
+    # begin (0: from the first step), so the decoder learns bank prompts first and crops late
+    crop_prompts_from: float = 0.0
     mixed_precision: str = "fp32"  # fp32 (= no; SED's) | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16)
     seed: int = 0
     num_workers: int = 4
@@ -243,7 +246,7 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
             labels = labels.to(device, non_blocking=True)
             sync = contextlib.nullcontext() if micro == r.grad_accum - 1 else accelerator.no_sync(ddp_model)
             step_visual = visual
-            if r.crop_prompts > 0 and visual is not None:
+            if visual is not None and crop_prompts_active(r, step):
                 step_visual = crop_prompt_visual(
                     model,
                     images,
@@ -330,6 +333,12 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
 
 
 # ---- helpers the loop uses ---------------------------------------------------------------------
+def crop_prompts_active(recipe: TrainSettings, step: int) -> bool:
+    """Whether optimizer step `step` (0-based) trains with crop prompts: `crop_prompts` is on and
+    the first `crop_prompts_from` share of the steps (rounded up) is behind."""
+    return recipe.crop_prompts > 0 and step >= math.ceil(recipe.crop_prompts_from * recipe.steps)
+
+
 def crop_prompt_visual(
     model,
     images,

@@ -71,6 +71,13 @@ def check_numbers(r) -> None:
         raise UserError(f"--crop-negatives counts absent classes per image, zero or more; got {r.crop_negatives}")
     if not 0.0 < r.crop_prompt_images <= 1.0:
         raise UserError(f"--crop-prompt-images is a share of the images, in (0, 1]; got {r.crop_prompt_images}")
+    if not 0.0 <= r.crop_prompts_from < 1.0:
+        raise UserError(
+            "--crop-prompts-from is the share of the steps before crop prompts begin, in [0, 1); "
+            f"got {r.crop_prompts_from}"
+        )
+    if r.crop_prompts_from and not r.crop_prompts:
+        raise UserError("--crop-prompts-from says when --crop-prompts begin: set --crop-prompts too")
     if r.crop_negatives and not r.crop_prompts:
         raise UserError("--crop-negatives fills --crop-prompts' slots of absent classes: set --crop-prompts too")
     if r.crop_size < 32 or r.crop_size % 32:
