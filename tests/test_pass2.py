@@ -319,6 +319,68 @@ def test_fast_pass_two_decodes_the_top_classes_in_the_context_of_all(model):
         torch.testing.assert_close(again, logits1, rtol=1e-5, atol=1e-6)
 
 
+def test_fast_pass_two_of_every_class_is_the_exact_pass_two(model):
+    """Decoding all N classes again in pass I's context, less their own pass-I keys and values,
+    is the exact pass II (chunked or not); against pass I's summary as it was, it is not."""
+    from dpseg.model import PassContext
+    from dpseg.model.summary import random_prompts
+
+    torch.manual_seed(6)
+    images = torch.rand(2, 3, 64, 64)
+    text, visual = random_prompts(model, 6)
+    refine = RefineSettings(64, min_area=1, merge="mix", share=0.5)
+    detect = (torch.arange(64) * 6 // 64).view(1, 64, 1).expand(2, 64, 64).clone()  # six bands: all refined
+    every = torch.arange(6).repeat(2, 1)  # all classes (ascending, as top_classes gives them)
+    with torch.inference_mode():
+        features = model.encode_image(model.image_encoder.normalize(images))
+        context = PassContext()
+        model(text=text, visual=visual, features=features, context_out=context)
+        assert all(keys.shape[:2] == (2, 6) for keys, _, _ in context.class_states)
+        refs = refine_batch(model, images, detect, refine)
+        exact = model(text=text, visual=replace_prompts(visual, refs, "mix", 0.5), features=features)
+        expected = exact.gather(1, every.view(2, 6, 1, 1).expand(-1, -1, *exact.shape[-2:]))
+        for chunk in (None, 4):
+            part = fast_pass2(model, text, visual, features, refs, refine, every, chunk, context)
+            torch.testing.assert_close(part, expected, rtol=1e-4, atol=1e-5)
+        text_k, visual_k = select_classes(text, replace_prompts(visual, refs, "mix", 0.5), every)
+        stale = model(text=text_k, visual=visual_k, features=features, context=context)  # pass I's own states
+        assert not torch.allclose(stale, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_context_takes_out_only_the_classes_early_rejection_kept():
+    """Under early rejection a stage holds the keys of the kept classes only: taking out a class
+    that was rejected there takes out nothing."""
+    from dpseg.model import PassContext
+    from dpseg.model.blocks import ClassAttention
+
+    torch.manual_seed(7)
+    keys, values = torch.rand(1, 3, 2, 2, 1, 4), torch.randn(1, 3, 2, 2, 1, 4)  # classes 0, 2, 5 of 6
+    total = ClassAttention.summary_of(keys, values)
+    context = PassContext([total], [None], [(keys, values, torch.tensor([0, 2, 5]))])
+    ((kv, k_sum),) = context.without(torch.tensor([[2, 3]])).summaries  # class 2 kept, class 3 rejected
+    left = ClassAttention.summary_of(keys[:, [0, 2]], values[:, [0, 2]])  # classes 0 and 5
+    torch.testing.assert_close(kv, left[0])
+    torch.testing.assert_close(k_sum, left[1])
+    with pytest.raises(ValueError, match="holds no per-class keys"):
+        PassContext([total], [None]).without(torch.tensor([[0]]))
+
+
+def test_a_decode_under_early_rejection_records_which_classes_each_stage_kept():
+    from dpseg.model import DPSegConfig, PassContext, build_dpseg
+    from dpseg.model.summary import random_prompts
+
+    torch.manual_seed(0)
+    model = build_dpseg(DPSegConfig(encoder="tiny", templates=2, class_reject_topk=1), weights=None).eval()
+    text, visual = random_prompts(model, 8)
+    context = PassContext()
+    with torch.inference_mode():
+        model(images=torch.rand(1, 3, 64, 64), text=text, visual=visual, context_out=context)
+    assert len(context.class_states) == model.decoder.num_stages
+    assert any(kept is not None and kept.numel() < 8 for _, _, kept in context.class_states)
+    for keys, _, kept in context.class_states:  # the aux head before each stage may drop classes
+        assert keys.shape[1] == (8 if kept is None else kept.numel())
+
+
 def test_pass_one_and_fast_pass_two_labels_share_one_upsampling():
     torch.manual_seed(3)
     logits1 = torch.randn(2, 9, 5, 6)

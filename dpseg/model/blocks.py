@@ -72,7 +72,7 @@ class ClassAttention(nn.Module):
         return F.elu(q) + 1, F.elu(k) + 1, v
 
     @staticmethod
-    def _summary(k: torch.Tensor, v: torch.Tensor) -> AttentionSummary:
+    def summary_of(k: torch.Tensor, v: torch.Tensor) -> AttentionSummary:
         with fp32(k):  # sums over hundreds of classes: never in half precision
             k, v = k.float(), v.float()
             return torch.einsum("bnxyhd,bnxyhe->bxyhde", k, v), k.sum(dim=1)
@@ -84,18 +84,31 @@ class ClassAttention(nn.Module):
         out = F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows])
         return out.unflatten(-1, (parts.stop - parts.start, self.heads, -1))
 
-    def summarize(self, x: torch.Tensor) -> AttentionSummary:
+    def summarize(self, x: torch.Tensor, class_sink: list | None = None) -> AttentionSummary:
         k, v = self._part(x, slice(1, 3)).unbind(-3)
-        return self._summary(F.elu(k) + 1, v)
+        k = F.elu(k) + 1
+        if class_sink is not None:
+            class_sink.append((k, v))
+        return self.summary_of(k, v)
 
     def forward(
-        self, x: torch.Tensor, summary: AttentionSummary | None = None, sink: list | None = None
+        self,
+        x: torch.Tensor,
+        summary: AttentionSummary | None = None,
+        sink: list | None = None,
+        class_sink: list | None = None,
+        add_own: bool = False,
     ) -> torch.Tensor:
-        """Attention of every class against `summary` (default: these classes' own); `sink`
-        receives the summary used (a pass-I context for `CostDecoder.forward(context=...)`)."""
-        if summary is None:
+        """Attention of every class against `summary` (default: these classes' own; with
+        `add_own`, `summary` plus these classes' own); `sink` receives the summary used (a pass-I
+        context for `CostDecoder.forward(context=...)`), `class_sink` these classes' keys and
+        values (what `PassContext.without` takes out of the summary again)."""
+        if summary is None or add_own:
             q, k, v = self._qkv(x)
-            summary = self._summary(k, v)
+            own = self.summary_of(k, v)
+            if class_sink is not None:
+                class_sink.append((k, v))
+            summary = own if summary is None else (summary[0] + own[0], summary[1] + own[1])
         else:
             q = F.elu(self._part(x, slice(0, 1)).squeeze(-3)) + 1
         if sink is not None:
@@ -156,19 +169,25 @@ class AggregationBlock(nn.Module):
         b, n, c, h, w = x.shape
         return self.spatial(x.flatten(0, 1)).view(b, n, h, w, c)
 
-    def summarize_prepared(self, y: torch.Tensor) -> AttentionSummary:
-        return self.attention.summarize(self.attention_norm(self._pooled(y)))
+    def summarize_prepared(self, y: torch.Tensor, class_sink: list | None = None) -> AttentionSummary:
+        return self.attention.summarize(self.attention_norm(self._pooled(y)), class_sink)
 
     def summarize(self, x: torch.Tensor) -> AttentionSummary:
         return self.summarize_prepared(self.prepare(x))
 
     def finish(
-        self, y: torch.Tensor, summary: AttentionSummary | None = None, sink: list | None = None
+        self,
+        y: torch.Tensor,
+        summary: AttentionSummary | None = None,
+        sink: list | None = None,
+        class_sink: list | None = None,
+        add_own: bool = False,
     ) -> torch.Tensor:
-        """The class block (attention against `summary` of all classes, if given; the summary
-        used goes to `sink`) -> (B, N, C, H, W)."""
+        """The class block (attention against `summary` of all classes, if given, plus these
+        classes' own with `add_own`; the summary used goes to `sink`, the classes' keys and values
+        to `class_sink`) -> (B, N, C, H, W)."""
         p = self._pooled(y)
-        p = p + self.attention(self.attention_norm(p), summary, sink)
+        p = p + self.attention(self.attention_norm(p), summary, sink, class_sink, add_own)
         if self.mlp is not None:
             p = p + self.mlp(self.mlp_norm(p))
         if p.shape[2:4] != y.shape[2:4]:
@@ -179,9 +198,14 @@ class AggregationBlock(nn.Module):
         return (y + p).permute(0, 1, 4, 2, 3)
 
     def forward(
-        self, x: torch.Tensor, summary: AttentionSummary | None = None, sink: list | None = None
+        self,
+        x: torch.Tensor,
+        summary: AttentionSummary | None = None,
+        sink: list | None = None,
+        class_sink: list | None = None,
+        add_own: bool = False,
     ) -> torch.Tensor:
-        return self.finish(self.prepare(x), summary, sink)
+        return self.finish(self.prepare(x), summary, sink, class_sink, add_own)
 
 
 class CostGuidance(nn.Module):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dpseg.model.blocks import AggregationBlock, CostGuidance, StageFusion, UpsampledCostChain
+from dpseg.model.blocks import AggregationBlock, ClassAttention, CostGuidance, StageFusion, UpsampledCostChain
 from dpseg.model.config import DPSegConfig
 
 # What a rejected class scores: below any real logit, finite in fp16 (sigmoid gives 0, like SED).
@@ -44,11 +44,42 @@ class DecoderInputs:
 @dataclass
 class PassContext:
     """What a decode of all classes leaves for a later decode of some of them on the same image
-    features (fast pass II): per stage, the class-attention summary over all classes and the
-    encoder skip (class-independent)."""
+    features (fast pass II): per stage, the class-attention summary over all classes, the encoder
+    skip (class-independent), and each class's attention keys and values (with the classes they
+    belong to where early rejection dropped some), so that `without` can take classes out of the
+    summaries again."""
 
     summaries: list = field(default_factory=list)
     skips: list = field(default_factory=list)
+    class_states: list = field(default_factory=list)  # per stage: (keys, values, kept class indices or None)
+    adds_own: bool = False  # the decoded classes add their own keys and values to `summaries`
+
+    def without(self, index: torch.Tensor) -> PassContext:
+        """The context in which to decode the classes `index` (B, K) of each image again: every
+        stage's summary less those classes' contributions from this decode, to which the new
+        decode adds its own. The classes then attend over themselves as they are now and over
+        the others as they were, which is the exact summary but for the other classes' own
+        change."""
+        if len(self.class_states) != len(self.summaries):
+            raise ValueError("this context holds no per-class keys and values (pass it as context_out first)")
+        summaries = []
+        for (kv, k_sum), (keys, values, kept) in zip(self.summaries, self.class_states, strict=True):
+            if keys is None:
+                raise ValueError("this context's decode attended against another context: it holds no keys")
+            rows, present = index, None
+            if kept is not None:  # positions among the classes this stage still decoded; -1: rejected
+                position = torch.full((int(max(index.max(), kept.max())) + 1,), -1, device=kept.device)
+                position[kept] = torch.arange(kept.numel(), device=kept.device)
+                rows = position[index]
+                present, rows = rows >= 0, rows.clamp(min=0)
+            shape = (*rows.shape, *keys.shape[2:])
+            picked_k = keys.gather(1, rows.view(*rows.shape, 1, 1, 1, 1).expand(shape))
+            picked_v = values.gather(1, rows.view(*rows.shape, 1, 1, 1, 1).expand(*rows.shape, *values.shape[2:]))
+            if present is not None:
+                picked_k = picked_k * present.view(*rows.shape, 1, 1, 1, 1).to(picked_k.dtype)
+            own_kv, own_k = ClassAttention.summary_of(picked_k, picked_v)
+            summaries.append((kv - own_kv, k_sum - own_k))
+        return PassContext(summaries, self.skips, [], adds_own=True)
 
 
 @dataclass
@@ -195,8 +226,12 @@ class CostDecoder(nn.Module):
                         keep = local if keep is None else keep[local]
             # 3. aggregation at this stage's input width, 4. fusion
             summary, skip = (context.summaries[k], context.skips[k]) if context is not None else (None, None)
-            x = self.blocks[k](state.x, summary, context_out.summaries if context_out is not None else None)
+            class_sink = [] if context_out is not None else None
+            sink = context_out.summaries if context_out is not None else None
+            add_own = context is not None and context.adds_own
+            x = self.blocks[k](state.x, summary, sink, class_sink, add_own)
             if context_out is not None:
+                context_out.class_states.append((*class_sink[0], keep) if class_sink else (None, None, keep))
                 skip = self.skip(k, state.levels) if skip is None else skip
                 context_out.skips.append(skip)
             state = self.fuse(k, x, state, skip)

@@ -144,17 +144,23 @@ class DPSeg(nn.Module):
             for j, st in enumerate(states):
                 prepared.append(block.prepare(st.x))
                 states[j] = replace(st, x=None)  # free the input state as soon as it is used
-            if context is not None:
-                summary: AttentionSummary = context.summaries[k]
-                skip = context.skips[k]
-            else:
-                parts = [block.summarize_prepared(y) for y in prepared]
+            class_sink = [] if context_out is not None else None
+            if context is None or context.adds_own:
+                parts = [block.summarize_prepared(y, class_sink) for y in prepared]
                 summary = (sum(p[0] for p in parts), sum(p[1] for p in parts))
                 del parts
+            if context is not None:
+                base: AttentionSummary = context.summaries[k]
+                summary = (base[0] + summary[0], base[1] + summary[1]) if context.adds_own else base
+                skip = context.skips[k]
+            else:
                 skip = dec.skip(k, features.levels)  # class-independent: once, not per chunk
             if context_out is not None:
                 context_out.summaries.append(summary)
                 context_out.skips.append(skip)
+                keys = torch.cat([kv[0] for kv in class_sink], dim=1) if class_sink else None
+                values = torch.cat([kv[1] for kv in class_sink], dim=1) if class_sink else None
+                context_out.class_states.append((keys, values, None))
             for j, st in enumerate(states):
                 st = dec.fuse(k, block.finish(prepared[j], summary), st, skip)
                 prepared[j] = None

@@ -448,10 +448,13 @@ def fast_pass2(
     classes (`top_classes`). Only those classes' prompts are gathered and merged (a refined
     class outside them cannot change a decoded logit). With `context` (what pass I's decode of
     all classes left: `model(..., context_out=PassContext())`), the k classes attend against all
-    N classes of pass I, as in the exact pass II, instead of against each other only."""
+    N classes, as in the exact pass II, instead of against each other only: against their own
+    pass-II states and the other N - k classes' pass-I states (`PassContext.without`)."""
     text_k, visual_k = select_classes(text, visual, index)
     refs_k = [restrict_refinement(r, index[b]) for b, r in enumerate(refs)]
     visual_k = replace_prompts(visual_k, refs_k, refine.merge, refine.share)
+    if context is not None:
+        context = context.without(index)
     return model(text=text_k, visual=visual_k, features=features, class_chunk=chunk, context=context)
 
 
