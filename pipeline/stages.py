@@ -235,7 +235,8 @@ def _evaluate(settings: dict[str, Any], progress: bool) -> dict[str, Any]:
     from pipeline.evaluate.loop import eval_from_params
 
     if int(settings.get("passes") or 1) == 2 and not checkpoint_uses_visual(settings["checkpoint"]):
-        settings["passes"] = 1  # a text-only model has no visual prompts for pass II to replace
+        # a text-only model has no visual prompts for pass II to replace, nor for its oracle diagnostic
+        settings["passes"], settings["oracle"] = 1, False
     out = Path(settings["out"])
     state = distributed_state(settings.get("device") or "auto")
     if out.exists() and state.is_main_process:  # DVC removed it already; by hand, a stale run would be refused

@@ -168,6 +168,22 @@ def test_a_text_only_checkpoint_is_evaluated_in_one_pass(tmp_path):
         assert checkpoint_uses_visual(str(tmp_path / mode)) is expected
 
 
+def test_the_eval_stage_runs_a_text_only_checkpoint_in_one_pass_without_the_oracle(tmp_path, monkeypatch):
+    """The demo profile asks for two passes and the oracle diagnostic (ground-truth crops in pass
+    II); the Table 2 'text' row's checkpoint gets pass I alone, so its eval runs instead of failing."""
+    import pipeline.evaluate.loop
+
+    ran = []
+    monkeypatch.setattr(stages, "checkpoint_uses_visual", lambda checkpoint: False)
+    monkeypatch.setattr(pipeline.evaluate.loop, "eval_from_params", lambda s, progress: ran.append(dict(s)) or {})
+    settings = {"checkpoint": "ckpt", "out": str(tmp_path / "eval"), "device": "cpu", "passes": 2, "oracle": True}
+    stages._evaluate(settings, progress=False)
+    assert (ran[0]["passes"], ran[0]["oracle"]) == (1, False)
+    monkeypatch.setattr(stages, "checkpoint_uses_visual", lambda checkpoint: True)
+    stages._evaluate({**settings, "passes": 2, "oracle": True}, progress=False)
+    assert (ran[1]["passes"], ran[1]["oracle"]) == (2, True)
+
+
 @pytest.mark.parametrize("profile", ["demo", "paper-b"])
 def test_printed_params_are_the_values_every_stage_runs_with(profile, tmp_path, monkeypatch):
     """`python -m pipeline.stages params` shows, per section, exactly the settings object each
