@@ -84,35 +84,35 @@ class ClassAttention(nn.Module):
         out = F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows])
         return out.unflatten(-1, (parts.stop - parts.start, self.heads, -1))
 
-    def summarize(self, x: torch.Tensor, class_sink: list | None = None) -> AttentionSummary:
+    def summarize(self, x: torch.Tensor, record: list | None = None) -> AttentionSummary:
+        """These classes' summary; `record` receives (summary, keys, values)."""
         k, v = self._part(x, slice(1, 3)).unbind(-3)
         k = F.elu(k) + 1
-        if class_sink is not None:
-            class_sink.append((k, v))
-        return self.summary_of(k, v)
+        summary = self.summary_of(k, v)
+        if record is not None:
+            record.append((summary, k, v))
+        return summary
 
     def forward(
         self,
         x: torch.Tensor,
         summary: AttentionSummary | None = None,
-        sink: list | None = None,
-        class_sink: list | None = None,
         add_own: bool = False,
+        record: list | None = None,
     ) -> torch.Tensor:
-        """Attention of every class against `summary` (default: these classes' own; with
-        `add_own`, `summary` plus these classes' own); `sink` receives the summary used (a pass-I
-        context for `CostDecoder.forward(context=...)`), `class_sink` these classes' keys and
-        values (what `PassContext.without` takes out of the summary again)."""
+        """Attention of every class against `summary` (default: these classes' own; with `add_own`,
+        `summary` plus these classes' own). `record` receives (the summary used, these classes'
+        keys, values), the keys and values None where only the queries were computed: what a
+        `PassContext` keeps of a decode."""
+        k = v = None
         if summary is None or add_own:
             q, k, v = self._qkv(x)
             own = self.summary_of(k, v)
-            if class_sink is not None:
-                class_sink.append((k, v))
             summary = own if summary is None else (summary[0] + own[0], summary[1] + own[1])
         else:
             q = F.elu(self._part(x, slice(0, 1)).squeeze(-3)) + 1
-        if sink is not None:
-            sink.append(summary)
+        if record is not None:
+            record.append((summary, k, v))
         kv, k_sum = summary
         with fp32(q):
             q = q.float()
@@ -169,8 +169,8 @@ class AggregationBlock(nn.Module):
         b, n, c, h, w = x.shape
         return self.spatial(x.flatten(0, 1)).view(b, n, h, w, c)
 
-    def summarize_prepared(self, y: torch.Tensor, class_sink: list | None = None) -> AttentionSummary:
-        return self.attention.summarize(self.attention_norm(self._pooled(y)), class_sink)
+    def summarize_prepared(self, y: torch.Tensor, record: list | None = None) -> AttentionSummary:
+        return self.attention.summarize(self.attention_norm(self._pooled(y)), record)
 
     def summarize(self, x: torch.Tensor) -> AttentionSummary:
         return self.summarize_prepared(self.prepare(x))
@@ -179,15 +179,13 @@ class AggregationBlock(nn.Module):
         self,
         y: torch.Tensor,
         summary: AttentionSummary | None = None,
-        sink: list | None = None,
-        class_sink: list | None = None,
         add_own: bool = False,
+        record: list | None = None,
     ) -> torch.Tensor:
         """The class block (attention against `summary` of all classes, if given, plus these
-        classes' own with `add_own`; the summary used goes to `sink`, the classes' keys and values
-        to `class_sink`) -> (B, N, C, H, W)."""
+        classes' own with `add_own`; `record` as `ClassAttention.forward`) -> (B, N, C, H, W)."""
         p = self._pooled(y)
-        p = p + self.attention(self.attention_norm(p), summary, sink, class_sink, add_own)
+        p = p + self.attention(self.attention_norm(p), summary, add_own, record)
         if self.mlp is not None:
             p = p + self.mlp(self.mlp_norm(p))
         if p.shape[2:4] != y.shape[2:4]:
@@ -201,11 +199,10 @@ class AggregationBlock(nn.Module):
         self,
         x: torch.Tensor,
         summary: AttentionSummary | None = None,
-        sink: list | None = None,
-        class_sink: list | None = None,
         add_own: bool = False,
+        record: list | None = None,
     ) -> torch.Tensor:
-        return self.finish(self.prepare(x), summary, sink, class_sink, add_own)
+        return self.finish(self.prepare(x), summary, add_own, record)
 
 
 class CostGuidance(nn.Module):

@@ -72,14 +72,22 @@ class PassContext:
                 position[kept] = torch.arange(kept.numel(), device=kept.device)
                 rows = position[index]
                 present, rows = rows >= 0, rows.clamp(min=0)
-            shape = (*rows.shape, *keys.shape[2:])
-            picked_k = keys.gather(1, rows.view(*rows.shape, 1, 1, 1, 1).expand(shape))
-            picked_v = values.gather(1, rows.view(*rows.shape, 1, 1, 1, 1).expand(*rows.shape, *values.shape[2:]))
+            picked_k, picked_v = (
+                t.gather(1, rows.view(*rows.shape, 1, 1, 1, 1).expand(*rows.shape, *t.shape[2:]))
+                for t in (keys, values)
+            )
             if present is not None:
                 picked_k = picked_k * present.view(*rows.shape, 1, 1, 1, 1).to(picked_k.dtype)
             own_kv, own_k = ClassAttention.summary_of(picked_k, picked_v)
             summaries.append((kv - own_kv, k_sum - own_k))
         return PassContext(summaries, self.skips, [], adds_own=True)
+
+    def add_stage(self, summary, skip, keys, values, kept: torch.Tensor | None = None) -> None:
+        """One decoder stage's record: the summary its classes attended against, the encoder skip,
+        and these classes' keys and values (None where they were not computed)."""
+        self.summaries.append(summary)
+        self.skips.append(skip)
+        self.class_states.append((keys, values, kept))
 
 
 @dataclass
@@ -226,14 +234,11 @@ class CostDecoder(nn.Module):
                         keep = local if keep is None else keep[local]
             # 3. aggregation at this stage's input width, 4. fusion
             summary, skip = (context.summaries[k], context.skips[k]) if context is not None else (None, None)
-            class_sink = [] if context_out is not None else None
-            sink = context_out.summaries if context_out is not None else None
-            add_own = context is not None and context.adds_own
-            x = self.blocks[k](state.x, summary, sink, class_sink, add_own)
+            record = [] if context_out is not None else None
+            x = self.blocks[k](state.x, summary, context is not None and context.adds_own, record)
             if context_out is not None:
-                context_out.class_states.append((*class_sink[0], keep) if class_sink else (None, None, keep))
                 skip = self.skip(k, state.levels) if skip is None else skip
-                context_out.skips.append(skip)
+                context_out.add_stage(record[0][0], skip, *record[0][1:], keep)
             state = self.fuse(k, x, state, skip)
         # 5. one logit map per class at stride 4
         logits = self.logits(state)

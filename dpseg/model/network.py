@@ -144,9 +144,9 @@ class DPSeg(nn.Module):
             for j, st in enumerate(states):
                 prepared.append(block.prepare(st.x))
                 states[j] = replace(st, x=None)  # free the input state as soon as it is used
-            class_sink = [] if context_out is not None else None
+            record = [] if context_out is not None else None
             if context is None or context.adds_own:
-                parts = [block.summarize_prepared(y, class_sink) for y in prepared]
+                parts = [block.summarize_prepared(y, record) for y in prepared]
                 summary = (sum(p[0] for p in parts), sum(p[1] for p in parts))
                 del parts
             if context is not None:
@@ -156,11 +156,9 @@ class DPSeg(nn.Module):
             else:
                 skip = dec.skip(k, features.levels)  # class-independent: once, not per chunk
             if context_out is not None:
-                context_out.summaries.append(summary)
-                context_out.skips.append(skip)
-                keys = torch.cat([kv[0] for kv in class_sink], dim=1) if class_sink else None
-                values = torch.cat([kv[1] for kv in class_sink], dim=1) if class_sink else None
-                context_out.class_states.append((keys, values, None))
+                keys = torch.cat([r[1] for r in record], dim=1) if record else None
+                values = torch.cat([r[2] for r in record], dim=1) if record else None
+                context_out.add_stage(summary, skip, keys, values)
             for j, st in enumerate(states):
                 st = dec.fuse(k, block.finish(prepared[j], summary), st, skip)
                 prepared[j] = None
