@@ -337,6 +337,7 @@ def replace_prompts(
                     new, old = F.normalize(new, dim=-1), F.normalize(old, dim=-1)
                 new = (1 - share) * old + share * new
             tensor[b, cls] = torch.where(slots.view(1, -1, 1), new, old)
+        out.crops[b, cls] |= slots.to(out.crops.device)  # blend: every slot carries the crop
     return out
 
 
@@ -352,10 +353,11 @@ def add_classes(
     rows = slot_indices(ref.counts, templates)
     embedding = torch.cat([base.embedding, ref.embedding[rows].to(base.embedding)[None]], dim=1)
     pooled = {s: torch.cat([p, ref.pooled[s][rows].to(p)[None]], dim=1) for s, p in base.pooled.items()}
+    crops = torch.cat([base.crops, base.crops.new_ones(1, len(owners), templates)], dim=1)
     text2 = None if text is None else torch.cat([text, text[owners.to(text.device)]], dim=0)
     if owners.numel() and int(owners.max()) >= n:
         raise ValueError(f"refinement names class {int(owners.max())}, prompts have {n}")
-    return text2, VisualPrompts(embedding, pooled), owners
+    return text2, VisualPrompts(embedding, pooled, crops), owners
 
 
 def merge_added(logits: torch.Tensor, owners: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -381,17 +383,19 @@ def top_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
 def select_classes(
     text: torch.Tensor | None, visual: VisualPrompts, index: torch.Tensor
 ) -> tuple[torch.Tensor | None, VisualPrompts]:
-    """Per-image prompts of the classes `index` (B, k): text (B, k, M, D), visual (B, k, M, ...)."""
+    """Per-image prompts of the classes `index` (B, k): text (B, k, M, D), visual (B, k, M, ...),
+    with their crop marks."""
     b = index.shape[0]
 
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 3:  # shared by every image: no per-image copy of all N classes
+    def gather(t: torch.Tensor, shared: int = 3) -> torch.Tensor:
+        if t.dim() == shared:  # shared by every image: no per-image copy of all N classes
             return t[index.to(t.device)]
-        idx = index.to(t.device).view(b, -1, 1, 1).expand(-1, -1, *t.shape[-2:])
+        idx = index.to(t.device).view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
         return t.gather(1, idx)
 
     text_k = None if text is None else gather(text)
-    return text_k, VisualPrompts(gather(visual.embedding), {s: gather(p) for s, p in visual.pooled.items()})
+    crops = None if visual.crops is None else gather(visual.crops, shared=2)
+    return text_k, VisualPrompts(gather(visual.embedding), {s: gather(p) for s, p in visual.pooled.items()}, crops)
 
 
 def restrict_refinement(ref: Refinement, classes: torch.Tensor) -> Refinement:

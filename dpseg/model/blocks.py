@@ -210,27 +210,42 @@ class CostGuidance(nn.Module):
     channels to the stage's guidance width (SED's 32/16/8), then ReLU — computed without
     materialising the volume: the conv is folded into the prompts,
     sum_m W[k, m] cos(F, P_m) = <F/|F|, sum_m W[k, m] P_m/|P_m|>, so the (B, M, N, H, W) volume
-    (5 GB at stride 4 for A-847) never exists."""
+    (5 GB at stride 4 for A-847) never exists.
 
-    def __init__(self, cost_channels: int, dim: int):
+    With `crop_weights`, slots marked as holding a crop of the image take a second weight matrix
+    (crop_channels): the volume's bank share and crop share are projected apart."""
+
+    def __init__(self, cost_channels: int, dim: int, crop_weights: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, cost_channels))
         self.bias = nn.Parameter(torch.zeros(dim))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.crop_weight = nn.Parameter(torch.empty(dim, cost_channels)) if crop_weights else None
+        if self.crop_weight is not None:
+            nn.init.kaiming_uniform_(self.crop_weight, a=5**0.5)
 
-    def from_prompts(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """features (B, C, H, W), prompts (N, M, C) or (B, N, M, C) -> (B, N, dim, H, W), before ReLU."""
+    def from_prompts(
+        self, features: torch.Tensor, prompts: torch.Tensor, crops: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """features (B, C, H, W), prompts (N, M, C) or (B, N, M, C), crops (B, N, M) marks or
+        None -> (B, N, dim, H, W), before ReLU."""
         dtype = kept_dtype(features)
         with fp32(features):  # a cost volume: fp32 whatever the autocast (as cosine_cost)
             f = F.normalize(features.float(), dim=1)
             p = F.normalize(prompts.to(device=f.device, dtype=torch.float32), dim=-1)
-            folded = torch.einsum("km,...nmc->...nkc", self.weight.float(), p)
+            if self.crop_weight is None or crops is None:
+                folded = torch.einsum("km,...nmc->...nkc", self.weight.float(), p)
+            else:
+                marks = crops.to(device=f.device, dtype=torch.float32)[..., None]  # (B, N, M, 1)
+                folded = torch.einsum("km,...nmc->...nkc", self.weight.float(), p * (1 - marks)) + torch.einsum(
+                    "km,...nmc->...nkc", self.crop_weight.float(), p * marks
+                )
             pattern = "bchw,nkc->bnkhw" if folded.dim() == 3 else "bchw,bnkc->bnkhw"
             out = torch.einsum(pattern, f, folded) + self.bias.float().view(1, 1, -1, 1, 1)
         return out.to(dtype)
 
-    def forward(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.from_prompts(features, prompts))
+    def forward(self, features: torch.Tensor, prompts: torch.Tensor, crops: torch.Tensor | None = None) -> torch.Tensor:
+        return F.relu(self.from_prompts(features, prompts, crops))
 
 
 class UpsampledCostChain(nn.Module):

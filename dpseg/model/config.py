@@ -50,6 +50,10 @@ class DPSegConfig:
     class_chunk: int | None = None  # decode this many classes at a time (same logits)
     image_lr_multiplier: float = 0.01  # SED's CLIP multiplier
     ignore_policy: str = "negative"  # SED counts ignored pixels as negatives
+    # not in the paper: prompt slots that carry the image's own crop (pass II; crop-prompt training)
+    # reach the cost embedding and the cost guidance through weights of their own, so the decoder
+    # can tell a crop prompt from a bank prompt (docs/model.md)
+    crop_channels: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -84,6 +88,8 @@ class DPSegConfig:
         for name in ("guidance_strides", "guidance_dims", "guidance_stages"):
             if len(getattr(self, name)) != stages:
                 raise UserError(f"{name} must have one entry per decoder stage ({stages}, as decoder_dims)")
+        if self.crop_channels and self.prompt_mode == "text":
+            raise UserError("crop_channels marks visual prompt slots: prompt_mode 'text' has none")
         if self.class_chunk is not None and self.class_chunk < 1:
             raise UserError(f"class_chunk must be positive, got {self.class_chunk}")
         if self.class_reject_topk is not None:
@@ -110,7 +116,9 @@ class DPSegConfig:
 
     @property
     def cost_channels(self) -> int:
-        return self.templates * (2 if self.fusion == "concat-costs" else 1)
+        """Channels of the cost embedding's input: M per cost volume (text and visual with
+        concat-costs), and M more for the crop slots' own channels with crop_channels."""
+        return self.templates * (1 + (self.fusion == "concat-costs") + self.crop_channels)
 
     def stage_has_guidance(self, stage: int) -> bool:
         return self.visual_guidance != "none" and self.guidance_stages[stage]

@@ -48,3 +48,14 @@ def initial_cost(
     if fusion == "avg-costs":
         return (text_cost + visual_cost) / 2
     return torch.cat([text_cost, visual_cost], dim=1)  # concat-costs: 2M channels
+
+
+def crop_channels(cost: torch.Tensor, crops: torch.Tensor | None, templates: int) -> torch.Tensor:
+    """(B, M', N, h, w) -> (B, M' + M, N, h, w): the last M channels (the visual prompts' slots)
+    split into the bank's share and the crops' share, by the (B, N, M) marks of the slots that
+    hold a crop of the image (None: no slot does), so that each reaches weights of its own."""
+    visual = cost[:, -templates:]
+    if crops is None:
+        return torch.cat([cost, torch.zeros_like(visual)], dim=1)
+    marks = crops.to(device=cost.device, dtype=cost.dtype).permute(0, 2, 1)[..., None, None]  # (B, M, N, 1, 1)
+    return torch.cat([cost[:, :-templates], visual * (1 - marks), visual * marks], dim=1)

@@ -39,6 +39,7 @@ class DecoderInputs:
     cost: torch.Tensor  # initial cost (B, M', N, h, w)
     levels: dict[int, torch.Tensor]  # encoder features by stride
     guidance_prompts: dict[int, torch.Tensor] | None  # stride -> (N|B,N, M, C_l) for visual_guidance "prompt"
+    guidance_crops: torch.Tensor | None = None  # (B, N, M) marks of the slots holding crops (crop_channels)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class DecoderState:
     chain: torch.Tensor | None  # upsampled-cost chain state (B*N, C, H, W)
     prompts: dict[int, torch.Tensor] | None  # visual-guidance prompts of these classes
     levels: dict[int, torch.Tensor]  # encoder features by stride (class-independent)
+    crops: torch.Tensor | None = None  # (B, N, M) marks of the prompt slots holding crops
 
     def select(self, keep: torch.Tensor) -> DecoderState:
         """The state of the classes `keep` (indices into this state's classes)."""
@@ -108,7 +110,8 @@ class DecoderState:
         prompts = None
         if self.prompts is not None:
             prompts = {s: p.index_select(p.dim() - 3, keep) for s, p in self.prompts.items()}
-        return DecoderState(self.x.index_select(1, keep), chain, prompts, self.levels)
+        crops = None if self.crops is None else self.crops.index_select(1, keep)
+        return DecoderState(self.x.index_select(1, keep), chain, prompts, self.levels, crops)
 
 
 def kept_classes(aux_logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -150,7 +153,7 @@ class CostDecoder(nn.Module):
         self.cost_chain = UpsampledCostChain(cost_channels, cfg.guidance_dims) if upsampled else None
         for k, g in enumerate(cfg.guidance_dims):
             if cfg.visual_guidance == "prompt" and cfg.stage_has_guidance(k):
-                self.guidance[str(k)] = CostGuidance(cfg.templates, g)
+                self.guidance[str(k)] = CostGuidance(cfg.templates, g, cfg.crop_channels)
         self.fusions = nn.ModuleList(
             StageFusion(d_in, d_out, g, g if cfg.stage_has_guidance(k) else 0)
             for k, (d_in, d_out, g) in enumerate(zip(in_dims, cfg.decoder_dims, cfg.guidance_dims, strict=False))
@@ -169,7 +172,7 @@ class CostDecoder(nn.Module):
         b, _, n, h, w = cost.shape
         x = self.cost_embed(cost.transpose(1, 2).flatten(0, 1)).view(b, n, -1, h, w)
         chain = cost.transpose(1, 2).flatten(0, 1) if self.cost_chain is not None else None
-        return DecoderState(x, chain, inputs.guidance_prompts, inputs.levels)
+        return DecoderState(x, chain, inputs.guidance_prompts, inputs.levels, inputs.guidance_crops)
 
     def aux_logits(self, k: int, state: DecoderState) -> torch.Tensor:
         """Aux head k on the detached state (SED: aux losses train only their own heads)."""
@@ -195,8 +198,8 @@ class CostDecoder(nn.Module):
                 guidance = chain.view(b, -1, *chain.shape[1:])
         elif str(k) in self.guidance:
             f = features if cfg.guidance_grad else features.detach()
-            guidance = self.guidance[str(k)](f, state.prompts[stride])
-        return DecoderState(self.fusions[k](x, skip, guidance), chain, state.prompts, state.levels)
+            guidance = self.guidance[str(k)](f, state.prompts[stride], state.crops)
+        return DecoderState(self.fusions[k](x, skip, guidance), chain, state.prompts, state.levels, state.crops)
 
     def logits(self, state: DecoderState) -> torch.Tensor:
         x = state.x

@@ -18,7 +18,7 @@ from dpseg.clip.templates import templates as first_templates
 from dpseg.errors import UserError
 from dpseg.model.blocks import AttentionSummary
 from dpseg.model.config import DPSegConfig
-from dpseg.model.cost_volume import initial_cost
+from dpseg.model.cost_volume import crop_channels, initial_cost
 from dpseg.model.decoder import CostDecoder, DecoderInputs, PassContext
 from dpseg.model.prompts import VisualPrompts
 
@@ -202,8 +202,11 @@ class DPSeg(nn.Module):
         cost = initial_cost(
             features.dense, text_c, visual_c.embedding if visual_c is not None else None, cfg.prompt_mode, cfg.fusion
         )
+        crops = visual_c.crops if visual_c is not None and cfg.crop_channels else None
+        if cfg.crop_channels:
+            cost = crop_channels(cost, crops, cfg.templates)
         guidance = visual_c.pooled if cfg.visual_guidance == "prompt" else None
-        return DecoderInputs(cost=cost, levels=features.levels, guidance_prompts=guidance)
+        return DecoderInputs(cost=cost, levels=features.levels, guidance_prompts=guidance, guidance_crops=crops)
 
     # ---- training ------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
