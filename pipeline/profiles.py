@@ -103,6 +103,9 @@ PROFILES.register(
                 "crop_prompts": 0.5,
                 "crop_negatives": 2,
                 "crop_prompt_images": 0.5,
+                # crop slots reach the decoder through weights of their own (docs/model.md), so the decoder can
+                # tell the image's crops from the bank's prompts; chosen on held-out scenes (docs/eval.md)
+                "model_overrides": {"crop_channels": True},
                 "num_workers": 0,
                 "log_every": 10,
                 "checkpoint_every": 0,
