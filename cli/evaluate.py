@@ -235,6 +235,9 @@ def bench_eval_command(
     repeats: int = typer.Option(3, min=1),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="CPU: a fresh process per case (peak memory)."),
     topk: str = typer.Option("16,8", help="Comma-separated k of the fast pass-II modes (topk<k>, topk<k>+fit)."),
+    crop_channels: bool = typer.Option(
+        False, "--crop-channels", help="Time a network built with crop_channels (the demo's decoder)."
+    ),
     out: Path | None = typer.Option(None, "-o", "--out", help="Also write the JSON here (docs/bench/...)."),
 ):
     """Two-pass vs one-pass latency, and peak memory/latency against the class count."""
@@ -253,6 +256,7 @@ def bench_eval_command(
         batch=batch,
         isolate=isolate,
         topk=_positive_ints(topk, "--topk"),
+        crop_channels=crop_channels,
     )
     if out:
         atomic_write_json(out, result)

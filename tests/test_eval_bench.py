@@ -55,3 +55,20 @@ def test_the_bench_detection_map_has_the_asked_classes():
 
     m = _detect_map(2, 32, 8, "cpu")
     assert m.shape == (2, 32, 32) and sorted(m.unique().tolist()) == list(range(8))
+
+
+def test_bench_eval_times_the_demo_decoder_with_crop_channels(tmp_path, cli):
+    from pipeline.bench import eval as bench
+
+    out = tmp_path / "eval.json"
+    args = ["--size", "32", "--templates", "2", "--batch", "1", "--classes", "", "--ratio-classes", "3"]
+    result = cli("bench", "eval", *args, "--repeats", "1", "--topk", "1", "--crop-channels", "--no-isolate", "-o", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["crop_channels"] is True and list(data["two_pass_over_one_pass_by_mode"]) == [
+        "exact",
+        "topk1",
+        "topk1+fit",
+    ]
+    (model,) = bench._MODELS.values()  # the network the cases were timed on
+    assert model.cfg.crop_channels and model.decoder.cost_embed.in_channels == 4

@@ -57,6 +57,7 @@ def _case(
     templates: int,
     topk: int = 0,
     fit: bool = False,
+    crop_channels: bool = False,
 ) -> dict:
     from dpseg.metrics import predict_labels, predict_labels_pair
     from dpseg.model import DPSegConfig, PassContext, build_dpseg
@@ -66,10 +67,11 @@ def _case(
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    key = (encoder, templates, device)
+    key = (encoder, templates, device, crop_channels)
     if key not in _MODELS:  # in-process runs build the network once
         _MODELS.clear()
-        _MODELS[key] = build_dpseg(DPSegConfig(encoder=encoder, templates=templates), weights=None, device=dev).eval()
+        cfg = DPSegConfig(encoder=encoder, templates=templates, crop_channels=crop_channels)
+        _MODELS[key] = build_dpseg(cfg, weights=None, device=dev).eval()
     model = _MODELS[key]
     size = size or model.encoder_spec.image_size
     images01 = torch.rand(batch, 3, size, size, device=dev)
@@ -172,6 +174,7 @@ def bench_eval(
     templates: int = 80,
     isolate: bool = True,
     topk: Sequence[int] = (16, 8),
+    crop_channels: bool = False,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -184,6 +187,7 @@ def bench_eval(
         "device": device,
         "detect_classes": detect_classes,
         "templates": templates,
+        "crop_channels": crop_channels,
     }
     modes = {"exact": (0, False)}
     for k in topk:
@@ -212,6 +216,7 @@ def bench_eval(
         "batch": batch,
         "repeats": repeats,
         "templates": templates,
+        "crop_channels": crop_channels,
         "class_chunk": class_chunk,
         "two_pass_over_one_pass": ratio["two_over_one"],
         "two_pass_over_one_pass_by_mode": {m: r["two_over_one"] for m, r in by_mode.items()},
