@@ -43,6 +43,8 @@ HELP = {
     "prompts, as pass I does.",
     "crop_prompts_from": "With --crop-prompts: the share of the steps trained on bank prompts alone before crop "
     "prompts begin (0: from the first step; not in the paper).",
+    "crop_source": "With --crop-prompts: truth (crops cut from the label map) | prediction (from the decoder's own "
+    "current prediction, as pass II cuts them from pass I's; not in the paper).",
     "mixed_precision": "fp32 (SED's; 'no' is the same) | bf16 | fp16 | auto (bf16 or fp16 on GPU, fp32 on CPU).",
     "seed": "Seed of the decoder init, the data order and the augmentations.",
     "num_workers": "Data-loader worker processes.",

@@ -3,6 +3,9 @@ prompts, and the training option that shows the decoder crop prompts."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +84,9 @@ def test_the_demo_profile_uses_the_gap_world_and_500_val_images_and_no_crop_trai
     for name in ("paper-b", "paper-l"):  # the extension stays out of the paper's profiles
         assert PROFILES.get(name).defaults("train").get("crop_prompts", 0.0) == 0.0
     assert demo.defaults("train")["crop_prompts"] > 0 and demo.defaults("train")["crop_negatives"] > 0
+    assert demo.defaults("train")["model_overrides"] == {"crop_channels": True}  # the demo's decoder marks crops
+    for name in ("paper-b", "paper-l"):
+        assert "crop_channels" not in PROFILES.get(name).defaults("train").get("model_overrides", {})
 
 
 def test_the_unseen_set_holds_its_canvas_class_exactly_when_the_canvas_is_labelled(tmp_path):
@@ -242,3 +248,48 @@ def test_the_demo_clip_has_seen_photographs_of_its_world_and_the_paper_profiles_
     assert PROFILES.get("demo").defaults("clip")["photo_share"] == 0.5
     for name in ("paper-b", "paper-l"):  # real CLIP weights: no pretraining stage runs
         assert not PROFILES.get(name).defaults("clip")["enabled"]
+
+
+def test_crops_from_the_prediction_are_cut_where_the_prediction_puts_each_class():
+    from dpseg.refine import mixed_slots
+    from pipeline.train.loop import crop_prompt_visual
+
+    model, visual, images, labels = crop_world(3)  # the labels put class 1 in image 0's top half
+    predicted = torch.full((2, 64, 64), 0)
+    predicted[0, 32:] = 2  # the prediction puts class 2 in image 0's bottom half
+    out = crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255, detections=predicted)
+    slots = mixed_slots(4, 0.5)
+    assert out.crops[0, 2].tolist() == slots.tolist() and out.crops[0, 0].tolist() == slots.tolist()
+    assert not out.crops[0, 1].any()  # the labelled class has no detection: it keeps the bank's prompts
+    assert out.crops[1, 0].tolist() == slots.tolist() and not out.crops[1, 1:].any()  # image 1: all class 0
+    truth = crop_prompt_visual(model, images, labels, visual, 0.5, 64, 255)
+    assert truth.crops[0, 1].tolist() == slots.tolist() and int(truth.crops.sum()) == int(slots.sum())
+
+
+def test_crop_source_is_truth_or_prediction_and_needs_crop_prompts():
+    from pipeline.train.loop import TrainSettings
+    from pipeline.train.resolve import check_numbers
+
+    with pytest.raises(UserError, match="--crop-source 'labels' is not one of truth, prediction"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_source="labels", crop_size=64))
+    with pytest.raises(UserError, match="--crop-source says where --crop-prompts' crops are cut from"):
+        check_numbers(TrainSettings(dataset="d", crop_source="prediction", crop_size=64))
+    check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_source="prediction", crop_size=64))
+
+
+def test_training_on_its_own_predictions_crops_records_the_source_and_the_marked_decoder(tmp_path_factory):
+    from test_train_world import recipe, shared_world
+
+    from dpseg.model import load_dpseg
+    from pipeline.train.loop import read_metrics, train
+
+    data, bank = shared_world(tmp_path_factory)
+    out = tmp_path_factory.mktemp("own-crops") / "out"
+    r = recipe(data, bank, out, steps=3, checkpoint_every=0, crop_prompts=0.5, crop_source="prediction")
+    r.model_overrides = {"crop_channels": True}
+    train(r, progress=False)
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    model = load_dpseg(out / "checkpoint")
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert model.cfg.crop_channels and config["extra"]["recipe"]["crop_source"] == "prediction"

@@ -24,6 +24,7 @@ import torch
 
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
+from dpseg.metrics import predict_labels
 from pipeline.provenance import git_commit
 
 SUMMARY_FILE = "train.json"
@@ -71,6 +72,9 @@ class TrainSettings:
     # with crop_prompts: the share of the steps trained on the bank's prompts alone before crop prompts
     # begin (0: from the first step), so the decoder learns bank prompts first and crops late
     crop_prompts_from: float = 0.0
+    # with crop_prompts: where crops are cut from. truth: the label map; prediction: the decoder's own
+    # current prediction with the bank's prompts (no gradient), as pass II cuts them from pass I's
+    crop_source: str = "truth"
     mixed_precision: str = "fp32"  # fp32 (= no; SED's) | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16)
     seed: int = 0
     num_workers: int = 4
@@ -247,6 +251,11 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
             sync = contextlib.nullcontext() if micro == r.grad_accum - 1 else accelerator.no_sync(ddp_model)
             step_visual = visual
             if visual is not None and crop_prompts_active(r, step):
+                detections = None
+                if r.crop_source == "prediction":  # what pass I would detect, from this step's decoder
+                    with torch.no_grad(), accelerator.autocast():
+                        own = model(model.image_encoder.normalize(images), text=text, visual=visual)
+                        detections = predict_labels(own, tuple(images.shape[-2:]))
                 step_visual = crop_prompt_visual(
                     model,
                     images,
@@ -258,6 +267,7 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
                     negatives=r.crop_negatives,
                     image_share=r.crop_prompt_images,
                     generator=torch.Generator().manual_seed(r.seed * 1_000_003 + step * r.grad_accum + micro),
+                    detections=detections,
                 )
             with sync, accelerator.autocast():
                 logits, aux = ddp_model(model.image_encoder.normalize(images), text=text, visual=step_visual, aux=True)
@@ -350,17 +360,23 @@ def crop_prompt_visual(
     negatives: int = 0,
     generator: torch.Generator | None = None,
     image_share: float = 1.0,
+    detections: torch.Tensor | None = None,
 ):
     """Per-image prompts for one step of `crop_prompts` training: for every class with at least
     DEFAULT_MIN_AREA labelled pixels, `share` of its M slots (dpseg.refine.mixed_slots) take the
     features of its ground-truth crop (masked, as pass II cuts them) from this image. With
-    `negatives`, that many absent classes (drawn by `generator`) take a present class's crop too.
-    With `image_share` < 1, only that share of the images (drawn by `generator`) gets crops."""
+    `detections` (B, H, W) class maps at the images' size, crops are cut from them instead of the
+    labels (crop_source "prediction"). With `negatives`, that many classes without a crop (drawn by
+    `generator`) take another class's crop too. With `image_share` < 1, only that share of the
+    images (drawn by `generator`) gets crops."""
     from dpseg.refine import RefineSettings, label_maps, refine_batch, replace_prompts
 
     n = visual.num_classes
     size = encode_size or model.encoder_spec.image_size
-    maps = label_maps(labels, n, ignore_index, tuple(images.shape[-2:]))
+    if detections is None:
+        maps = label_maps(labels, n, ignore_index, tuple(images.shape[-2:]))
+    else:
+        maps = detections.to(labels.device).long().clone()
     if image_share < 1.0:
         chosen = torch.rand(len(images), generator=generator) < image_share
         maps[~chosen.to(maps.device)] = n  # nothing detected: that image keeps the bank's prompts

@@ -13,6 +13,7 @@ from dpseg.errors import UserError
 
 MIXED_PRECISION = ("fp32", "no", "bf16", "fp16", "auto")
 RESUME = ("auto", "yes", "no")
+CROP_SOURCES = ("truth", "prediction")
 # Recipe keys a resumed run may change: they do not alter the trajectory of the weights.
 RESUMABLE_CHANGES = {
     "steps",
@@ -78,6 +79,10 @@ def check_numbers(r) -> None:
         )
     if r.crop_prompts_from and not r.crop_prompts:
         raise UserError("--crop-prompts-from says when --crop-prompts begin: set --crop-prompts too")
+    if r.crop_source not in CROP_SOURCES:
+        raise UserError(f"--crop-source {r.crop_source!r} is not one of {', '.join(CROP_SOURCES)}")
+    if r.crop_source != "truth" and not r.crop_prompts:
+        raise UserError("--crop-source says where --crop-prompts' crops are cut from: set --crop-prompts too")
     if r.crop_negatives and not r.crop_prompts:
         raise UserError("--crop-negatives fills --crop-prompts' slots of absent classes: set --crop-prompts too")
     if r.crop_size < 32 or r.crop_size % 32:
