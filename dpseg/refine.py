@@ -387,14 +387,16 @@ def select_classes(
     with their crop marks."""
     b = index.shape[0]
 
-    def gather(t: torch.Tensor, shared: int = 3) -> torch.Tensor:
-        if t.dim() == shared:  # shared by every image: no per-image copy of all N classes
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:  # shared by every image: no per-image copy of all N classes
             return t[index.to(t.device)]
-        idx = index.to(t.device).view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+        idx = index.to(t.device).view(b, -1, 1, 1).expand(-1, -1, *t.shape[-2:])
         return t.gather(1, idx)
 
     text_k = None if text is None else gather(text)
-    crops = None if visual.crops is None else gather(visual.crops, shared=2)
+    crops = None  # (B, N, M) marks: always per image
+    if visual.crops is not None:
+        crops = visual.crops.gather(1, index.to(visual.crops.device).unsqueeze(-1).expand(-1, -1, visual.num_templates))
     return text_k, VisualPrompts(gather(visual.embedding), {s: gather(p) for s, p in visual.pooled.items()}, crops)
 
 
