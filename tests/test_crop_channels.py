@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_pass2 import _prompts as bank_prompts
+from test_pass2 import _ref
 
 from dpseg.errors import UserError
 from dpseg.model import DPSegConfig, build_dpseg
@@ -15,7 +17,6 @@ from dpseg.model.decoder import DecoderState
 from dpseg.model.prompts import VisualPrompts
 from dpseg.model.summary import random_prompts
 from dpseg.refine import (
-    Refinement,
     RefineSettings,
     add_classes,
     refine_batch,
@@ -24,21 +25,8 @@ from dpseg.refine import (
 )
 
 
-def _prompts(n=4, m=4, d=5):
-    g = torch.Generator().manual_seed(0)
-    return VisualPrompts(torch.randn(n, m, d, generator=g), {4: torch.randn(n, m, 2, generator=g)})
-
-
-def _ref(classes, d=5):
-    g = torch.Generator().manual_seed(1)
-    c = len(classes)
-    return Refinement(
-        torch.tensor(classes),
-        torch.full((c,), 10),
-        torch.ones(c, dtype=torch.long),
-        torch.randn(c, d, generator=g),
-        {4: torch.randn(c, 2, generator=g)},
-    )
+def _prompts():
+    return bank_prompts(n=4)
 
 
 # ---- the marks ------------------------------------------------------------------------------
