@@ -36,7 +36,8 @@ from dpseg.registry import Registry
 PROMPT_MODE = "train.prompt_mode"
 FUSION = "train.fusion"
 GUIDANCE = "train.visual_guidance"
-GUIDANCE_STAGES = "train.model_overrides.guidance_stages"  # any DPSegConfig field goes through model_overrides
+MODEL_OVERRIDES = "train.model_overrides"  # any DPSegConfig field goes through it
+GUIDANCE_STAGES = f"{MODEL_OVERRIDES}.guidance_stages"
 TRAIN_TEMPLATES = "train.templates"
 BANK_TEMPLATES = "bank.templates"
 GENERATOR = "bank.generator"
@@ -351,8 +352,17 @@ def canonical(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def matches(expected: dict[str, Any], record: ExpRecord) -> bool:
+    """The record ran with every expected value, and with exactly the expected model overrides (a
+    free-form mapping: an override the point does not set, such as another point's
+    guidance_stages, makes it another experiment)."""
     want, have = canonical(expected), canonical(record.params)
+    if _overrides(want) != _overrides(have):
+        return False
     return all(k in have and normalise(have[k]) == normalise(v) for k, v in want.items())
+
+
+def _overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: normalise(v) for k, v in flat.items() if k == MODEL_OVERRIDES or k.startswith(MODEL_OVERRIDES + ".")}
 
 
 @dataclass
