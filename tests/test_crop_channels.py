@@ -10,7 +10,6 @@ import torch
 from test_pass2 import _prompts as bank_prompts
 from test_pass2 import _ref
 
-from dpseg.errors import UserError
 from dpseg.model import DPSegConfig, build_dpseg
 from dpseg.model.cost_volume import crop_channels
 from dpseg.model.decoder import DecoderState
@@ -83,12 +82,13 @@ def test_crop_channels_split_the_visual_slots_into_bank_and_crop_shares():
     torch.testing.assert_close(unmarked, crop_channels(cost, torch.zeros_like(marks), 3))
 
 
-def test_crop_channels_is_a_setting_of_visual_prompts_with_its_own_width():
+def test_crop_channels_is_a_setting_of_visual_prompts_with_its_own_width_and_off_for_text():
     assert DPSegConfig(encoder="tiny", templates=4, crop_channels=True).cost_channels == 8
     assert DPSegConfig(encoder="tiny", templates=4, crop_channels=True, fusion="concat-costs").cost_channels == 12
     assert DPSegConfig(encoder="tiny", templates=4).cost_channels == 4
-    with pytest.raises(UserError, match="crop_channels marks visual prompt slots"):
-        DPSegConfig(encoder="tiny", prompt_mode="text", visual_guidance="none", crop_channels=True)
+    # text prompts have no visual slots: the setting is off there, so a profile's default cannot break a text run
+    text = DPSegConfig(encoder="tiny", templates=4, prompt_mode="text", visual_guidance="none", crop_channels=True)
+    assert not text.crop_channels and text.cost_channels == 4
 
 
 # ---- the model ------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class DPSegConfig:
     ignore_policy: str = "negative"  # SED counts ignored pixels as negatives
     # not in the paper: prompt slots that carry the image's own crop (pass II; crop-prompt training)
     # reach the cost embedding and the cost guidance through weights of their own, so the decoder
-    # can tell a crop prompt from a bank prompt (docs/model.md)
+    # can tell a crop prompt from a bank prompt (docs/model.md); off with prompt_mode text (no such slots)
     crop_channels: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -60,6 +60,8 @@ class DPSegConfig:
         for name in ("decoder_dims", "guidance_strides", "guidance_dims"):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
         self.guidance_stages = tuple(bool(v) for v in self.guidance_stages)
+        if self.prompt_mode == "text":  # no visual prompt slots to mark (a profile's default stays harmless)
+            self.crop_channels = False
         if self.drop_path is None or self.head_dropout is None:
             from dpseg.clip.encoders import ENCODERS
 
@@ -88,8 +90,6 @@ class DPSegConfig:
         for name in ("guidance_strides", "guidance_dims", "guidance_stages"):
             if len(getattr(self, name)) != stages:
                 raise UserError(f"{name} must have one entry per decoder stage ({stages}, as decoder_dims)")
-        if self.crop_channels and self.prompt_mode == "text":
-            raise UserError("crop_channels marks visual prompt slots: prompt_mode 'text' has none")
         if self.class_chunk is not None and self.class_chunk < 1:
             raise UserError(f"class_chunk must be positive, got {self.class_chunk}")
         if self.class_reject_topk is not None:
