@@ -10,6 +10,7 @@ import torch
 from test_pass2 import _prompts as bank_prompts
 from test_pass2 import _ref
 
+from dpseg.errors import UserError
 from dpseg.model import DPSegConfig, build_dpseg
 from dpseg.model.cost_volume import crop_channels
 from dpseg.model.decoder import DecoderState
@@ -89,6 +90,8 @@ def test_crop_channels_is_a_setting_of_visual_prompts_with_its_own_width_and_off
     # text prompts have no visual slots: the setting is off there, so a profile's default cannot break a text run
     text = DPSegConfig(encoder="tiny", templates=4, prompt_mode="text", visual_guidance="none", crop_channels=True)
     assert not text.crop_channels and text.cost_channels == 4
+    with pytest.raises(UserError, match="crop_channels is true or false, got 'yes'"):
+        DPSegConfig(encoder="tiny", templates=4, crop_channels="yes")
 
 
 # ---- the model ------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ class DPSegConfig:
             )
         if self.prompt_mode != "dual" and self.fusion != "avg-embeddings":
             raise UserError(f"fusion {self.fusion!r} combines text and visual prompts: it needs prompt_mode 'dual'")
+        if not isinstance(self.crop_channels, bool):
+            raise UserError(f"crop_channels is true or false, got {self.crop_channels!r}")
         stages = len(self.decoder_dims)
         for name in ("guidance_strides", "guidance_dims", "guidance_stages"):
             if len(getattr(self, name)) != stages:
