@@ -39,6 +39,8 @@ HELP = {
     "not in the paper).",
     "crop_negatives": "With --crop-prompts: absent classes per image given a present class's crop, as pass II's "
     "false detections are (0: off; not in the paper).",
+    "crop_negative_classes": "With --crop-negatives: random (any absent class) | similar (one of the absent "
+    "classes whose bank prompts are nearest the crop's class, as pass I confuses them; not in the paper).",
     "crop_prompt_images": "With --crop-prompts: the share of training images given crops; the rest keep the bank's "
     "prompts, as pass I does.",
     "crop_prompts_from": "With --crop-prompts: the share of the steps trained on bank prompts alone before crop "

@@ -190,6 +190,63 @@ def test_crop_negatives_give_absent_classes_a_present_class_crop_and_are_seeded(
     assert len(picks) > 1  # the generator, not a fixed rule, picks the absent classes
 
 
+def test_similar_classes_ranks_the_other_classes_by_bank_prototype_cosine():
+    from dpseg.model.prompts import VisualPrompts
+    from pipeline.train.loop import similar_classes
+
+    # class prototypes along known directions: 0 ~ 1 (close), 2 orthogonal, 3 opposite to 0
+    axes = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    embedding = axes[:, None, :].repeat(1, 4, 1) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1)  # norms differ
+    nearest = similar_classes(VisualPrompts(embedding, {}))
+    assert nearest.shape == (4, 3)
+    assert nearest[0].tolist() == [1, 2, 3] and nearest[3].tolist() == [2, 1, 0]
+    assert all(c not in row.tolist() for c, row in enumerate(nearest))  # never the class itself
+
+
+def test_similar_crop_negatives_go_to_absent_classes_near_the_crop_class():
+    from dpseg.model.prompts import VisualPrompts
+    from dpseg.refine import Refinement
+    from pipeline.train.loop import false_detections, similar_classes
+
+    torch.manual_seed(0)
+    n = 12
+    embedding = torch.randn(n, 3, 8)
+    nearest = similar_classes(VisualPrompts(embedding, {}))
+    ref = Refinement(
+        torch.tensor([2, 7]), torch.tensor([90, 80]), torch.tensor([1, 1]), torch.randn(2, 8), {4: torch.randn(2, 5)}
+    )
+    seen = set()
+    for seed in range(20):
+        out = false_detections(ref, n, 2, torch.Generator().manual_seed(seed), nearest)
+        added, rows = out.classes[2:].tolist(), out.embedding[2:]
+        assert added == sorted(added) and len(set(added)) == 2 and not set(added) & {2, 7}
+        for c, row in zip(added, rows, strict=True):
+            source = 0 if torch.equal(row, ref.embedding[0]) else 1
+            assert torch.equal(row, ref.embedding[source])  # a present class's crop, unchanged
+            pool = [x for x in nearest[[2, 7][source]].tolist() if x not in (2, 7)][:4]
+            assert c in pool  # among the classes nearest the crop's class (3, and one taken already)
+        seen.add(tuple(added))
+    assert len(seen) > 1  # drawn by the generator
+    again = false_detections(ref, n, 2, torch.Generator().manual_seed(3), nearest)
+    assert torch.equal(again.classes, false_detections(ref, n, 2, torch.Generator().manual_seed(3), nearest).classes)
+
+
+def test_random_crop_negatives_keep_their_draws():
+    """The demo's default picks: the same generator calls as before `crop_negative_classes`
+    existed (one permutation, then the sources), so its checkpoints keep their bytes."""
+    from dpseg.refine import Refinement
+    from pipeline.train.loop import false_detections
+
+    ref = Refinement(torch.tensor([1, 4]), torch.tensor([9, 9]), torch.tensor([1, 1]), torch.randn(2, 3), {})
+    out = false_detections(ref, 10, 3, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    absent = [0, 2, 3, 5, 6, 7, 8, 9]
+    picked = sorted(absent[i] for i in torch.randperm(8, generator=gen)[:3].tolist())
+    sources = torch.randint(2, (3,), generator=gen)
+    assert out.classes[2:].tolist() == picked
+    assert torch.equal(out.embedding[2:], ref.embedding[sources])
+
+
 def test_crop_prompt_images_leave_the_other_images_with_the_bank_prompts():
     from pipeline.train.loop import crop_prompt_visual
 
@@ -216,6 +273,10 @@ def test_crop_negatives_need_crop_prompts():
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negatives=-1, crop_size=64))
     with pytest.raises(UserError, match="--crop-prompt-images is a share"):
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompt_images=0.0, crop_size=64))
+    with pytest.raises(UserError, match="--crop-negative-classes 'hard' is not one of random, similar"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negatives=2, crop_negative_classes="hard"))
+    with pytest.raises(UserError, match="set --crop-negatives too"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negative_classes="similar", crop_size=64))
 
 
 def test_crop_prompts_from_trains_the_first_share_of_the_steps_on_bank_prompts_alone():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
@@ -66,6 +67,9 @@ class TrainSettings:
     # crop in those slots, as pass II's false detections do; the label still says "absent", so a crop
     # prompt alone is not evidence of its class. 0 = off
     crop_negatives: int = 0
+    # with crop_negatives: which absent classes take a crop. random: any; similar: among the few whose bank
+    # prompts are nearest the crop's class, the classes pass I confuses it with and pass II refines falsely
+    crop_negative_classes: str = "random"
     # with crop_prompts: the share of training images whose prompts get crops; the others keep the bank's
     # for every class, as pass I does, so bank prompts of present classes stay meaningful
     crop_prompt_images: float = 1.0
@@ -265,6 +269,7 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
                     plan.encode_size,
                     plan.dataset.ignore_index,
                     negatives=r.crop_negatives,
+                    negative_classes=r.crop_negative_classes,
                     image_share=r.crop_prompt_images,
                     generator=torch.Generator().manual_seed(r.seed * 1_000_003 + step * r.grad_accum + micro),
                     detections=detections,
@@ -361,13 +366,16 @@ def crop_prompt_visual(
     generator: torch.Generator | None = None,
     image_share: float = 1.0,
     detections: torch.Tensor | None = None,
+    negative_classes: str = "random",
 ):
     """Per-image prompts for one step of `crop_prompts` training: for every class with at least
     DEFAULT_MIN_AREA labelled pixels, `share` of its M slots (dpseg.refine.mixed_slots) take the
     features of its ground-truth crop (masked, as pass II cuts them) from this image. With
     `detections` (B, H, W) class maps at the images' size, crops are cut from them instead of the
     labels (crop_source "prediction"). With `negatives`, that many classes without a crop (drawn by
-    `generator`) take another class's crop too. With `image_share` < 1, only that share of the
+    `generator`) take another class's crop too: any absent class, or with `negative_classes`
+    "similar" one of the classes whose bank prompts are nearest the crop's class
+    (`similar_classes`). With `image_share` < 1, only that share of the
     images (drawn by `generator`) gets crops."""
     from dpseg.refine import RefineSettings, label_maps, refine_batch, replace_prompts
 
@@ -383,13 +391,32 @@ def crop_prompt_visual(
     settings = RefineSettings(int(size), merge="mix", share=share)
     refs = refine_batch(model, images, maps, settings, num_classes=n)
     if negatives > 0:
-        refs = [false_detections(ref, n, negatives, generator) for ref in refs]
+        nearest = similar_classes(visual) if negative_classes == "similar" else None
+        refs = [false_detections(ref, n, negatives, generator, nearest) for ref in refs]
     return replace_prompts(visual, refs, "mix", share)
 
 
-def false_detections(ref, num_classes: int, count: int, generator: torch.Generator | None):
+SIMILAR_POOL = 3  # "similar" negatives: drawn among this many nearest absent classes
+
+
+def similar_classes(visual) -> torch.Tensor:
+    """(N, N-1) every class's other classes, nearest first: cosine of their bank prototypes (the
+    mean of the M unit global embeddings)."""
+    proto = F.normalize(F.normalize(visual.embedding.float(), dim=-1).mean(dim=-2), dim=-1)
+    if proto.dim() == 3:  # per-image prompts: the bank's are the same in every image before crops
+        proto = proto[0]
+    similarity = proto @ proto.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.argsort(dim=1, descending=True, stable=True)[:, :-1].cpu()
+
+
+def false_detections(
+    ref, num_classes: int, count: int, generator: torch.Generator | None, nearest: torch.Tensor | None = None
+):
     """`ref` with up to `count` absent classes added, each carrying the first crop of a present
-    class drawn at random: what pass II gives a class pass I wrongly detected over that region."""
+    class drawn at random: what pass II gives a class pass I wrongly detected over that region.
+    The absent classes are drawn from all of them, or with `nearest` (`similar_classes`) from the
+    SIMILAR_POOL absent classes nearest the crop's class."""
     from dpseg.refine import Refinement
 
     present = ref.classes.tolist()
@@ -398,9 +425,21 @@ def false_detections(ref, num_classes: int, count: int, generator: torch.Generat
     count = min(count, len(absent))
     if not present or count == 0:
         return ref
-    picked = torch.randperm(len(absent), generator=generator)[:count]
-    added = torch.tensor(sorted(absent[i] for i in picked.tolist()), dtype=torch.int64)
-    sources = torch.randint(len(present), (count,), generator=generator)
+    if nearest is None:
+        picked = torch.randperm(len(absent), generator=generator)[:count]
+        added = torch.tensor(sorted(absent[i] for i in picked.tolist()), dtype=torch.int64)
+        sources = torch.randint(len(present), (count,), generator=generator)
+    else:
+        sources = torch.randint(len(present), (count,), generator=generator)
+        pairs = []
+        for source in sources.tolist():
+            pool = [c for c in nearest[present[source]].tolist() if c not in taken][:SIMILAR_POOL]
+            pick = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+            taken.add(pick)
+            pairs.append((pick, source))
+        pairs.sort()
+        added = torch.tensor([c for c, _ in pairs], dtype=torch.int64)
+        sources = torch.tensor([source for _, source in pairs], dtype=torch.int64)
     first_row = torch.cumsum(ref.counts, 0) - ref.counts
     rows = first_row[sources]
     return Refinement(

@@ -14,6 +14,7 @@ from dpseg.errors import UserError
 MIXED_PRECISION = ("fp32", "no", "bf16", "fp16", "auto")
 RESUME = ("auto", "yes", "no")
 CROP_SOURCES = ("truth", "prediction")
+CROP_NEGATIVE_CLASSES = ("random", "similar")
 # Recipe keys a resumed run may change: they do not alter the trajectory of the weights.
 RESUMABLE_CHANGES = {
     "steps",
@@ -83,6 +84,12 @@ def check_numbers(r) -> None:
         raise UserError(f"--crop-source {r.crop_source!r} is not one of {', '.join(CROP_SOURCES)}")
     if r.crop_source != "truth" and not r.crop_prompts:
         raise UserError("--crop-source says where --crop-prompts' crops are cut from: set --crop-prompts too")
+    if r.crop_negative_classes not in CROP_NEGATIVE_CLASSES:
+        raise UserError(
+            f"--crop-negative-classes {r.crop_negative_classes!r} is not one of {', '.join(CROP_NEGATIVE_CLASSES)}"
+        )
+    if r.crop_negative_classes != "random" and not r.crop_negatives:
+        raise UserError("--crop-negative-classes picks --crop-negatives' absent classes: set --crop-negatives too")
     if r.crop_negatives and not r.crop_prompts:
         raise UserError("--crop-negatives fills --crop-prompts' slots of absent classes: set --crop-prompts too")
     if r.crop_size < 32 or r.crop_size % 32:
