@@ -43,6 +43,8 @@ HELP = {
     "classes whose bank prompts are nearest the crop's class, as pass I confuses them; not in the paper).",
     "crop_prompt_images": "With --crop-prompts: the share of training images given crops; the rest keep the bank's "
     "prompts, as pass I does.",
+    "crop_present_share": "With --crop-prompts: the share of present classes given their crop (drawn per class); "
+    "the rest keep the bank's prompts, as the classes pass I misses do (1: all; not in the paper).",
     "crop_prompts_from": "With --crop-prompts: the share of the steps trained on bank prompts alone before crop "
     "prompts begin (0: from the first step; not in the paper).",
     "crop_source": "With --crop-prompts: truth (crops cut from the label map) | prediction (from the decoder's own "

@@ -247,6 +247,35 @@ def test_random_crop_negatives_keep_their_draws():
     assert torch.equal(out.embedding[2:], ref.embedding[sources])
 
 
+def test_crop_present_share_leaves_some_present_classes_with_the_bank_prompts():
+    from dpseg.refine import Refinement
+    from pipeline.train.loop import missed_detections
+
+    # classes 1..6 present (two crops for class 3), 8 and 9 false detections (area 0)
+    classes = torch.tensor([1, 2, 3, 4, 5, 6, 8, 9])
+    counts = torch.tensor([1, 1, 2, 1, 1, 1, 1, 1])
+    areas = torch.tensor([70, 80, 90, 100, 110, 120, 0, 0])
+    embedding = torch.arange(9, dtype=torch.float32).view(9, 1)
+    ref = Refinement(classes, areas, counts, embedding, {4: embedding * 10})
+    kept_sets = set()
+    for seed in range(30):
+        out = missed_detections(ref, 0.5, torch.Generator().manual_seed(seed))
+        kept = out.classes.tolist()
+        assert {8, 9} <= set(kept)  # false detections always keep their crop
+        rows = [
+            r
+            for c, n, start in zip(classes.tolist(), counts.tolist(), [0, 1, 2, 4, 5, 6, 7, 8], strict=True)
+            if c in kept
+            for r in range(start, start + n)
+        ]
+        assert out.embedding.flatten().tolist() == [float(r) for r in rows]  # each kept class keeps its crops
+        assert torch.equal(out.pooled[4], out.embedding * 10)
+        kept_sets.add(tuple(kept))
+    assert len(kept_sets) > 5
+    everyone = missed_detections(ref, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(everyone.classes, classes) and torch.equal(everyone.embedding, embedding)
+
+
 def test_crop_prompt_images_leave_the_other_images_with_the_bank_prompts():
     from pipeline.train.loop import crop_prompt_visual
 
@@ -275,6 +304,10 @@ def test_crop_negatives_need_crop_prompts():
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_prompt_images=0.0, crop_size=64))
     with pytest.raises(UserError, match="--crop-negative-classes 'hard' is not one of random, similar"):
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negatives=2, crop_negative_classes="hard"))
+    with pytest.raises(UserError, match="--crop-present-share is a share"):
+        check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_present_share=0.0, crop_size=64))
+    with pytest.raises(UserError, match="--crop-present-share thins"):
+        check_numbers(TrainSettings(dataset="d", crop_present_share=0.5, crop_size=64))
     with pytest.raises(UserError, match="set --crop-negatives too"):
         check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_negative_classes="similar", crop_size=64))
 

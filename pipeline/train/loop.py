@@ -73,6 +73,9 @@ class TrainSettings:
     # with crop_prompts: the share of training images whose prompts get crops; the others keep the bank's
     # for every class, as pass I does, so bank prompts of present classes stay meaningful
     crop_prompt_images: float = 1.0
+    # with crop_prompts: the share of present classes (drawn per class) that get their crop; the others keep
+    # the bank's prompts, as the classes pass I misses do in pass II, so a class without a crop can be present
+    crop_present_share: float = 1.0
     # with crop_prompts: the share of the steps trained on the bank's prompts alone before crop prompts
     # begin (0: from the first step), so the decoder learns bank prompts first and crops late
     crop_prompts_from: float = 0.0
@@ -271,6 +274,7 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
                     negatives=r.crop_negatives,
                     negative_classes=r.crop_negative_classes,
                     image_share=r.crop_prompt_images,
+                    present_share=r.crop_present_share,
                     generator=torch.Generator().manual_seed(r.seed * 1_000_003 + step * r.grad_accum + micro),
                     detections=detections,
                 )
@@ -367,6 +371,7 @@ def crop_prompt_visual(
     image_share: float = 1.0,
     detections: torch.Tensor | None = None,
     negative_classes: str = "random",
+    present_share: float = 1.0,
 ):
     """Per-image prompts for one step of `crop_prompts` training: for every class with at least
     DEFAULT_MIN_AREA labelled pixels, `share` of its M slots (dpseg.refine.mixed_slots) take the
@@ -375,7 +380,8 @@ def crop_prompt_visual(
     labels (crop_source "prediction"). With `negatives`, that many classes without a crop (drawn by
     `generator`) take another class's crop too: any absent class, or with `negative_classes`
     "similar" one of the classes whose bank prompts are nearest the crop's class
-    (`similar_classes`). With `image_share` < 1, only that share of the
+    (`similar_classes`). With `present_share` < 1, each present class keeps its crop with that
+    probability (negatives may still carry it). With `image_share` < 1, only that share of the
     images (drawn by `generator`) gets crops."""
     from dpseg.refine import RefineSettings, label_maps, refine_batch, replace_prompts
 
@@ -393,6 +399,8 @@ def crop_prompt_visual(
     if negatives > 0:
         nearest = similar_classes(visual) if negative_classes == "similar" else None
         refs = [false_detections(ref, n, negatives, generator, nearest) for ref in refs]
+    if present_share < 1.0:
+        refs = [missed_detections(ref, present_share, generator) for ref in refs]
     return replace_prompts(visual, refs, "mix", share)
 
 
@@ -448,6 +456,24 @@ def false_detections(
         torch.cat([ref.counts, torch.ones(count, dtype=torch.int64)]),
         torch.cat([ref.embedding, ref.embedding[rows]]),
         {s: torch.cat([p, p[rows]]) for s, p in ref.pooled.items()},
+    )
+
+
+def missed_detections(ref, share: float, generator: torch.Generator | None):
+    """`ref` with each present class (area > 0; false_detections' additions have area 0) kept with
+    probability `share`: the dropped ones keep the bank's prompts, as pass II leaves the classes
+    pass I missed."""
+    from dpseg.refine import Refinement
+
+    present = ref.areas > 0
+    keep = ~present | (torch.rand(len(ref.classes), generator=generator) < share)
+    rows = torch.repeat_interleave(keep, ref.counts)
+    return Refinement(
+        ref.classes[keep],
+        ref.areas[keep],
+        ref.counts[keep],
+        ref.embedding[rows],
+        {s: p[rows] for s, p in ref.pooled.items()},
     )
 
 

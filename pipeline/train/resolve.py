@@ -73,6 +73,12 @@ def check_numbers(r) -> None:
         raise UserError(f"--crop-negatives counts absent classes per image, zero or more; got {r.crop_negatives}")
     if not 0.0 < r.crop_prompt_images <= 1.0:
         raise UserError(f"--crop-prompt-images is a share of the images, in (0, 1]; got {r.crop_prompt_images}")
+    if not 0.0 < r.crop_present_share <= 1.0:
+        raise UserError(
+            f"--crop-present-share is a share of the present classes, in (0, 1]; got {r.crop_present_share}"
+        )
+    if r.crop_present_share < 1.0 and not r.crop_prompts:
+        raise UserError("--crop-present-share thins --crop-prompts' crops: set --crop-prompts too")
     if not 0.0 <= r.crop_prompts_from < 1.0:
         raise UserError(
             "--crop-prompts-from is the share of the steps before crop prompts begin, in [0, 1); "
