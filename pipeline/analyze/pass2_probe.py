@@ -1,0 +1,155 @@
+"""Inference-side probes of pass II on one checkpoint: would merging the two passes' scores, or
+refining only the classes whose crop looks like its class, make pass II pay? One sweep over a
+dataset computes every variant from the same pass I, the same crops and the same pass II.
+
+    python -m pipeline.analyze.pass2_probe CKPT DATASET --classes seen --bank out/bank [--limit N]
+
+Variants (each scored as SED's protocol scores a pass: sigmoid, upsample, argmax):
+- fused w: the probabilities (1 - w) sigmoid(pass I) + w sigmoid(pass II) (0: pass I, 1: pass II);
+- verified top r: pass II refining only the classes whose crop's global embedding has its own
+  class among the r nearest bank prototypes (the mean of the class's M unit embeddings);
+- verified top 1, fused 0.5.
+Crop agreement: per refined class, whether it is a true detection (its class is in the ground
+truth) and the rank of its own class among the prototypes; the probe prints the share of true
+and of false detections that each `top r` keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FUSE_WEIGHTS = (0.25, 0.5, 0.75)
+VERIFY_TOPS = (1, 3)
+
+
+def fuse_logits(logits1: torch.Tensor, logits2: torch.Tensor, weight: float) -> torch.Tensor:
+    """Logits whose sigmoid is (1 - weight) sigmoid(logits1) + weight sigmoid(logits2)."""
+    probs = (1 - weight) * torch.sigmoid(logits1.float()) + weight * torch.sigmoid(logits2.float())
+    return torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+
+
+def class_prototypes(embedding: torch.Tensor) -> torch.Tensor:
+    """(N, D) unit mean of each class's M unit global embeddings (N, M, D)."""
+    return F.normalize(F.normalize(embedding.float(), dim=-1).mean(dim=1), dim=-1)
+
+
+def own_class_rank(ref, prototypes: torch.Tensor) -> torch.Tensor:
+    """(C,) per refined class of `ref`: how many prototypes are more similar to its (first) crop
+    than its own class's (0: its own class is the nearest)."""
+    first = torch.cumsum(ref.counts, 0) - ref.counts
+    sims = F.normalize(ref.embedding[first].float(), dim=-1) @ prototypes.T.to(ref.embedding.device)
+    own = sims.gather(1, ref.classes.view(-1, 1).to(sims.device))
+    return (sims > own).sum(dim=1).cpu()
+
+
+def keep_classes(ref, keep: torch.Tensor):
+    """`ref` with only the refined classes where `keep` (C,) is true, and their crops."""
+    from dpseg.refine import Refinement
+
+    rows = torch.repeat_interleave(keep, ref.counts)
+    pooled = {s: p[rows] for s, p in ref.pooled.items()}
+    return Refinement(ref.classes[keep], ref.areas[keep], ref.counts[keep], ref.embedding[rows], pooled)
+
+
+def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, limit: int | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    from dpseg.metrics import confusion_matrix, predict_labels, segmentation_scores
+    from dpseg.refine import refine_batch
+    from dpseg.reproducibility import deterministic
+    from pipeline.evaluate.loop import EvalSettings, _label_maps, pass2_logits
+    from pipeline.evaluate.setup import prepare_context
+
+    # 1. the evaluation's own context: checkpoint, bank, class subset, prompts, pass-II settings
+    settings = EvalSettings(
+        checkpoint=checkpoint, dataset=dataset, classes=classes, bank=bank, batch_size=8, num_workers=0, device="cpu"
+    )
+    settings.validate()
+    deterministic()
+    ctx = prepare_context(settings)
+    refine = settings.refine_settings(ctx.encode_size, ctx.pass2_merge)
+    model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
+    prototypes = class_prototypes(visual.embedding)
+    heads = ["pass 1", "pass 2", *[f"fused {w}" for w in FUSE_WEIGHTS]]
+    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5"]
+    conf = {h: np.zeros((k, k), np.int64) for h in heads}
+    agreement: list[tuple[bool, int]] = []
+    indices = list(range(len(ctx.dataset)))[:limit]
+    batches = [indices[i : i + 8] for i in range(0, len(indices), 8)]
+    for batch in tqdm(ctx.loader(batches, 0), total=len(batches), desc="pass-II probe", unit="batch"):
+        images01 = batch["image"].float().div_(255)
+        size = tuple(images01.shape[-2:])
+        with torch.inference_mode():
+            # 2. pass I, the crops, pass II: as `dpseg eval` computes them
+            features = model.encode_image(model.image_encoder.normalize(images01))
+            logits1 = model(text=text, visual=visual, features=features)
+            refs = refine_batch(model, images01, predict_labels(logits1, size), refine)
+            logits2 = pass2_logits(model, text, visual, features, refs, refine, logits1, 0, settings)
+            # 3. crop agreement per refined class, and pass II on the agreeing classes only
+            truth = _label_maps(batch["label"], ctx, size)
+            ranks = [own_class_rank(r, prototypes) for r in refs]
+            for j, (ref, rank) in enumerate(zip(refs, ranks, strict=True)):
+                present = set(truth[j].unique().tolist())
+                agreement += [(c in present, int(x)) for c, x in zip(ref.classes.tolist(), rank.tolist(), strict=True)]
+            out = {"pass 1": logits1, "pass 2": logits2}
+            out.update({f"fused {w}": fuse_logits(logits1, logits2, w) for w in FUSE_WEIGHTS})
+            for top in VERIFY_TOPS:
+                kept = [keep_classes(r, x < top) for r, x in zip(refs, ranks, strict=True)]
+                out[f"verified top {top}"] = pass2_logits(
+                    model, text, visual, features, kept, refine, logits1, 0, settings
+                )
+            out["verified top 1, fused 0.5"] = fuse_logits(logits1, out["verified top 1"], 0.5)
+        # 4. SED's protocol per image
+        for j, label in enumerate(batch["label"]):
+            label = ctx.remap(label)
+            for h in heads:
+                pred = predict_labels(out[h][j : j + 1], label.shape)[0]
+                conf[h] += confusion_matrix(pred, label, k, ctx.dataset.ignore_index)
+    true = np.array([t for t, _ in agreement], dtype=bool)
+    rank = np.array([r for _, r in agreement], dtype=np.int64)
+    keeps = {
+        f"top {top}": {
+            "true detections kept": float((rank[true] < top).mean()) if true.any() else None,
+            "false detections kept": float((rank[~true] < top).mean()) if (~true).any() else None,
+        }
+        for top in VERIFY_TOPS
+    }
+    return {
+        "checkpoint": checkpoint,
+        "dataset": dataset,
+        "classes": classes,
+        "images": len(indices),
+        "refinement": refine.to_dict(),
+        "miou": {h: segmentation_scores(conf[h])["miou"] for h in heads},
+        "refined classes": len(agreement),
+        "true detections": int(true.sum()),
+        "crop agreement": keeps,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dpseg.errors import UserError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("dataset")
+    parser.add_argument("--classes", default=None)
+    parser.add_argument("--bank", default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        result = probe(args.checkpoint, args.dataset, args.classes, args.bank, args.limit)
+    except UserError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The pass-II probe (pipeline/analyze/pass2_probe.py): score fusion and crop agreement against
+direct computations, and its pass I / pass II against `dpseg eval` on the same checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_run
+
+from dpseg.data.shapes import UNSEEN
+from dpseg.refine import Refinement
+from pipeline.analyze.pass2_probe import class_prototypes, fuse_logits, keep_classes, own_class_rank, probe
+
+
+def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    fused = fuse_logits(a, b, 0.25)
+    expected = 0.75 / (1 + torch.exp(-a)) + 0.25 / (1 + torch.exp(-b))
+    assert torch.allclose(torch.sigmoid(fused), expected, atol=1e-6)
+    assert torch.allclose(fuse_logits(a, b, 0.0), a, atol=1e-4)
+    assert torch.allclose(fuse_logits(a, b, 1.0), b, atol=1e-4)
+
+
+def test_own_class_rank_counts_the_prototypes_nearer_to_the_crop_than_its_class():
+    torch.manual_seed(1)
+    bank = torch.randn(5, 3, 6)
+    prototypes = class_prototypes(bank)
+    unit = F.normalize(bank, dim=-1).mean(dim=1)
+    assert torch.allclose(prototypes, unit / unit.norm(dim=-1, keepdim=True))
+    crops = torch.randn(4, 6)  # class 4 has two crops: its first decides
+    ref = Refinement(torch.tensor([0, 2, 4]), torch.tensor([9, 9, 9]), torch.tensor([1, 1, 2]), crops, {})
+    ranks = own_class_rank(ref, prototypes)
+    for i, (c, row) in enumerate(zip([0, 2, 4], [0, 1, 2], strict=True)):
+        sims = [float(F.cosine_similarity(crops[row], prototypes[n], dim=0)) for n in range(5)]
+        assert int(ranks[i]) == sum(s > sims[c] for s in sims)
+    exact = Refinement(torch.tensor([3]), torch.tensor([9]), torch.tensor([1]), prototypes[3:4].clone(), {})
+    assert own_class_rank(exact, prototypes).tolist() == [0]
+
+
+def test_keep_classes_drops_the_refused_classes_and_their_crops():
+    crops = torch.arange(4, dtype=torch.float32).view(4, 1)
+    ref = Refinement(torch.tensor([1, 5, 7]), torch.tensor([3, 4, 5]), torch.tensor([1, 2, 1]), crops, {8: crops * 2})
+    kept = keep_classes(ref, torch.tensor([False, True, True]))
+    assert kept.classes.tolist() == [5, 7] and kept.counts.tolist() == [2, 1] and kept.areas.tolist() == [4, 5]
+    assert kept.embedding.flatten().tolist() == [1.0, 2.0, 3.0] and torch.equal(kept.pooled[8], kept.embedding * 2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from dpseg.data.synth import write_shapes_benchmark
+
+    root = tmp_path_factory.mktemp("probe")
+    write_shapes_benchmark(root / "shapes", images=1, val_images=4, size=64, progress=False)
+    return tiny_run(root, list(UNSEEN), recipe={"crop_size": 64})
+
+
+def test_the_probe_scores_pass_one_and_two_as_dpseg_eval_does(world):
+    from pipeline.evaluate.loop import EvalSettings, evaluate
+
+    result = probe(str(world / "ckpt"), str(world / "shapes"), "unseen", None)
+    metrics = evaluate(
+        EvalSettings(
+            checkpoint=str(world / "ckpt"),
+            dataset=str(world / "shapes"),
+            out=str(world / "eval"),
+            classes="unseen",
+            num_workers=0,
+            batch_size=8,
+            bootstrap=0,
+        ),
+        progress=False,
+    )
+    assert result["images"] == 4
+    assert result["miou"]["pass 1"] == pytest.approx(metrics["passes"]["1"]["miou"])
+    assert result["miou"]["pass 2"] == pytest.approx(metrics["passes"]["2"]["miou"])
+    assert set(result["miou"]) >= {"fused 0.5", "verified top 1", "verified top 3"}
+    shares = result["crop agreement"]["top 3"]
+    assert result["refined classes"] >= result["true detections"]
+    for value in shares.values():
+        assert value is None or 0.0 <= value <= 1.0
