@@ -1,4 +1,4 @@
-"""The pass-II probe (pipeline/analyze/pass2_probe.py): score fusion and crop agreement against
+"""The pass-II probe (pipeline/analyze/fuse_verify.py): score fusion and crop agreement against
 direct computations, and its pass I / pass II against `dpseg eval` on the same checkpoint."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from conftest import tiny_run
 
 from dpseg.data.shapes import UNSEEN
 from dpseg.refine import Refinement
-from pipeline.analyze.pass2_probe import class_prototypes, fuse_logits, keep_classes, own_class_rank, probe
+from pipeline.analyze.fuse_verify import class_prototypes, fuse_logits, keep_classes, own_class_rank, probe
 
 
 def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():

@@ -2,7 +2,7 @@
 refining only the classes whose crop looks like its class, make pass II pay? One sweep over a
 dataset computes every variant from the same pass I, the same crops and the same pass II.
 
-    python -m pipeline.analyze.pass2_probe CKPT DATASET --classes seen --bank out/bank [--limit N]
+    python -m pipeline.analyze.fuse_verify CKPT DATASET --classes seen --bank out/bank [--limit N]
 
 Variants (each scored as SED's protocol scores a pass: sigmoid, upsample, argmax):
 - fused w: the probabilities (1 - w) sigmoid(pass I) + w sigmoid(pass II) (0: pass I, 1: pass II);
