@@ -418,6 +418,13 @@ def restrict_refinement(ref: Refinement, classes: torch.Tensor) -> Refinement:
     )
 
 
+def keep_refined(ref: Refinement, keep: torch.Tensor) -> Refinement:
+    """`ref` with only the refined classes where `keep` (C,) bool is true, and their crops."""
+    rows = torch.repeat_interleave(keep, ref.counts)
+    pooled = {s: p[rows] for s, p in ref.pooled.items()}
+    return Refinement(ref.classes[keep], ref.areas[keep], ref.counts[keep], ref.embedding[rows], pooled)
+
+
 def scatter_classes(base: torch.Tensor, index: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """`base` logits (B, N, h, w) with the classes `index` (B, k) replaced by `part` (B, k, h, w)."""
     idx = index.to(base.device).view(*index.shape, 1, 1).expand(-1, -1, *base.shape[-2:])

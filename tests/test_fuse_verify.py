@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import tiny_run
 
 from dpseg.data.shapes import UNSEEN
-from dpseg.refine import Refinement
-from pipeline.analyze.fuse_verify import class_prototypes, fuse_logits, keep_classes, own_class_rank, probe
+from dpseg.refine import Refinement, keep_refined
+from pipeline.analyze.fuse_verify import class_prototypes, fuse_logits, own_class_rank, probe
 
 
 def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():
@@ -39,10 +39,10 @@ def test_own_class_rank_counts_the_prototypes_nearer_to_the_crop_than_its_class(
     assert own_class_rank(exact, prototypes).tolist() == [0]
 
 
-def test_keep_classes_drops_the_refused_classes_and_their_crops():
+def test_keep_refined_drops_the_refused_classes_and_their_crops():
     crops = torch.arange(4, dtype=torch.float32).view(4, 1)
     ref = Refinement(torch.tensor([1, 5, 7]), torch.tensor([3, 4, 5]), torch.tensor([1, 2, 1]), crops, {8: crops * 2})
-    kept = keep_classes(ref, torch.tensor([False, True, True]))
+    kept = keep_refined(ref, torch.tensor([False, True, True]))
     assert kept.classes.tolist() == [5, 7] and kept.counts.tolist() == [2, 1] and kept.areas.tolist() == [4, 5]
     assert kept.embedding.flatten().tolist() == [1.0, 2.0, 3.0] and torch.equal(kept.pooled[8], kept.embedding * 2)
 

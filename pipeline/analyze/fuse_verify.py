@@ -48,20 +48,11 @@ def own_class_rank(ref, prototypes: torch.Tensor) -> torch.Tensor:
     return (sims > own).sum(dim=1).cpu()
 
 
-def keep_classes(ref, keep: torch.Tensor):
-    """`ref` with only the refined classes where `keep` (C,) is true, and their crops."""
-    from dpseg.refine import Refinement
-
-    rows = torch.repeat_interleave(keep, ref.counts)
-    pooled = {s: p[rows] for s, p in ref.pooled.items()}
-    return Refinement(ref.classes[keep], ref.areas[keep], ref.counts[keep], ref.embedding[rows], pooled)
-
-
 def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, limit: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from dpseg.metrics import confusion_matrix, predict_labels, segmentation_scores
-    from dpseg.refine import refine_batch
+    from dpseg.refine import keep_refined, refine_batch
     from dpseg.reproducibility import deterministic
     from pipeline.evaluate.loop import EvalSettings, _label_maps, pass2_logits
     from pipeline.evaluate.setup import prepare_context
@@ -100,7 +91,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             out = {"pass 1": logits1, "pass 2": logits2}
             out.update({f"fused {w}": fuse_logits(logits1, logits2, w) for w in FUSE_WEIGHTS})
             for top in VERIFY_TOPS:
-                kept = [keep_classes(r, x < top) for r, x in zip(refs, ranks, strict=True)]
+                kept = [keep_refined(r, x < top) for r, x in zip(refs, ranks, strict=True)]
                 out[f"verified top {top}"] = pass2_logits(
                     model, text, visual, features, kept, refine, logits1, 0, settings
                 )

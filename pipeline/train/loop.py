@@ -463,18 +463,10 @@ def missed_detections(ref, share: float, generator: torch.Generator | None):
     """`ref` with each present class (area > 0; false_detections' additions have area 0) kept with
     probability `share`: the dropped ones keep the bank's prompts, as pass II leaves the classes
     pass I missed."""
-    from dpseg.refine import Refinement
+    from dpseg.refine import keep_refined
 
     present = ref.areas > 0
-    keep = ~present | (torch.rand(len(ref.classes), generator=generator) < share)
-    rows = torch.repeat_interleave(keep, ref.counts)
-    return Refinement(
-        ref.classes[keep],
-        ref.areas[keep],
-        ref.counts[keep],
-        ref.embedding[rows],
-        {s: p[rows] for s, p in ref.pooled.items()},
-    )
+    return keep_refined(ref, ~present | (torch.rand(len(ref.classes), generator=generator) < share))
 
 
 def resolve_precision(value: str, gpu: bool) -> str:
