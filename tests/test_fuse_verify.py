@@ -75,7 +75,7 @@ def test_the_probe_scores_pass_one_and_two_as_dpseg_eval_does(world):
     assert result["images"] == 4
     assert result["miou"]["pass 1"] == pytest.approx(metrics["passes"]["1"]["miou"])
     assert result["miou"]["pass 2"] == pytest.approx(metrics["passes"]["2"]["miou"])
-    assert set(result["miou"]) >= {"fused 0.5", "verified top 1", "verified top 3"}
+    assert set(result["miou"]) >= {"fused 0.5", "verified top 1", "verified top 3", "diagnostic: true detections only"}
     shares = result["crop agreement"]["top 3"]
     assert result["refined classes"] >= result["true detections"]
     for value in shares.values():

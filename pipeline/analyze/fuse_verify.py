@@ -8,7 +8,9 @@ Variants (each scored as SED's protocol scores a pass: sigmoid, upsample, argmax
 - fused w: the probabilities (1 - w) sigmoid(pass I) + w sigmoid(pass II) (0: pass I, 1: pass II);
 - verified top r: pass II refining only the classes whose crop's global embedding has its own
   class among the r nearest bank prototypes (the mean of the class's M unit embeddings);
-- verified top 1, fused 0.5.
+- verified top 1, fused 0.5;
+- diagnostic, true detections only: pass II refining only the detected classes that the ground
+  truth holds, with pass I's crops (what a perfect verifier would give; never a result).
 Crop agreement: per refined class, whether it is a true detection (its class is in the ground
 truth) and the rank of its own class among the prototypes; the probe prints the share of true
 and of false detections that each `top r` keeps.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 FUSE_WEIGHTS = (0.25, 0.5, 0.75)
 VERIFY_TOPS = (1, 3)
+TRUE_ONLY = "diagnostic: true detections only"
 
 
 def fuse_logits(logits1: torch.Tensor, logits2: torch.Tensor, weight: float) -> torch.Tensor:
@@ -68,7 +71,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
     prototypes = class_prototypes(visual.embedding)
     heads = ["pass 1", "pass 2", *[f"fused {w}" for w in FUSE_WEIGHTS]]
-    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5"]
+    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", TRUE_ONLY]
     conf = {h: np.zeros((k, k), np.int64) for h in heads}
     agreement: list[tuple[bool, int]] = []
     indices = list(range(len(ctx.dataset)))[:limit]
@@ -85,9 +88,11 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             # 3. crop agreement per refined class, and pass II on the agreeing classes only
             truth = _label_maps(batch["label"], ctx, size)
             ranks = [own_class_rank(r, prototypes) for r in refs]
+            true_refs = []
             for j, (ref, rank) in enumerate(zip(refs, ranks, strict=True)):
                 present = set(truth[j].unique().tolist())
                 agreement += [(c in present, int(x)) for c, x in zip(ref.classes.tolist(), rank.tolist(), strict=True)]
+                true_refs.append(keep_refined(ref, torch.tensor([c in present for c in ref.classes.tolist()])))
             out = {"pass 1": logits1, "pass 2": logits2}
             out.update({f"fused {w}": fuse_logits(logits1, logits2, w) for w in FUSE_WEIGHTS})
             for top in VERIFY_TOPS:
@@ -96,6 +101,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
                     model, text, visual, features, kept, refine, logits1, 0, settings
                 )
             out["verified top 1, fused 0.5"] = fuse_logits(logits1, out["verified top 1"], 0.5)
+            out[TRUE_ONLY] = pass2_logits(model, text, visual, features, true_refs, refine, logits1, 0, settings)
         # 4. SED's protocol per image
         for j, label in enumerate(batch["label"]):
             label = ctx.remap(label)
