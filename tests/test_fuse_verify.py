@@ -3,6 +3,7 @@ direct computations, and its pass I / pass II against `dpseg eval` on the same c
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from conftest import tiny_run
 
 from dpseg.data.shapes import UNSEEN
 from dpseg.refine import Refinement, keep_refined
-from pipeline.analyze.fuse_verify import class_prototypes, fuse_logits, own_class_rank, probe
+from pipeline.analyze.fuse_verify import class_prototypes, fuse_logits, own_class_rank, probe, separation_auc
 
 
 def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():
@@ -37,6 +38,17 @@ def test_own_class_rank_counts_the_prototypes_nearer_to_the_crop_than_its_class(
         assert int(ranks[i]) == sum(s > sims[c] for s in sims)
     exact = Refinement(torch.tensor([3]), torch.tensor([9]), torch.tensor([1]), prototypes[3:4].clone(), {})
     assert own_class_rank(exact, prototypes).tolist() == [0]
+
+
+def test_separation_auc_is_the_share_of_positive_negative_pairs_ordered_right():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 40).astype(float)  # ties on purpose
+    positive = rng.random(40) < 0.4
+    pairs = [(p, n) for p in scores[positive] for n in scores[~positive]]
+    expected = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert separation_auc(scores, positive) == pytest.approx(expected)
+    assert separation_auc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
+    assert separation_auc(np.arange(3.0), np.array([True, True, True])) is None
 
 
 def test_keep_refined_drops_the_refused_classes_and_their_crops():
@@ -76,6 +88,8 @@ def test_the_probe_scores_pass_one_and_two_as_dpseg_eval_does(world):
     assert result["miou"]["pass 1"] == pytest.approx(metrics["passes"]["1"]["miou"])
     assert result["miou"]["pass 2"] == pytest.approx(metrics["passes"]["2"]["miou"])
     assert set(result["miou"]) >= {"fused 0.5", "verified top 1", "verified top 3", "diagnostic: true detections only"}
+    for auc in result["true/false detection AUC"].values():
+        assert auc is None or 0.0 <= auc <= 1.0
     shares = result["crop agreement"]["top 3"]
     assert result["refined classes"] >= result["true detections"]
     for value in shares.values():

@@ -13,7 +13,9 @@ Variants (each scored as SED's protocol scores a pass: sigmoid, upsample, argmax
   truth holds, with pass I's crops (what a perfect verifier would give; never a result).
 Crop agreement: per refined class, whether it is a true detection (its class is in the ground
 truth) and the rank of its own class among the prototypes; the probe prints the share of true
-and of false detections that each `top r` keeps.
+and of false detections that each `top r` keeps. Detection scores: how well pass I's mean
+probability over the class's pixels, its area, the crop's cosine to its own prototype and its
+rank (lower is better) tell true from false detections (area under the ROC curve, 0.5: not at all).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def fuse_logits(logits1: torch.Tensor, logits2: torch.Tensor, weight: float) -> 
     return torch.logit(probs.clamp(1e-6, 1 - 1e-6))
 
 
+def separation_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for telling `positive` (bool) rows from the others:
+    the chance that a random positive outscores a random negative, ties counting half."""
+    from scipy.stats import rankdata
+
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if n1 == 0 or n0 == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def class_prototypes(embedding: torch.Tensor) -> torch.Tensor:
     """(N, D) unit mean of each class's M unit global embeddings (N, M, D)."""
     return F.normalize(F.normalize(embedding.float(), dim=-1).mean(dim=1), dim=-1)
@@ -55,7 +69,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
     from tqdm.auto import tqdm
 
     from dpseg.metrics import confusion_matrix, predict_labels, segmentation_scores
-    from dpseg.refine import keep_refined, refine_batch
+    from dpseg.refine import keep_refined, pass1_confidence, refine_batch
     from dpseg.reproducibility import deterministic
     from pipeline.evaluate.loop import EvalSettings, _label_maps, pass2_logits
     from pipeline.evaluate.setup import prepare_context
@@ -74,6 +88,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
     heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", TRUE_ONLY]
     conf = {h: np.zeros((k, k), np.int64) for h in heads}
     agreement: list[tuple[bool, int]] = []
+    detection_scores: list[tuple[float, float, float]] = []  # per refined class: mean probability, area, cosine
     indices = list(range(len(ctx.dataset)))[:limit]
     batches = [indices[i : i + 8] for i in range(0, len(indices), 8)]
     for batch in tqdm(ctx.loader(batches, 0), total=len(batches), desc="pass-II probe", unit="batch"):
@@ -83,7 +98,9 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             # 2. pass I, the crops, pass II: as `dpseg eval` computes them
             features = model.encode_image(model.image_encoder.normalize(images01))
             logits1 = model(text=text, visual=visual, features=features)
-            refs = refine_batch(model, images01, predict_labels(logits1, size), refine)
+            detect_maps = predict_labels(logits1, size)
+            refs = refine_batch(model, images01, detect_maps, refine)
+            top1 = pass1_confidence(logits1, size)[:, 0]
             logits2 = pass2_logits(model, text, visual, features, refs, refine, logits1, 0, settings)
             # 3. crop agreement per refined class, and pass II on the agreeing classes only
             truth = _label_maps(batch["label"], ctx, size)
@@ -93,6 +110,11 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
                 present = set(truth[j].unique().tolist())
                 agreement += [(c in present, int(x)) for c, x in zip(ref.classes.tolist(), rank.tolist(), strict=True)]
                 true_refs.append(keep_refined(ref, torch.tensor([c in present for c in ref.classes.tolist()])))
+                first = torch.cumsum(ref.counts, 0) - ref.counts
+                cosine = F.normalize(ref.embedding[first].float(), dim=-1) @ prototypes.T
+                for i, (c, area) in enumerate(zip(ref.classes.tolist(), ref.areas.tolist(), strict=True)):
+                    mean_probability = float(top1[j][detect_maps[j] == c].mean())
+                    detection_scores.append((mean_probability, float(area), float(cosine[i, c])))
             out = {"pass 1": logits1, "pass 2": logits2}
             out.update({f"fused {w}": fuse_logits(logits1, logits2, w) for w in FUSE_WEIGHTS})
             for top in VERIFY_TOPS:
@@ -117,6 +139,16 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
         }
         for top in VERIFY_TOPS
     }
+    columns = np.array(detection_scores, dtype=np.float64).reshape(-1, 3)
+    separation = {
+        name: separation_auc(values, true)
+        for name, values in [
+            ("pass I mean probability", columns[:, 0]),
+            ("area", columns[:, 1]),
+            ("crop cosine to own prototype", columns[:, 2]),
+            ("crop rank of own prototype (negated)", -rank.astype(np.float64)),
+        ]
+    }
     return {
         "checkpoint": checkpoint,
         "dataset": dataset,
@@ -127,6 +159,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
         "refined classes": len(agreement),
         "true detections": int(true.sum()),
         "crop agreement": keeps,
+        "true/false detection AUC": separation,
     }
 
 
