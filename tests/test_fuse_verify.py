@@ -11,7 +11,7 @@ from conftest import tiny_run
 
 from dpseg.data.shapes import UNSEEN
 from dpseg.refine import Refinement, keep_refined
-from pipeline.analyze.fuse_verify import class_prototypes, fuse_logits, own_class_rank, probe, separation_auc
+from pipeline.analyze.fuse_verify import KEPT, class_prototypes, fuse_logits, own_class_rank, probe, separation_auc
 
 
 def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():
@@ -87,7 +87,13 @@ def test_the_probe_scores_pass_one_and_two_as_dpseg_eval_does(world):
     assert result["images"] == 4
     assert result["miou"]["pass 1"] == pytest.approx(metrics["passes"]["1"]["miou"])
     assert result["miou"]["pass 2"] == pytest.approx(metrics["passes"]["2"]["miou"])
-    assert set(result["miou"]) >= {"fused 0.5", "verified top 1", "verified top 3", "diagnostic: true detections only"}
+    assert set(result["miou"]) >= {
+        "fused 0.5",
+        "verified top 1",
+        "verified top 3",
+        "diagnostic: true detections only",
+        KEPT,
+    }
     for auc in result["true/false detection AUC"].values():
         assert auc is None or 0.0 <= auc <= 1.0
     shares = result["crop agreement"]["top 3"]

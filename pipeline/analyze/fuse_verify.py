@@ -9,6 +9,8 @@ Variants (each scored as SED's protocol scores a pass: sigmoid, upsample, argmax
 - verified top r: pass II refining only the classes whose crop's global embedding has its own
   class among the r nearest bank prototypes (the mean of the class's M unit embeddings);
 - verified top 1, fused 0.5;
+- pass I kept below g: pass II (every detected class refined), but the classes whose pass-I mean
+  probability over their pixels is under g keep their pass-I logits;
 - diagnostic, true detections only: pass II refining only the detected classes that the ground
   truth holds, with pass I's crops (what a perfect verifier would give; never a result).
 Crop agreement: per refined class, whether it is a true detection (its class is in the ground
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 FUSE_WEIGHTS = (0.25, 0.5, 0.75)
 VERIFY_TOPS = (1, 3)
 TRUE_ONLY = "diagnostic: true detections only"
+KEEP_PASS1_BELOW = 0.37
+KEPT = f"pass I kept below {KEEP_PASS1_BELOW}"
 
 
 def fuse_logits(logits1: torch.Tensor, logits2: torch.Tensor, weight: float) -> torch.Tensor:
@@ -85,7 +89,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
     prototypes = class_prototypes(visual.embedding)
     heads = ["pass 1", "pass 2", *[f"fused {w}" for w in FUSE_WEIGHTS]]
-    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", TRUE_ONLY]
+    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", KEPT, TRUE_ONLY]
     conf = {h: np.zeros((k, k), np.int64) for h in heads}
     agreement: list[tuple[bool, int]] = []
     detection_scores: list[tuple[float, float, float]] = []  # per refined class: mean probability, area, cosine
@@ -105,7 +109,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             # 3. crop agreement per refined class, and pass II on the agreeing classes only
             truth = _label_maps(batch["label"], ctx, size)
             ranks = [own_class_rank(r, prototypes) for r in refs]
-            true_refs = []
+            true_refs, unsure = [], torch.zeros(logits1.shape[:2], dtype=torch.bool)
             for j, (ref, rank) in enumerate(zip(refs, ranks, strict=True)):
                 present = set(truth[j].unique().tolist())
                 agreement += [(c in present, int(x)) for c, x in zip(ref.classes.tolist(), rank.tolist(), strict=True)]
@@ -115,6 +119,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
                 for i, (c, area) in enumerate(zip(ref.classes.tolist(), ref.areas.tolist(), strict=True)):
                     mean_probability = float(top1[j][detect_maps[j] == c].mean())
                     detection_scores.append((mean_probability, float(area), float(cosine[i, c])))
+                    unsure[j, c] = mean_probability < KEEP_PASS1_BELOW
             out = {"pass 1": logits1, "pass 2": logits2}
             out.update({f"fused {w}": fuse_logits(logits1, logits2, w) for w in FUSE_WEIGHTS})
             for top in VERIFY_TOPS:
@@ -123,6 +128,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
                     model, text, visual, features, kept, refine, logits1, 0, settings
                 )
             out["verified top 1, fused 0.5"] = fuse_logits(logits1, out["verified top 1"], 0.5)
+            out[KEPT] = torch.where(unsure[:, :, None, None].to(logits1.device), logits1, logits2)
             out[TRUE_ONLY] = pass2_logits(model, text, visual, features, true_refs, refine, logits1, 0, settings)
         # 4. SED's protocol per image
         for j, label in enumerate(batch["label"]):
