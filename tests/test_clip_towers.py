@@ -183,6 +183,27 @@ def test_same_weights_compares_local_files_by_content_not_path(tmp_path):
     assert same_weights("random", "random") and not same_weights("random", "laion2b_s29b_b131k_ft_soup")
 
 
+def test_same_weights_ignores_safetensors_metadata_but_not_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from dpseg.clip.encoders import matches_recorded, same_weights
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.ones(2)}
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_file(tensors, old, metadata={"git_commit": "c964dd4"})
+    save_file(tensors, new, metadata={"git_commit": "bbcfbc1", "note": "trained again"})
+    assert old.read_bytes() != new.read_bytes()
+    assert same_weights(old, new) and matches_recorded(new, old, "sha256-of-old")  # a bank built at another commit
+    changed, retyped, renamed = (tmp_path / f"{n}.safetensors" for n in ("changed", "retyped", "renamed"))
+    save_file({**tensors, "b": torch.tensor([1.0, 2.0])}, changed)
+    save_file({**tensors, "b": torch.ones(2, dtype=torch.float64)}, retyped)
+    save_file({"w": tensors["w"], "bias": tensors["b"]}, renamed)
+    assert not any(same_weights(old, other) for other in (changed, retyped, renamed))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    assert not same_weights(old, junk)
+
+
 def test_a_bank_whose_recorded_weights_file_is_gone_is_matched_by_its_recorded_digest(tmp_path):
     import hashlib
 

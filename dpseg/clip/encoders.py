@@ -185,14 +185,36 @@ def encoder_dims(name: str) -> tuple[int, dict[int, int]]:
 
 def same_weights(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     """Whether two weight identifiers (tags, "random", local files) name the same weights: equal
-    strings, or two local files with equal bytes. A file copied elsewhere (a `dvc exp run --temp`
-    workspace, another machine's checkout) is the same weights under another path."""
+    strings, two local files with equal bytes, or two safetensors files holding equal tensors. A
+    file copied elsewhere (a `dvc exp run --temp` workspace, another machine's checkout) is the
+    same weights under another path; so is the demo CLIP trained again at another commit, whose
+    metadata records that commit but whose tensors are the same."""
     if str(a) == str(b):
         return True
     paths = [Path(str(x)) for x in (a, b)]
-    if not all(p.is_file() for p in paths) or paths[0].stat().st_size != paths[1].stat().st_size:
+    if not all(p.is_file() for p in paths):
         return False
-    return file_sha256(paths[0]) == file_sha256(paths[1])
+    if paths[0].stat().st_size == paths[1].stat().st_size and file_sha256(paths[0]) == file_sha256(paths[1]):
+        return True
+    return all(p.suffix == ".safetensors" for p in paths) and same_tensors(*paths)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors (names, dtypes, shapes, values),
+    whatever their metadata says; False for a file that is not a readable safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(a), "pt") as left, safe_open(str(b), "pt") as right:
+            if set(left.keys()) != set(right.keys()):
+                return False
+            for name in left.keys():
+                x, y = left.get_tensor(name), right.get_tensor(name)
+                if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                    return False
+            return True
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def matches_recorded(
