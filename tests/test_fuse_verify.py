@@ -10,8 +10,17 @@ import torch.nn.functional as F
 from conftest import tiny_run
 
 from dpseg.data.shapes import UNSEEN
+from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import Refinement, keep_refined
-from pipeline.analyze.fuse_verify import KEPT, class_prototypes, fuse_logits, own_class_rank, probe, separation_auc
+from pipeline.analyze.fuse_verify import (
+    KEPT,
+    crop_similarities,
+    fuse_logits,
+    kept_shares,
+    own_class_rank,
+    probe,
+    separation_auc,
+)
 
 
 def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():
@@ -27,17 +36,19 @@ def test_fused_logits_carry_the_weighted_mean_of_the_two_probabilities():
 def test_own_class_rank_counts_the_prototypes_nearer_to_the_crop_than_its_class():
     torch.manual_seed(1)
     bank = torch.randn(5, 3, 6)
-    prototypes = class_prototypes(bank)
+    prototypes = VisualPrompts(bank, {}).prototypes()
     unit = F.normalize(bank, dim=-1).mean(dim=1)
     assert torch.allclose(prototypes, unit / unit.norm(dim=-1, keepdim=True))
     crops = torch.randn(4, 6)  # class 4 has two crops: its first decides
     ref = Refinement(torch.tensor([0, 2, 4]), torch.tensor([9, 9, 9]), torch.tensor([1, 1, 2]), crops, {})
-    ranks = own_class_rank(ref, prototypes)
+    similarities = crop_similarities(ref, prototypes)
+    ranks = own_class_rank(similarities, ref.classes)
     for i, (c, row) in enumerate(zip([0, 2, 4], [0, 1, 2], strict=True)):
         sims = [float(F.cosine_similarity(crops[row], prototypes[n], dim=0)) for n in range(5)]
+        assert torch.allclose(similarities[i], torch.tensor(sims), atol=1e-6)
         assert int(ranks[i]) == sum(s > sims[c] for s in sims)
     exact = Refinement(torch.tensor([3]), torch.tensor([9]), torch.tensor([1]), prototypes[3:4].clone(), {})
-    assert own_class_rank(exact, prototypes).tolist() == [0]
+    assert own_class_rank(crop_similarities(exact, prototypes), exact.classes).tolist() == [0]
 
 
 def test_separation_auc_is_the_share_of_positive_negative_pairs_ordered_right():
@@ -49,6 +60,13 @@ def test_separation_auc_is_the_share_of_positive_negative_pairs_ordered_right():
     assert separation_auc(scores, positive) == pytest.approx(expected)
     assert separation_auc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
     assert separation_auc(np.arange(3.0), np.array([True, True, True])) is None
+
+
+def test_kept_shares_split_a_rule_by_true_and_false_detections():
+    kept = np.array([True, False, True, True, False])
+    true = np.array([True, True, True, False, False])
+    assert kept_shares(kept, true) == {"true detections kept": 2 / 3, "false detections kept": 0.5}
+    assert kept_shares(kept[:3], true[:3])["false detections kept"] is None
 
 
 def test_keep_refined_drops_the_refused_classes_and_their_crops():
@@ -94,6 +112,8 @@ def test_the_probe_scores_pass_one_and_two_as_dpseg_eval_does(world):
         "diagnostic: true detections only",
         KEPT,
     }
+    for kept in result["pass I mean probability gates"].values():
+        assert all(v is None or 0.0 <= v <= 1.0 for v in kept.values())
     for auc in result["true/false detection AUC"].values():
         assert auc is None or 0.0 <= auc <= 1.0
     shares = result["crop agreement"]["top 3"]

@@ -371,7 +371,7 @@ def test_crop_source_is_truth_or_prediction_and_needs_crop_prompts():
     check_numbers(TrainSettings(dataset="d", crop_prompts=0.5, crop_source="prediction", crop_size=64))
 
 
-def test_training_on_its_own_predictions_crops_records_the_source_and_the_marked_decoder(tmp_path_factory):
+def test_training_with_every_crop_variant_runs_and_records_them_with_the_marked_decoder(tmp_path_factory):
     from test_train_world import recipe, shared_world
 
     from dpseg.model import load_dpseg
@@ -380,10 +380,13 @@ def test_training_on_its_own_predictions_crops_records_the_source_and_the_marked
     data, bank = shared_world(tmp_path_factory)
     out = tmp_path_factory.mktemp("own-crops") / "out"
     r = recipe(data, bank, out, steps=3, checkpoint_every=0, crop_prompts=0.5, crop_source="prediction")
+    r.crop_negatives, r.crop_negative_classes, r.crop_present_share = 2, "similar", 0.7
     r.model_overrides = {"crop_channels": True}
     train(r, progress=False)
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     model = load_dpseg(out / "checkpoint")
     config = json.loads((out / "checkpoint" / "config.json").read_text())
-    assert model.cfg.crop_channels and config["extra"]["recipe"]["crop_source"] == "prediction"
+    recorded = config["extra"]["recipe"]
+    assert model.cfg.crop_channels and recorded["crop_source"] == "prediction"
+    assert (recorded["crop_negative_classes"], recorded["crop_present_share"]) == ("similar", 0.7)

@@ -29,6 +29,11 @@ class VisualPrompts:
     def batched(self) -> bool:
         return self.embedding.dim() == 4
 
+    def prototypes(self) -> torch.Tensor:
+        """(..., N, D): each class's unit mean of its M unit global embeddings."""
+        unit = torch.nn.functional.normalize(self.embedding.float(), dim=-1)
+        return torch.nn.functional.normalize(unit.mean(dim=-2), dim=-1)
+
     def select(self, classes: slice) -> VisualPrompts:
         return VisualPrompts(
             self.embedding[..., classes, :, :],

@@ -17,7 +17,8 @@ Crop agreement: per refined class, whether it is a true detection (its class is 
 truth) and the rank of its own class among the prototypes; the probe prints the share of true
 and of false detections that each `top r` keeps. Detection scores: how well pass I's mean
 probability over the class's pixels, its area, the crop's cosine to its own prototype and its
-rank (lower is better) tell true from false detections (area under the ROC curve, 0.5: not at all).
+rank (lower is better) tell true from false detections (area under the ROC curve, 0.5: not at all),
+and the share of each that `dpseg eval --gate g` would keep (mean probability >= g) for GATES.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ FUSE_WEIGHTS = (0.25, 0.5, 0.75)
 VERIFY_TOPS = (1, 3)
 TRUE_ONLY = "diagnostic: true detections only"
 KEEP_PASS1_BELOW = 0.37
+GATES = (0.37, 0.43)  # `dpseg eval --gate g` values whose kept shares the probe reports
 KEPT = f"pass I kept below {KEEP_PASS1_BELOW}"
 
 
@@ -55,18 +57,25 @@ def separation_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def class_prototypes(embedding: torch.Tensor) -> torch.Tensor:
-    """(N, D) unit mean of each class's M unit global embeddings (N, M, D)."""
-    return F.normalize(F.normalize(embedding.float(), dim=-1).mean(dim=1), dim=-1)
+def kept_shares(kept: np.ndarray, true: np.ndarray) -> dict[str, float | None]:
+    """The share of the true and of the false detections (`true`, bool) that a rule keeps (`kept`)."""
+    return {
+        "true detections kept": float(kept[true].mean()) if true.any() else None,
+        "false detections kept": float(kept[~true].mean()) if (~true).any() else None,
+    }
 
 
-def own_class_rank(ref, prototypes: torch.Tensor) -> torch.Tensor:
-    """(C,) per refined class of `ref`: how many prototypes are more similar to its (first) crop
-    than its own class's (0: its own class is the nearest)."""
+def crop_similarities(ref, prototypes: torch.Tensor) -> torch.Tensor:
+    """(C, N): cosine of each refined class's (first) crop to every class prototype (N, D)."""
     first = torch.cumsum(ref.counts, 0) - ref.counts
-    sims = F.normalize(ref.embedding[first].float(), dim=-1) @ prototypes.T.to(ref.embedding.device)
-    own = sims.gather(1, ref.classes.view(-1, 1).to(sims.device))
-    return (sims > own).sum(dim=1).cpu()
+    return F.normalize(ref.embedding[first].float(), dim=-1) @ prototypes.T.to(ref.embedding.device)
+
+
+def own_class_rank(similarities: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(C,) from `crop_similarities`: how many prototypes are more similar to each crop than its
+    own class's (0: its own class is the nearest)."""
+    own = similarities.gather(1, classes.view(-1, 1).to(similarities.device))
+    return (similarities > own).sum(dim=1).cpu()
 
 
 def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, limit: int | None = None) -> dict:
@@ -87,7 +96,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
     ctx = prepare_context(settings)
     refine = settings.refine_settings(ctx.encode_size, ctx.pass2_merge)
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
-    prototypes = class_prototypes(visual.embedding)
+    prototypes = visual.prototypes()
     heads = ["pass 1", "pass 2", *[f"fused {w}" for w in FUSE_WEIGHTS]]
     heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", KEPT, TRUE_ONLY]
     conf = {h: np.zeros((k, k), np.int64) for h in heads}
@@ -108,14 +117,14 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             logits2 = pass2_logits(model, text, visual, features, refs, refine, logits1, 0, settings)
             # 3. crop agreement per refined class, and pass II on the agreeing classes only
             truth = _label_maps(batch["label"], ctx, size)
-            ranks = [own_class_rank(r, prototypes) for r in refs]
+            similarities = [crop_similarities(r, prototypes) for r in refs]
+            ranks = [own_class_rank(sims, r.classes) for sims, r in zip(similarities, refs, strict=True)]
             true_refs, unsure = [], torch.zeros(logits1.shape[:2], dtype=torch.bool)
             for j, (ref, rank) in enumerate(zip(refs, ranks, strict=True)):
                 present = set(truth[j].unique().tolist())
                 agreement += [(c in present, int(x)) for c, x in zip(ref.classes.tolist(), rank.tolist(), strict=True)]
                 true_refs.append(keep_refined(ref, torch.tensor([c in present for c in ref.classes.tolist()])))
-                first = torch.cumsum(ref.counts, 0) - ref.counts
-                cosine = F.normalize(ref.embedding[first].float(), dim=-1) @ prototypes.T
+                cosine = similarities[j]
                 for i, (c, area) in enumerate(zip(ref.classes.tolist(), ref.areas.tolist(), strict=True)):
                     mean_probability = float(top1[j][detect_maps[j] == c].mean())
                     detection_scores.append((mean_probability, float(area), float(cosine[i, c])))
@@ -138,13 +147,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
                 conf[h] += confusion_matrix(pred, label, k, ctx.dataset.ignore_index)
     true = np.array([t for t, _ in agreement], dtype=bool)
     rank = np.array([r for _, r in agreement], dtype=np.int64)
-    keeps = {
-        f"top {top}": {
-            "true detections kept": float((rank[true] < top).mean()) if true.any() else None,
-            "false detections kept": float((rank[~true] < top).mean()) if (~true).any() else None,
-        }
-        for top in VERIFY_TOPS
-    }
+    keeps = {f"top {top}": kept_shares(rank < top, true) for top in VERIFY_TOPS}
     columns = np.array(detection_scores, dtype=np.float64).reshape(-1, 3)
     separation = {
         name: separation_auc(values, true)
@@ -155,6 +158,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             ("crop rank of own prototype (negated)", -rank.astype(np.float64)),
         ]
     }
+    gates = {f"gate {g}": kept_shares(columns[:, 0] >= g, true) for g in GATES}
     return {
         "checkpoint": checkpoint,
         "dataset": dataset,
@@ -166,6 +170,7 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
         "true detections": int(true.sum()),
         "crop agreement": keeps,
         "true/false detection AUC": separation,
+        "pass I mean probability gates": gates,
     }
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dpseg.errors import UserError
 from dpseg.io import atomic_write_bytes, atomic_write_json
@@ -249,6 +248,8 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
     )
     last_saved = start_step if folder is not None else None
     loss_value = float("nan")
+    # the bank's prototypes do not change in training: "similar" negatives' neighbours once
+    nearest = similar_classes(visual) if visual is not None and r.crop_negative_classes == "similar" else None
     for step in range(start_step, r.steps):
         step_loss = torch.zeros((), device=device)
         for micro in range(r.grad_accum):
@@ -272,7 +273,7 @@ def _train(plan, accelerator, precision: str, gpu: bool, progress: bool) -> dict
                     plan.encode_size,
                     plan.dataset.ignore_index,
                     negatives=r.crop_negatives,
-                    negative_classes=r.crop_negative_classes,
+                    nearest=nearest,
                     image_share=r.crop_prompt_images,
                     present_share=r.crop_present_share,
                     generator=torch.Generator().manual_seed(r.seed * 1_000_003 + step * r.grad_accum + micro),
@@ -370,7 +371,7 @@ def crop_prompt_visual(
     generator: torch.Generator | None = None,
     image_share: float = 1.0,
     detections: torch.Tensor | None = None,
-    negative_classes: str = "random",
+    nearest: torch.Tensor | None = None,
     present_share: float = 1.0,
 ):
     """Per-image prompts for one step of `crop_prompts` training: for every class with at least
@@ -378,9 +379,9 @@ def crop_prompt_visual(
     features of its ground-truth crop (masked, as pass II cuts them) from this image. With
     `detections` (B, H, W) class maps at the images' size, crops are cut from them instead of the
     labels (crop_source "prediction"). With `negatives`, that many classes without a crop (drawn by
-    `generator`) take another class's crop too: any absent class, or with `negative_classes`
-    "similar" one of the classes whose bank prompts are nearest the crop's class
-    (`similar_classes`). With `present_share` < 1, each present class keeps its crop with that
+    `generator`) take another class's crop too: any absent class, or with `nearest`
+    (`similar_classes`, crop_negative_classes "similar") one of the classes whose bank prompts
+    are nearest the crop's class. With `present_share` < 1, each present class keeps its crop with that
     probability (negatives may still carry it). With `image_share` < 1, only that share of the
     images (drawn by `generator`) gets crops."""
     from dpseg.refine import RefineSettings, label_maps, refine_batch, replace_prompts
@@ -397,7 +398,6 @@ def crop_prompt_visual(
     settings = RefineSettings(int(size), merge="mix", share=share)
     refs = refine_batch(model, images, maps, settings, num_classes=n)
     if negatives > 0:
-        nearest = similar_classes(visual) if negative_classes == "similar" else None
         refs = [false_detections(ref, n, negatives, generator, nearest) for ref in refs]
     if present_share < 1.0:
         refs = [missed_detections(ref, present_share, generator) for ref in refs]
@@ -408,9 +408,9 @@ SIMILAR_POOL = 3  # "similar" negatives: drawn among this many nearest absent cl
 
 
 def similar_classes(visual) -> torch.Tensor:
-    """(N, N-1) every class's other classes, nearest first: cosine of their bank prototypes (the
-    mean of the M unit global embeddings)."""
-    proto = F.normalize(F.normalize(visual.embedding.float(), dim=-1).mean(dim=-2), dim=-1)
+    """(N, N-1) every class's other classes, nearest first: cosine of their bank prototypes
+    (`VisualPrompts.prototypes`)."""
+    proto = visual.prototypes()
     if proto.dim() == 3:  # per-image prompts: the bank's are the same in every image before crops
         proto = proto[0]
     similarity = proto @ proto.T
