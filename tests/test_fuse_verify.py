@@ -13,7 +13,9 @@ from dpseg.data.shapes import UNSEEN
 from dpseg.model.prompts import VisualPrompts
 from dpseg.refine import Refinement, keep_refined
 from pipeline.analyze.fuse_verify import (
+    FALSE_AT_PASS1,
     KEPT,
+    TRUE_GATED,
     crop_similarities,
     fuse_logits,
     kept_shares,
@@ -111,6 +113,8 @@ def test_the_probe_scores_pass_one_and_two_as_dpseg_eval_does(world):
         "verified top 3",
         "diagnostic: true detections only",
         KEPT,
+        TRUE_GATED,
+        FALSE_AT_PASS1,
     }
     for kept in result["pass I mean probability gates"].values():
         assert all(v is None or 0.0 <= v <= 1.0 for v in kept.values())

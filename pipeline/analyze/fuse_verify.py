@@ -12,7 +12,13 @@ Variants (each scored as SED's protocol scores a pass: sigmoid, upsample, argmax
 - pass I kept below g: pass II (every detected class refined), but the classes whose pass-I mean
   probability over their pixels is under g keep their pass-I logits;
 - diagnostic, true detections only: pass II refining only the detected classes that the ground
-  truth holds, with pass I's crops (what a perfect verifier would give; never a result).
+  truth holds, with pass I's crops (what a perfect verifier would give; never a result);
+- diagnostic, true detections the gate keeps: as above, less the true detections whose pass-I
+  mean probability is under the gate KEEP_PASS1_BELOW (what a verifier with no false detections,
+  and the gate's misses, would give);
+- diagnostic, false detections at pass I: pass II with every detected class refined, then the
+  false detections' logits replaced by their pass-I ones (is the loss in the false classes' own
+  scores, or in what their crops do to the other classes?).
 Crop agreement: per refined class, whether it is a true detection (its class is in the ground
 truth) and the rank of its own class among the prototypes; the probe prints the share of true
 and of false detections that each `top r` keeps. Detection scores: how well pass I's mean
@@ -37,6 +43,8 @@ TRUE_ONLY = "diagnostic: true detections only"
 KEEP_PASS1_BELOW = 0.37
 GATES = (0.37, 0.43)  # `dpseg eval --gate g` values whose kept shares the probe reports
 KEPT = f"pass I kept below {KEEP_PASS1_BELOW}"
+TRUE_GATED = f"diagnostic: true detections with pass I mean probability >= {KEEP_PASS1_BELOW}"
+FALSE_AT_PASS1 = "diagnostic: false detections keep their pass-I logits"
 
 
 def fuse_logits(logits1: torch.Tensor, logits2: torch.Tensor, weight: float) -> torch.Tensor:
@@ -98,7 +106,8 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
     model, text, visual, k = ctx.model, ctx.text, ctx.visual, len(ctx.keep)
     prototypes = visual.prototypes()
     heads = ["pass 1", "pass 2", *[f"fused {w}" for w in FUSE_WEIGHTS]]
-    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", KEPT, TRUE_ONLY]
+    heads += [f"verified top {r}" for r in VERIFY_TOPS] + ["verified top 1, fused 0.5", KEPT]
+    heads += [TRUE_ONLY, TRUE_GATED, FALSE_AT_PASS1]
     conf = {h: np.zeros((k, k), np.int64) for h in heads}
     agreement: list[tuple[bool, int]] = []
     detection_scores: list[tuple[float, float, float]] = []  # per refined class: mean probability, area, cosine
@@ -119,16 +128,23 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             truth = _label_maps(batch["label"], ctx, size)
             similarities = [crop_similarities(r, prototypes) for r in refs]
             ranks = [own_class_rank(sims, r.classes) for sims, r in zip(similarities, refs, strict=True)]
-            true_refs, unsure = [], torch.zeros(logits1.shape[:2], dtype=torch.bool)
+            true_refs, true_gated_refs = [], []
+            unsure = torch.zeros(logits1.shape[:2], dtype=torch.bool)
+            false = torch.zeros(logits1.shape[:2], dtype=torch.bool)
             for j, (ref, rank) in enumerate(zip(refs, ranks, strict=True)):
                 present = set(truth[j].unique().tolist())
-                agreement += [(c in present, int(x)) for c, x in zip(ref.classes.tolist(), rank.tolist(), strict=True)]
-                true_refs.append(keep_refined(ref, torch.tensor([c in present for c in ref.classes.tolist()])))
+                is_true = torch.tensor([c in present for c in ref.classes.tolist()], dtype=torch.bool)
+                agreement += [(bool(t), int(x)) for t, x in zip(is_true.tolist(), rank.tolist(), strict=True)]
+                mean_probability = torch.tensor(
+                    [float(top1[j][detect_maps[j] == c].mean()) for c in ref.classes.tolist()], dtype=torch.float64
+                ).reshape(-1)
+                true_refs.append(keep_refined(ref, is_true))
+                true_gated_refs.append(keep_refined(ref, is_true & (mean_probability >= KEEP_PASS1_BELOW)))
+                unsure[j, ref.classes[mean_probability < KEEP_PASS1_BELOW]] = True
+                false[j, ref.classes[~is_true]] = True
                 cosine = similarities[j]
                 for i, (c, area) in enumerate(zip(ref.classes.tolist(), ref.areas.tolist(), strict=True)):
-                    mean_probability = float(top1[j][detect_maps[j] == c].mean())
-                    detection_scores.append((mean_probability, float(area), float(cosine[i, c])))
-                    unsure[j, c] = mean_probability < KEEP_PASS1_BELOW
+                    detection_scores.append((float(mean_probability[i]), float(area), float(cosine[i, c])))
             out = {"pass 1": logits1, "pass 2": logits2}
             out.update({f"fused {w}": fuse_logits(logits1, logits2, w) for w in FUSE_WEIGHTS})
             for top in VERIFY_TOPS:
@@ -139,6 +155,8 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
             out["verified top 1, fused 0.5"] = fuse_logits(logits1, out["verified top 1"], 0.5)
             out[KEPT] = torch.where(unsure[:, :, None, None].to(logits1.device), logits1, logits2)
             out[TRUE_ONLY] = pass2_logits(model, text, visual, features, true_refs, refine, logits1, 0, settings)
+            out[TRUE_GATED] = pass2_logits(model, text, visual, features, true_gated_refs, refine, logits1, 0, settings)
+            out[FALSE_AT_PASS1] = torch.where(false[:, :, None, None].to(logits1.device), logits1, logits2)
         # 4. SED's protocol per image
         for j, label in enumerate(batch["label"]):
             label = ctx.remap(label)
