@@ -69,10 +69,10 @@ PROFILES.register(
                 "src": None,
                 "out": "out/data",
             },
-            # 1200 steps: ~3.5 min on 2 cores, zero-shot ~0.6 (docs/clip.md); a GPU runs more in seconds
-            # (-S clip.steps=3000 -S clip.device=cuda). Half the renders under the scenes' photo conditions:
+            # 3000 steps: ~9 min on 2 cores (docs/clip.md); a GPU runs them in seconds
+            # (-S clip.device=cuda). Half the renders under the scenes' photo conditions:
             # a web-scale CLIP has seen photographs of its world, not renders only (docs/clip.md)
-            "clip": {"enabled": True, "steps": 1200, "seed": 0, "device": "cpu", "photo_share": 0.5, "out": "out/clip"},
+            "clip": {"enabled": True, "steps": 3000, "seed": 0, "device": "cpu", "photo_share": 0.5, "out": "out/clip"},
             "bank": {
                 "generator": "procedural-studio",
                 "vocab": ["shapes-background"],
