@@ -53,7 +53,7 @@ TIMING_KEYS = ("render_s", "train_s", "eval_s", "total_s", "train_s_per_step")
 @dataclass
 class ClipPretrainSettings:
     encoder: str = "tiny"
-    steps: int = 1200  # ~3.5 min on 2 cores (docs/clip.md)
+    steps: int = 3000  # ~7 min on 2 cores (docs/clip.md)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
