@@ -307,6 +307,16 @@ def test_table_shows_each_row_with_its_experiments_metrics(params_file):
     assert "99.0" not in table  # the workspace's stale metrics
 
 
+def test_a_table_with_no_finished_point_renders_every_row_as_todo(params_file):
+    table = sweeps.sweep_table("templates", params_file, records=[])
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header == ["", "setting", "experiment"]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in lines[4:9]]
+    assert [r[0] for r in rows] == ["1 template", "10 templates", "20 templates", "40 templates", "80 templates"]
+    assert all(r[-1] == "todo" for r in rows)
+
+
 def test_short_headers_drop_shared_words():
     cols = [
         "out/eval/seen/metrics.json:passes.1.miou",

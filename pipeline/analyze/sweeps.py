@@ -517,6 +517,8 @@ def metric_columns(records: list[ExpRecord], metric: str = "miou") -> list[str]:
 def short_headers(columns: list[str]) -> list[str]:
     """Headers without the words every column shares: 'out/eval/unseen/metrics.json:passes.2.miou'
     beside '.../seen/...:passes.1.miou' -> 'unseen pass2', 'seen pass1'."""
+    if not columns:  # no point has results yet: the table is all '—'
+        return []
     if len(columns) == 1:
         return [columns[0].rsplit(":", 1)[-1]]
     words = [[w for w in re.split(r"[:./]", re.sub(r"passes\.(\d+)", r"pass\1", c)) if w] for c in columns]
