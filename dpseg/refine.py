@@ -35,7 +35,7 @@ image's k best pass-I classes only and keep pass I's logits for the rest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -408,14 +408,7 @@ def restrict_refinement(ref: Refinement, classes: torch.Tensor) -> Refinement:
     position = torch.searchsorted(classes, ref.classes)
     inside = position < classes.numel()
     inside[inside.clone()] = classes[position[inside]] == ref.classes[inside]
-    rows = torch.repeat_interleave(inside, ref.counts)
-    return Refinement(
-        position[inside],
-        ref.areas[inside],
-        ref.counts[inside],
-        ref.embedding[rows],
-        {s: p[rows] for s, p in ref.pooled.items()},
-    )
+    return replace(keep_refined(ref, inside), classes=position[inside])
 
 
 def keep_refined(ref: Refinement, keep: torch.Tensor) -> Refinement:

@@ -18,6 +18,7 @@ from pipeline.analyze.fuse_verify import (
     TRUE_GATED,
     crop_similarities,
     fuse_logits,
+    keep_pass1_logits,
     kept_shares,
     own_class_rank,
     probe,
@@ -69,6 +70,17 @@ def test_kept_shares_split_a_rule_by_true_and_false_detections():
     true = np.array([True, True, True, False, False])
     assert kept_shares(kept, true) == {"true detections kept": 2 / 3, "false detections kept": 0.5}
     assert kept_shares(kept[:3], true[:3])["false detections kept"] is None
+
+
+def test_marked_classes_keep_their_pass_one_logits_and_the_others_take_pass_two():
+    torch.manual_seed(0)
+    logits1, logits2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    marked = torch.tensor([[True, False, False], [False, False, True]])
+    out = keep_pass1_logits(logits1, logits2, marked)
+    for b in range(2):
+        for c in range(3):
+            expected = logits1 if marked[b, c] else logits2
+            assert torch.equal(out[b, c], expected[b, c])
 
 
 def test_keep_refined_drops_the_refused_classes_and_their_crops():

@@ -53,6 +53,12 @@ def fuse_logits(logits1: torch.Tensor, logits2: torch.Tensor, weight: float) -> 
     return torch.logit(probs.clamp(1e-6, 1 - 1e-6))
 
 
+def keep_pass1_logits(logits1: torch.Tensor, logits2: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Pass II's logits (B, N, h, w), except the classes marked in `classes` (B, N) bool, which keep
+    pass I's."""
+    return torch.where(classes[:, :, None, None].to(logits1.device), logits1, logits2)
+
+
 def separation_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of `scores` for telling `positive` (bool) rows from the others:
     the chance that a random positive outscores a random negative, ties counting half."""
@@ -153,10 +159,10 @@ def probe(checkpoint: str, dataset: str, classes: str | None, bank: str | None, 
                     model, text, visual, features, kept, refine, logits1, 0, settings
                 )
             out["verified top 1, fused 0.5"] = fuse_logits(logits1, out["verified top 1"], 0.5)
-            out[KEPT] = torch.where(unsure[:, :, None, None].to(logits1.device), logits1, logits2)
+            out[KEPT] = keep_pass1_logits(logits1, logits2, unsure)
             out[TRUE_ONLY] = pass2_logits(model, text, visual, features, true_refs, refine, logits1, 0, settings)
             out[TRUE_GATED] = pass2_logits(model, text, visual, features, true_gated_refs, refine, logits1, 0, settings)
-            out[FALSE_AT_PASS1] = torch.where(false[:, :, None, None].to(logits1.device), logits1, logits2)
+            out[FALSE_AT_PASS1] = keep_pass1_logits(logits1, logits2, false)
         # 4. SED's protocol per image
         for j, label in enumerate(batch["label"]):
             label = ctx.remap(label)
